@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Installs what tether's tests need and runs them all: formatting, clippy with
+# warnings denied, every test (release build: the tests train real models), and a
+# wasm32 check of the shared crate. This is the README's test command; .ci/run calls it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+# A software Vulkan adapter (lavapipe), so the wgpu backend is tested without a GPU.
+if ! ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1; then
+  step "installing mesa-vulkan-drivers (lavapipe) for the wgpu tests"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null && SUDO="sudo"
+  if { $SUDO apt-get update -qq && $SUDO DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mesa-vulkan-drivers; } >/dev/null 2>&1; then
+    echo "lavapipe installed"
+  else
+    echo "warning: could not install mesa-vulkan-drivers; the wgpu test will be skipped" >&2
+  fi
+fi
+if ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1; then
+  export TETHER_REQUIRE_WGPU=1 # an adapter exists: the wgpu test must run, not skip
+fi
+
+step "toolchain components"
+rustup component add rustfmt clippy >/dev/null 2>&1 || true
+rustup target add wasm32-unknown-unknown >/dev/null
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy (warnings denied)"
+cargo clippy --workspace --all-targets --release --locked -- -D warnings
+
+step "cargo test (release)"
+cargo test --workspace --release --locked
+
+step "tether-shared builds for wasm32-unknown-unknown"
+cargo check -p tether-shared --target wasm32-unknown-unknown --release --locked
+
+step "all checks passed"

@@ -1,0 +1,203 @@
+//! Minibatches: per-epoch shuffles of a shard, and pixel normalisation to f32.
+
+use super::ImageSet;
+use crate::rng::SplitMix64;
+use serde::{Deserialize, Serialize};
+
+/// Pixel normalisation: x = (p/255 − mean) / std, with mean and std taken over the
+/// training set (as the PyTorch peer does).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Normalization {
+    /// Mean of the training pixels scaled to [0, 1].
+    pub mean: f32,
+    /// Standard deviation of the training pixels scaled to [0, 1].
+    pub std: f32,
+}
+
+impl Normalization {
+    /// Mean and standard deviation of all pixels of `set`, scaled to [0, 1].
+    pub fn of(set: &ImageSet) -> Self {
+        let mut hist = [0u64; 256];
+        for &p in &set.pixels {
+            hist[usize::from(p)] += 1;
+        }
+        let n = set.pixels.len().max(1) as f64;
+        let mean = hist
+            .iter()
+            .enumerate()
+            .map(|(v, &c)| v as f64 / 255.0 * c as f64)
+            .sum::<f64>()
+            / n;
+        let var = hist
+            .iter()
+            .enumerate()
+            .map(|(v, &c)| (v as f64 / 255.0 - mean).powi(2) * c as f64)
+            .sum::<f64>()
+            / n;
+        Self {
+            mean: mean as f32,
+            std: (var.sqrt() as f32).max(f32::MIN_POSITIVE),
+        }
+    }
+
+    /// The normalised value of every possible byte.
+    pub fn table(&self) -> [f32; 256] {
+        std::array::from_fn(|v| (v as f32 / 255.0 - self.mean) / self.std)
+    }
+}
+
+/// Batches over a fixed list of item indices (a worker's shard), reshuffled every
+/// epoch from (seed, epoch) so runs are reproducible.
+#[derive(Clone, Debug)]
+pub struct Batcher {
+    indices: Vec<usize>,
+    batch: usize,
+    seed: u64,
+    table: [f32; 256],
+}
+
+impl Batcher {
+    /// A batcher over `indices` with `batch` items per batch (the last batch of an
+    /// epoch may be smaller, as in PyTorch's default).
+    ///
+    /// # Panics
+    /// If `batch == 0`: the CLI rejects that before it gets here.
+    pub fn new(indices: Vec<usize>, batch: usize, seed: u64, norm: Normalization) -> Self {
+        assert!(batch > 0, "batch size must be positive");
+        Self {
+            indices,
+            batch,
+            seed,
+            table: norm.table(),
+        }
+    }
+
+    /// Items in one epoch.
+    pub fn len(&self) -> usize {
+        self.indices.len()
+    }
+
+    /// True when the batcher has no items.
+    pub fn is_empty(&self) -> bool {
+        self.indices.is_empty()
+    }
+
+    /// Batches per epoch.
+    pub fn batches_per_epoch(&self) -> usize {
+        self.indices.len().div_ceil(self.batch)
+    }
+
+    /// The item order of `epoch`: the shard shuffled by (seed, epoch).
+    pub fn epoch_order(&self, epoch: u64) -> Vec<usize> {
+        let mut order = self.indices.clone();
+        SplitMix64::new(self.seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15)).shuffle(&mut order);
+        order
+    }
+
+    /// The order split into batches, the last one possibly short.
+    pub fn chunks_with_tail<'a>(&self, order: &'a [usize]) -> std::slice::Chunks<'a, usize> {
+        order.chunks(self.batch)
+    }
+
+    /// Writes the normalised pixels of `items` into `images` (N·C·H·W, row-major) and
+    /// their labels into `labels`, replacing what was there.
+    pub fn fill(
+        &self,
+        set: &ImageSet,
+        items: &[usize],
+        images: &mut Vec<f32>,
+        labels: &mut Vec<i64>,
+    ) {
+        fill_normalized(set, items, &self.table, images, labels);
+    }
+}
+
+/// Writes the normalised pixels and labels of `items` (see [`Batcher::fill`]).
+pub fn fill_normalized(
+    set: &ImageSet,
+    items: &[usize],
+    table: &[f32; 256],
+    images: &mut Vec<f32>,
+    labels: &mut Vec<i64>,
+) {
+    images.clear();
+    labels.clear();
+    images.reserve(items.len() * set.image_len());
+    for &i in items {
+        images.extend(set.image(i).iter().map(|&p| table[usize::from(p)]));
+        labels.push(i64::from(set.labels[i]));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set() -> ImageSet {
+        ImageSet {
+            source: "t".into(),
+            channels: 1,
+            rows: 1,
+            cols: 2,
+            pixels: vec![0, 255, 0, 255, 51, 51],
+            labels: vec![1, 2, 3],
+        }
+    }
+
+    #[test]
+    fn normalisation_centres_and_scales() {
+        let s = set();
+        let norm = Normalization::of(&s);
+        let vals: Vec<f32> = s
+            .pixels
+            .iter()
+            .map(|&p| norm.table()[usize::from(p)])
+            .collect();
+        let mean = vals.iter().sum::<f32>() / vals.len() as f32;
+        let var = vals.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / vals.len() as f32;
+        assert!(
+            mean.abs() < 1e-5 && (var - 1.0).abs() < 1e-4,
+            "{mean} {var}"
+        );
+    }
+
+    #[test]
+    fn epochs_shuffle_differently_and_cover_the_shard() {
+        let b = Batcher::new(
+            (0..100).collect(),
+            32,
+            5,
+            Normalization {
+                mean: 0.0,
+                std: 1.0,
+            },
+        );
+        assert_eq!(b.batches_per_epoch(), 4);
+        let (e0, e1) = (b.epoch_order(0), b.epoch_order(1));
+        assert_ne!(e0, e1);
+        assert_eq!(e0, b.epoch_order(0));
+        let sizes: Vec<usize> = b.chunks_with_tail(&e0).map(<[usize]>::len).collect();
+        assert_eq!(sizes, [32, 32, 32, 4]);
+        let mut sorted = e1.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..100).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn fill_writes_pixels_and_labels_in_item_order() {
+        let s = set();
+        let b = Batcher::new(
+            vec![0, 1, 2],
+            2,
+            0,
+            Normalization {
+                mean: 0.0,
+                std: 1.0,
+            },
+        );
+        let (mut x, mut y) = (Vec::new(), Vec::new());
+        b.fill(&s, &[2, 0], &mut x, &mut y);
+        assert_eq!(y, [3, 1]);
+        assert_eq!(x, [0.2, 0.2, 0.0, 1.0]);
+    }
+}

@@ -1,0 +1,91 @@
+//! The CIFAR-10 binary format: records of one label byte followed by 3×32×32 pixel
+//! bytes (red plane, green plane, blue plane), concatenated, no header.
+
+use super::{CLASSES, DataError, ImageSet, maybe_gunzip};
+
+/// Bytes per CIFAR-10 record.
+pub const RECORD: usize = 1 + 3 * 32 * 32;
+
+/// Parses one or more concatenated CIFAR-10 binary batches.
+pub fn parse(file: &str, bytes: &[u8]) -> Result<ImageSet, DataError> {
+    let bytes = maybe_gunzip(file, bytes)?;
+    if bytes.is_empty() {
+        return Err(DataError::Empty {
+            file: file.to_string(),
+        });
+    }
+    if bytes.len() % RECORD != 0 {
+        let whole = bytes.len() / RECORD + 1;
+        return Err(DataError::Truncated {
+            file: file.to_string(),
+            expected: whole * RECORD,
+            actual: bytes.len(),
+        });
+    }
+    let n = bytes.len() / RECORD;
+    let mut pixels = Vec::with_capacity(n * (RECORD - 1));
+    let mut labels = Vec::with_capacity(n);
+    for (index, record) in bytes.chunks_exact(RECORD).enumerate() {
+        let label = record[0];
+        if usize::from(label) >= CLASSES {
+            return Err(DataError::BadLabel {
+                file: file.to_string(),
+                index,
+                label,
+                classes: CLASSES,
+            });
+        }
+        labels.push(label);
+        pixels.extend_from_slice(&record[1..]);
+    }
+    Ok(ImageSet {
+        source: file.to_string(),
+        channels: 3,
+        rows: 32,
+        cols: 32,
+        pixels,
+        labels,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn records(labels: &[u8]) -> Vec<u8> {
+        labels
+            .iter()
+            .flat_map(|&l| std::iter::once(l).chain((0..RECORD - 1).map(|i| (i % 251) as u8)))
+            .collect()
+    }
+
+    #[test]
+    fn parses_records() {
+        let set = parse("data_batch_1.bin", &records(&[3, 0, 9])).unwrap();
+        assert_eq!(
+            (set.len(), set.channels, set.rows, set.cols),
+            (3, 3, 32, 32)
+        );
+        assert_eq!(set.labels, [3, 0, 9]);
+        assert_eq!(set.image(1)[..3], [0, 1, 2]);
+        assert!(set.expect_shape([1, 28, 28]).is_err());
+    }
+
+    #[test]
+    fn malformed_inputs_are_errors() {
+        let bytes = records(&[1, 2]);
+        assert!(matches!(
+            parse("f", &bytes[..RECORD + 5]),
+            Err(DataError::Truncated { .. })
+        ));
+        assert!(matches!(
+            parse("f", &records(&[1, 11])),
+            Err(DataError::BadLabel {
+                index: 1,
+                label: 11,
+                ..
+            })
+        ));
+        assert!(matches!(parse("f", &[]), Err(DataError::Empty { .. })));
+    }
+}

@@ -1,0 +1,202 @@
+//! Training data: parsers for IDX (MNIST / Fashion-MNIST) and CIFAR-10 binaries,
+//! disjoint sharding across workers, batching with per-epoch shuffles, normalisation.
+//!
+//! Parsers take bytes, never paths (this crate does no I/O); the caller passes the
+//! file's name along so every error says which file is wrong and how.
+
+pub mod batch;
+pub mod cifar;
+pub mod idx;
+pub mod shard;
+
+use thiserror::Error;
+
+pub use batch::{Batcher, Normalization};
+pub use shard::shard_indices;
+
+/// A malformed or unsuitable data file. Every variant names the file.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum DataError {
+    /// The gzip stream could not be decompressed.
+    #[error("{file}: not a valid gzip stream: {message}")]
+    Gzip {
+        /// The file's name.
+        file: String,
+        /// What the decompressor said.
+        message: String,
+    },
+    /// The header's magic number is not the one expected.
+    #[error("{file}: bad magic number {found:#010x} (expected {expected})")]
+    BadMagic {
+        /// The file's name.
+        file: String,
+        /// The magic number found.
+        found: u32,
+        /// What was expected, in words.
+        expected: &'static str,
+    },
+    /// The file is shorter than its header (or record size) says.
+    #[error("{file}: truncated: expected {expected} bytes, found {actual}")]
+    Truncated {
+        /// The file's name.
+        file: String,
+        /// Bytes the header implies.
+        expected: usize,
+        /// Bytes present.
+        actual: usize,
+    },
+    /// The file is longer than its header says.
+    #[error("{file}: {extra} trailing bytes after the {expected} the header describes")]
+    TrailingBytes {
+        /// The file's name.
+        file: String,
+        /// Bytes the header implies.
+        expected: usize,
+        /// Bytes beyond that.
+        extra: usize,
+    },
+    /// Images and labels disagree on how many items there are.
+    #[error("{images} holds {image_count} images but {labels} holds {label_count} labels")]
+    CountMismatch {
+        /// The images file.
+        images: String,
+        /// Its item count.
+        image_count: usize,
+        /// The labels file.
+        labels: String,
+        /// Its item count.
+        label_count: usize,
+    },
+    /// The images are not the size the model takes.
+    #[error("{file}: images are {found}, but the model takes {expected}")]
+    WrongImageSize {
+        /// The file's name.
+        file: String,
+        /// channels×rows×cols found.
+        found: String,
+        /// channels×rows×cols expected.
+        expected: String,
+    },
+    /// A label outside 0..classes.
+    #[error("{file}: label {label} at item {index} is not a class in 0..{classes}")]
+    BadLabel {
+        /// The file's name.
+        file: String,
+        /// Which item.
+        index: usize,
+        /// The label found.
+        label: u8,
+        /// Number of classes.
+        classes: usize,
+    },
+    /// The file holds no items at all.
+    #[error("{file}: holds no items")]
+    Empty {
+        /// The file's name.
+        file: String,
+    },
+}
+
+/// Number of classes in Fashion-MNIST, MNIST and CIFAR-10.
+pub const CLASSES: usize = 10;
+
+/// A labelled image set in memory: `count` images of `channels × rows × cols` bytes,
+/// stored contiguously (channel-major within an image), and one label per image.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageSet {
+    /// Where the images came from, for error messages.
+    pub source: String,
+    /// Channels per image (1 for IDX, 3 for CIFAR-10).
+    pub channels: usize,
+    /// Image height.
+    pub rows: usize,
+    /// Image width.
+    pub cols: usize,
+    /// Pixel bytes, `len() == count · channels · rows · cols`.
+    pub pixels: Vec<u8>,
+    /// Labels in 0..10.
+    pub labels: Vec<u8>,
+}
+
+impl ImageSet {
+    /// Number of images.
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    /// True when the set holds no image.
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// Bytes per image.
+    pub fn image_len(&self) -> usize {
+        self.channels * self.rows * self.cols
+    }
+
+    /// One image's pixels.
+    pub fn image(&self, index: usize) -> &[u8] {
+        let n = self.image_len();
+        &self.pixels[index * n..(index + 1) * n]
+    }
+
+    /// Checks that the images are `[channels, rows, cols]`, the model's input.
+    pub fn expect_shape(&self, shape: [usize; 3]) -> Result<(), DataError> {
+        let found = [self.channels, self.rows, self.cols];
+        if found == shape {
+            return Ok(());
+        }
+        let fmt = |s: [usize; 3]| format!("{}×{}×{}", s[0], s[1], s[2]);
+        Err(DataError::WrongImageSize {
+            file: self.source.clone(),
+            found: fmt(found),
+            expected: fmt(shape),
+        })
+    }
+
+    /// A new set holding the given items, in that order (e.g. one worker's shard).
+    pub fn subset(&self, indices: &[usize]) -> ImageSet {
+        let n = self.image_len();
+        let mut pixels = Vec::with_capacity(indices.len() * n);
+        for &i in indices {
+            pixels.extend_from_slice(self.image(i));
+        }
+        ImageSet {
+            source: self.source.clone(),
+            channels: self.channels,
+            rows: self.rows,
+            cols: self.cols,
+            pixels,
+            labels: indices.iter().map(|&i| self.labels[i]).collect(),
+        }
+    }
+}
+
+/// A training and a test set.
+#[derive(Clone, Debug)]
+pub struct Dataset {
+    /// Training images.
+    pub train: ImageSet,
+    /// Held-out test images.
+    pub test: ImageSet,
+}
+
+/// Decompresses `bytes` if they start with the gzip magic; otherwise returns them as they are.
+pub fn maybe_gunzip<'a>(
+    file: &str,
+    bytes: &'a [u8],
+) -> Result<std::borrow::Cow<'a, [u8]>, DataError> {
+    use std::io::Read;
+    if bytes.len() >= 2 && bytes[0] == 0x1f && bytes[1] == 0x8b {
+        let mut out = Vec::with_capacity(bytes.len() * 4);
+        flate2::read::GzDecoder::new(bytes)
+            .read_to_end(&mut out)
+            .map_err(|e| DataError::Gzip {
+                file: file.to_string(),
+                message: e.to_string(),
+            })?;
+        Ok(std::borrow::Cow::Owned(out))
+    } else {
+        Ok(std::borrow::Cow::Borrowed(bytes))
+    }
+}

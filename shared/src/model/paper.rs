@@ -1,0 +1,66 @@
+//! The EASGD paper's CIFAR network adapted to 1×28×28 input: conv5×5-64, pool,
+//! conv5×5-128, pool, conv3×3-64, pool, fc256 with dropout 0.5, fc10 (430 666
+//! parameters; all pools 2×2, so 28 → 14 → 7 → 3), as in the peer's `paper_net`.
+
+use burn::config::Config;
+use burn::module::Module;
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
+use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig, PaddingConfig2d};
+use burn::tensor::activation::relu;
+use burn::tensor::{Device, Tensor};
+
+/// Parameter count: 1 664 + 204 928 + 73 792 + 147 712 + 2 570.
+pub const PARAMS: usize = 430_666;
+
+/// Configuration of [`PaperCnn`].
+#[derive(Config, Debug)]
+pub struct PaperCnnConfig {
+    /// Dropout probability before the last layer.
+    #[config(default = 0.5)]
+    pub dropout: f64,
+}
+
+/// conv5×5 → pool → ReLU → conv5×5 → pool → ReLU → conv3×3 → pool → ReLU → fc → ReLU → dropout → fc.
+#[derive(Module, Debug)]
+pub struct PaperCnn {
+    conv1: Conv2d,
+    conv2: Conv2d,
+    conv3: Conv2d,
+    pool: MaxPool2d,
+    fc1: Linear,
+    dropout: Dropout,
+    fc2: Linear,
+}
+
+impl PaperCnnConfig {
+    /// A freshly initialised network (PyTorch's default initialisation).
+    pub fn init(&self, device: &Device) -> PaperCnn {
+        let conv = |cin, cout, k: usize| {
+            let p = k / 2;
+            Conv2dConfig::new([cin, cout], [k, k])
+                .with_padding(PaddingConfig2d::Explicit(p, p, p, p))
+                .init(device)
+        };
+        PaperCnn {
+            conv1: conv(1, 64, 5),
+            conv2: conv(64, 128, 5),
+            conv3: conv(128, 64, 3),
+            pool: MaxPool2dConfig::new([2, 2]).init(),
+            fc1: LinearConfig::new(64 * 3 * 3, 256).init(device),
+            dropout: DropoutConfig::new(self.dropout).init(),
+            fc2: LinearConfig::new(256, 10).init(device),
+        }
+    }
+}
+
+impl PaperCnn {
+    /// Logits `[N, 10]` for images `[N, 1, 28, 28]`.
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+        let x = relu(self.pool.forward(self.conv1.forward(x)));
+        let x = relu(self.pool.forward(self.conv2.forward(x)));
+        let x = relu(self.pool.forward(self.conv3.forward(x)));
+        let x = relu(self.fc1.forward(x.flatten::<2>(1, 3)));
+        self.fc2.forward(self.dropout.forward(x))
+    }
+}

@@ -1,0 +1,275 @@
+//! One local training step and evaluation, the same for every kind of worker.
+//!
+//! The explicit Burn loop: forward, cross-entropy, `backward`, `GradientsParams`,
+//! `optim.step`. Parameters stay on the device between steps; the flat view is only
+//! taken when a worker synchronises (see [`crate::model::flat`]).
+
+use burn::module::Module;
+use burn::nn::loss::CrossEntropyLoss;
+use burn::optim::decay::WeightDecayConfig;
+use burn::optim::momentum::MomentumConfig;
+use burn::optim::{GradientsParams, ModuleOptimizer, SgdConfig};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+
+use crate::data::{ImageSet, Normalization, batch::fill_normalized};
+use crate::model::{FlatError, INPUT_SHAPE, ModelKind, Net, load_flat, to_flat};
+
+/// The local optimizer's settings.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LocalOptimizer {
+    /// Learning rate η.
+    pub lr: f64,
+    /// Momentum δ (0 for plain SGD).
+    pub momentum: f64,
+    /// Nesterov momentum (EAMSGD's local rule) rather than heavy ball.
+    pub nesterov: bool,
+    /// L2 weight decay added to the gradient.
+    pub weight_decay: f64,
+}
+
+impl Default for LocalOptimizer {
+    /// The defaults that match the PyTorch peer: Nesterov, lr 0.05, momentum 0.9, weight decay 1e-4.
+    fn default() -> Self {
+        Self {
+            lr: 0.05,
+            momentum: 0.9,
+            nesterov: true,
+            weight_decay: 1e-4,
+        }
+    }
+}
+
+impl LocalOptimizer {
+    fn build(&self) -> ModuleOptimizer {
+        let mut config = SgdConfig::new();
+        if self.momentum > 0.0 {
+            // Burn's default dampening is 0.1; PyTorch's (and the paper's) is 0.
+            config = config.with_momentum(Some(MomentumConfig {
+                momentum: self.momentum,
+                dampening: 0.0,
+                nesterov: self.nesterov,
+            }));
+        }
+        if self.weight_decay > 0.0 {
+            config = config.with_weight_decay(Some(WeightDecayConfig {
+                penalty: self.weight_decay as f32,
+            }));
+        }
+        config.init()
+    }
+}
+
+/// A network being trained on one device, with its optimizer state.
+pub struct Trainer {
+    /// Always `Some` between calls; `Option` only so `optim.step` can take it by value.
+    net: Option<Net>,
+    optim: ModuleOptimizer,
+    settings: LocalOptimizer,
+    device: Device,
+    train_device: Device,
+    loss: CrossEntropyLoss,
+}
+
+impl Trainer {
+    /// A fresh network of `kind` on `device` (a plain device; autodiff is added here).
+    pub fn new(kind: ModelKind, settings: LocalOptimizer, device: &Device) -> Self {
+        let train_device = device.clone().autodiff();
+        Self {
+            net: Some(kind.init(&train_device)),
+            optim: settings.build(),
+            settings,
+            device: device.clone(),
+            train_device: train_device.clone(),
+            loss: CrossEntropyLoss::new(None, &train_device),
+        }
+    }
+
+    fn net(&self) -> &Net {
+        self.net.as_ref().expect("trainer holds a network")
+    }
+
+    /// The model being trained.
+    pub fn kind(&self) -> ModelKind {
+        self.net().kind()
+    }
+
+    /// The optimizer's settings.
+    pub fn settings(&self) -> LocalOptimizer {
+        self.settings
+    }
+
+    /// Changes the learning rate from the next step on (e.g. set by the server at a sync).
+    pub fn set_lr(&mut self, lr: f64) {
+        self.settings.lr = lr;
+    }
+
+    /// One SGD step on a batch: `images` holds N normalised 1×28×28 images (N·784
+    /// values), `labels` N classes. Returns the batch's mean loss as a detached
+    /// one-element tensor, so the caller decides when to pay for reading it.
+    ///
+    /// # Panics
+    /// If `images.len() != labels.len() · 784` (batches come from [`crate::data::Batcher`]).
+    pub fn step(&mut self, images: &[f32], labels: &[i64]) -> Tensor<1> {
+        let n = labels.len();
+        let [c, h, w] = INPUT_SHAPE;
+        assert_eq!(
+            images.len(),
+            n * c * h * w,
+            "batch images and labels disagree"
+        );
+        let x = Tensor::<4>::from_data(
+            TensorData::new(images.to_vec(), [n, c, h, w]),
+            &self.train_device,
+        );
+        let y =
+            Tensor::<1, Int>::from_data(TensorData::new(labels.to_vec(), [n]), &self.train_device);
+        let net = self.net.take().expect("trainer holds a network");
+        let loss = self.loss.forward(net.forward(x), y);
+        let grads = GradientsParams::from_grads(loss.backward(), &net);
+        self.net = Some(self.optim.step(self.settings.lr, net, grads));
+        loss.detach()
+    }
+
+    /// The parameters as one flat vector (see [`crate::model::flat`]).
+    pub fn params(&self) -> Vec<f32> {
+        to_flat(self.net())
+    }
+
+    /// Replaces the parameters, keeping the optimizer's momentum. Unchanged on error.
+    pub fn set_params(&mut self, flat: &[f32]) -> Result<(), FlatError> {
+        let net = self.net.take().expect("trainer holds a network");
+        match load_flat(net.clone(), flat) {
+            Ok(loaded) => {
+                self.net = Some(loaded);
+                Ok(())
+            }
+            Err(e) => {
+                self.net = Some(net);
+                Err(e)
+            }
+        }
+    }
+
+    /// Test accuracy (fraction 0..1) and mean loss of the current parameters on `set`.
+    pub fn evaluate(&self, set: &ImageSet, norm: Normalization) -> Evaluation {
+        evaluate(&self.net().valid(), set, norm, &self.device)
+    }
+}
+
+/// Accuracy and loss on a data set.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Evaluation {
+    /// Fraction of images classified correctly, 0..1.
+    pub accuracy: f64,
+    /// Mean cross-entropy.
+    pub loss: f64,
+}
+
+/// Evaluates `net` (a validation copy on `device`) on all of `set`, 1000 images at a time.
+pub fn evaluate(net: &Net, set: &ImageSet, norm: Normalization, device: &Device) -> Evaluation {
+    const CHUNK: usize = 1000;
+    let table = norm.table();
+    let loss_fn = CrossEntropyLoss::new(None, device);
+    let (mut images, mut labels) = (Vec::new(), Vec::new());
+    let (mut correct, mut loss_sum) = (0i64, 0.0f64);
+    let all: Vec<usize> = (0..set.len()).collect();
+    let [c, h, w] = INPUT_SHAPE;
+    for items in all.chunks(CHUNK) {
+        fill_normalized(set, items, &table, &mut images, &mut labels);
+        let n = items.len();
+        let x = Tensor::<4>::from_data(TensorData::new(images.clone(), [n, c, h, w]), device);
+        let y = Tensor::<1, Int>::from_data(TensorData::new(labels.clone(), [n]), device);
+        let logits = net.forward(x);
+        let loss: f32 = loss_fn.forward(logits.clone(), y.clone()).into_scalar();
+        let hits: i64 = logits
+            .argmax(1)
+            .flatten::<1>(0, 1)
+            .equal(y)
+            .int()
+            .sum()
+            .into_scalar();
+        correct += hits;
+        loss_sum += f64::from(loss) * n as f64;
+    }
+    let n = set.len().max(1) as f64;
+    Evaluation {
+        accuracy: correct as f64 / n,
+        loss: loss_sum / n,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::Batcher;
+
+    /// A tiny separable problem: class k images are bright in row band k.
+    fn toy_set(n: usize) -> ImageSet {
+        let mut pixels = vec![0u8; n * 784];
+        let labels: Vec<u8> = (0..n).map(|i| (i % 10) as u8).collect();
+        for (i, &l) in labels.iter().enumerate() {
+            let row0 = usize::from(l) * 2 + 4;
+            for r in row0..row0 + 2 {
+                for c in 4..24 {
+                    pixels[i * 784 + r * 28 + c] = 200 + (i % 50) as u8;
+                }
+            }
+        }
+        ImageSet {
+            source: "toy".into(),
+            channels: 1,
+            rows: 28,
+            cols: 28,
+            pixels,
+            labels,
+        }
+    }
+
+    #[test]
+    fn training_steps_reduce_the_loss_and_learn_the_toy_problem() {
+        let device = Device::flex();
+        let set = toy_set(200);
+        let norm = Normalization::of(&set);
+        let mut trainer = Trainer::new(ModelKind::Small, LocalOptimizer::default(), &device);
+        let before = trainer.evaluate(&set, norm);
+        let batcher = Batcher::new((0..set.len()).collect(), 20, 1, norm);
+        let (mut x, mut y) = (Vec::new(), Vec::new());
+        for epoch in 0..3 {
+            let order = batcher.epoch_order(epoch);
+            for items in order.chunks(20) {
+                batcher.fill(&set, items, &mut x, &mut y);
+                let loss: f32 = trainer.step(&x, &y).into_scalar();
+                assert!(loss.is_finite());
+            }
+        }
+        let after = trainer.evaluate(&set, norm);
+        assert!(after.loss < before.loss, "{before:?} → {after:?}");
+        assert!(after.accuracy > 0.9, "{after:?}");
+    }
+
+    #[test]
+    fn set_params_round_trips_and_rejects_wrong_lengths() {
+        let device = Device::flex();
+        let mut a = Trainer::new(ModelKind::Small, LocalOptimizer::default(), &device);
+        let b = Trainer::new(ModelKind::Small, LocalOptimizer::default(), &device);
+        let before = a.params();
+        assert!(a.set_params(&before[..10]).is_err());
+        assert_eq!(a.params(), before);
+        a.set_params(&b.params()).unwrap();
+        assert_eq!(a.params(), b.params());
+        // Still trainable after a load: a step moves the parameters.
+        let set = toy_set(10);
+        let norm = Normalization::of(&set);
+        let (mut x, mut y) = (Vec::new(), Vec::new());
+        fill_normalized(
+            &set,
+            &(0..10).collect::<Vec<_>>(),
+            &norm.table(),
+            &mut x,
+            &mut y,
+        );
+        a.step(&x, &y);
+        assert_ne!(a.params(), b.params());
+    }
+}

@@ -1,0 +1,381 @@
+//! The `tether` command line: parses a documented configuration, sets up logging and
+//! calls the libraries. Every subcommand that produces results takes `--report PATH`
+//! and writes them there as JSON.
+
+mod sim;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
+use tether_shared::model::ModelKind;
+use tether_shared::train::LocalOptimizer;
+use tether_worker::backend::BackendChoice;
+use tether_worker::{bench, train};
+
+/// Elastic Averaging SGD across machines that come and go.
+///
+/// tether trains CNNs with the EASGD family of algorithms: a parameter server keeps
+/// the center variable; native GPU workers and browser tabs train locally and pull
+/// toward it every τ steps. Logs go to stderr (RUST_LOG=debug for more); progress
+/// bars appear when stderr is a terminal.
+#[derive(Parser, Debug)]
+#[command(name = "tether", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Train on one machine: the single-node baseline every distributed run is compared with.
+    ///
+    /// With no flags: the small CNN on the Fashion-MNIST that ships with tether,
+    /// Nesterov SGD (lr 0.05, momentum 0.9, weight decay 1e-4), batch 128, 3 epochs.
+    Train(TrainArgs),
+    /// Simulations that need no training.
+    #[command(subcommand)]
+    Sim(SimCommand),
+    /// Benchmarks; each prints a ratio against a baseline measured in the same run.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ModelArg {
+    /// Small fast CNN (421,642 parameters).
+    Small,
+    /// The EASGD paper's network adapted to 28×28 (430,666 parameters).
+    Paper,
+}
+
+impl From<ModelArg> for ModelKind {
+    fn from(m: ModelArg) -> Self {
+        match m {
+            ModelArg::Small => ModelKind::Small,
+            ModelArg::Paper => ModelKind::Paper,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum BackendArg {
+    /// wgpu on a real GPU, else the CPU.
+    Auto,
+    /// The CPU (Burn's flex backend).
+    Cpu,
+    /// wgpu on any adapter, software ones included.
+    Wgpu,
+}
+
+impl From<BackendArg> for BackendChoice {
+    fn from(b: BackendArg) -> Self {
+        match b {
+            BackendArg::Auto => BackendChoice::Auto,
+            BackendArg::Cpu => BackendChoice::Cpu,
+            BackendArg::Wgpu => BackendChoice::Wgpu,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+struct TrainArgs {
+    /// Network to train.
+    #[arg(long, value_enum, default_value = "small")]
+    model: ModelArg,
+    /// Passes over the training set.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    epochs: u32,
+    /// Images per step.
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..))]
+    batch: u32,
+    /// Learning rate η.
+    #[arg(long, default_value_t = 0.05, allow_negative_numbers = true)]
+    lr: f64,
+    /// Momentum δ (0 for plain SGD).
+    #[arg(long, default_value_t = 0.9, allow_negative_numbers = true)]
+    momentum: f64,
+    /// Nesterov momentum (true) or heavy ball (false).
+    #[arg(long, default_value_t = true, action = ArgAction::Set)]
+    nesterov: bool,
+    /// L2 weight decay.
+    #[arg(long, default_value_t = 1e-4, allow_negative_numbers = true)]
+    weight_decay: f64,
+    /// Seed for initialisation and shuffling.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// IDX data directory (train-/t10k- images and labels, .gz or not).
+    /// Default: the Fashion-MNIST shipped in data/fashion-mnist.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Compute device.
+    #[arg(long, value_enum, default_value = "auto")]
+    backend: BackendArg,
+    /// CPU threads (default: one per core).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    threads: Option<u32>,
+    /// Train on only the first N training images (quick checks).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    train_limit: Option<u32>,
+    /// Evaluate on only the first N test images.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    test_limit: Option<u32>,
+    /// Write the settings and results here as JSON.
+    #[arg(long)]
+    report: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum SimCommand {
+    /// The EASGD paper's 1-D stability analysis: EASGD vs ADMM round-robin.
+    ///
+    /// Checks that EASGD is stable exactly for 0 ≤ ηh ≤ 2, 0 ≤ α ≤ (4−2ηh)/(4−ηh),
+    /// that ADMM with p = 3, η = 0.001, ρ = 2.5 diverges, and draws both stability maps.
+    Stability(sim::StabilityArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCommand {
+    /// Training samples/s per model, against the machine's sgemm ceiling and the PyTorch peer.
+    Train(BenchTrainArgs),
+    /// The elastic-update kernels' bandwidth against memcpy of the same vectors.
+    Elastic(BenchElasticArgs),
+}
+
+#[derive(Args, Debug)]
+struct BenchTrainArgs {
+    /// Models to measure (repeat the flag for several).
+    #[arg(long, value_enum, default_values = ["small", "paper"])]
+    model: Vec<ModelArg>,
+    /// Images per step.
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..))]
+    batch: u32,
+    /// Untimed steps before timing.
+    #[arg(long, default_value_t = 5)]
+    warmup: u32,
+    /// Timed steps per repeat.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    steps: u32,
+    /// Repeats; the median is reported.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    repeats: u32,
+    /// Compute device.
+    #[arg(long, value_enum, default_value = "cpu")]
+    backend: BackendArg,
+    /// CPU threads (default: one per core); the peer runs with the same number.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    threads: Option<u32>,
+    /// IDX data directory (default: the shipped Fashion-MNIST).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// The PyTorch peer's bench.py (default: ../shared/peer/bench.py beside the repository).
+    #[arg(long)]
+    peer_script: Option<PathBuf>,
+    /// Python interpreter with torch installed (default: $TETHER_PYTHON or python3).
+    #[arg(long)]
+    python: Option<String>,
+    /// Skip the PyTorch peer.
+    #[arg(long)]
+    no_peer: bool,
+    /// Write the results here as JSON.
+    #[arg(long)]
+    report: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct BenchElasticArgs {
+    /// Vector lengths in f32 values (default: the paper model's size, and 16 Mi to leave the caches).
+    #[arg(long, value_delimiter = ',', default_values_t = [430_666usize, 16 << 20])]
+    len: Vec<usize>,
+    /// Repeats; the median is reported.
+    #[arg(long, default_value_t = 7, value_parser = clap::value_parser!(u32).range(1..))]
+    repeats: u32,
+    /// Write the results here as JSON.
+    #[arg(long)]
+    report: Option<PathBuf>,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new("info,wgpu=warn,cubecl=warn,naga=warn")
+            }),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Train(args) => run_train(args),
+        Command::Sim(SimCommand::Stability(args)) => sim::run(&args),
+        Command::Bench(BenchCommand::Train(args)) => run_bench_train(args),
+        Command::Bench(BenchCommand::Elastic(args)) => run_bench_elastic(args),
+    }
+}
+
+/// Writes `value` as pretty JSON to `path`, if one was given.
+pub(crate) fn write_report(path: Option<&Path>, value: &impl serde::Serialize) -> Result<()> {
+    if let Some(path) = path {
+        let text = serde_json::to_string_pretty(value)?;
+        std::fs::write(path, text + "\n")
+            .with_context(|| format!("writing report {}", path.display()))?;
+        eprintln!("report written to {}", path.display());
+    }
+    Ok(())
+}
+
+fn run_train(args: TrainArgs) -> Result<()> {
+    let config = train::TrainConfig {
+        model: args.model.into(),
+        epochs: args.epochs as usize,
+        batch: args.batch as usize,
+        optimizer: LocalOptimizer {
+            lr: args.lr,
+            momentum: args.momentum,
+            nesterov: args.nesterov && args.momentum > 0.0,
+            weight_decay: args.weight_decay,
+        },
+        seed: args.seed,
+        data: args.data,
+        backend: args.backend.into(),
+        threads: args.threads.map(|t| t as usize),
+        train_limit: args.train_limit.map(|n| n as usize),
+        test_limit: args.test_limit.map(|n| n as usize),
+    };
+    let report = train::run(&config).context("training failed")?;
+    println!(
+        "{:>5}  {:>10}  {:>9}  {:>8}  {:>9}",
+        "epoch", "train loss", "test acc", "train s", "samples/s"
+    );
+    for e in &report.epochs {
+        println!(
+            "{:>5}  {:>10.4}  {:>8.2}%  {:>8.1}  {:>9.0}",
+            e.epoch,
+            e.train_loss,
+            e.test_accuracy * 100.0,
+            e.train_seconds,
+            e.samples_per_s
+        );
+    }
+    println!(
+        "{} model: {:.2}% test accuracy on {} images after {} epochs, {:.1} s wall, on {}",
+        report.settings.model.name(),
+        report.test_accuracy * 100.0,
+        report.test_samples,
+        report.epochs.len(),
+        report.wall_seconds,
+        report.device
+    );
+    write_report(args.report.as_deref(), &report)
+}
+
+fn default_peer_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/peer/bench.py")
+}
+
+fn run_bench_train(args: BenchTrainArgs) -> Result<()> {
+    let selected =
+        tether_worker::backend::select(args.backend.into(), args.threads.map(|t| t as usize))?;
+    let threads = rayon_threads();
+    let data_dir = match &args.data {
+        Some(d) => d.clone(),
+        None => tether_worker::dataset::default_data_dir()?,
+    };
+    let data = tether_worker::dataset::load_idx_dir(&data_dir)?;
+    println!("device: {}", selected.description);
+    let sgemm = bench::sgemm_gflops(&selected.device, 1024, 5);
+    println!("sgemm 1024×1024 on this backend: {sgemm:.1} GFLOP/s (the ceiling below)");
+    let python = args
+        .python
+        .clone()
+        .or_else(|| std::env::var("TETHER_PYTHON").ok())
+        .unwrap_or("python3".into());
+    let script = args.peer_script.clone().unwrap_or_else(default_peer_script);
+    println!(
+        "{:>6} {:>6} {:>12} {:>9} {:>8} {:>8} {:>13} {:>8}",
+        "model", "batch", "samples/s", "ms/step", "GFLOP/s", "%sgemm", "PyTorch s/s", "ratio"
+    );
+    let mut rows = Vec::new();
+    for m in &args.model {
+        let kind: ModelKind = (*m).into();
+        let r = bench::train_throughput(
+            kind,
+            &selected.device,
+            &data.train,
+            args.batch as usize,
+            args.warmup as usize,
+            args.steps as usize,
+            args.repeats as usize,
+        );
+        let peer = if args.no_peer {
+            Err("skipped (--no-peer)".to_string())
+        } else {
+            bench::peer_throughput(&python, &script, kind, threads, args.batch as usize)
+        };
+        let (peer_s, ratio) = match &peer {
+            Ok(p) => (format!("{p:.0}"), format!("{:.2}×", r.samples_per_s / p)),
+            Err(_) => ("-".into(), "-".into()),
+        };
+        println!(
+            "{:>6} {:>6} {:>12.0} {:>9.1} {:>8.1} {:>7.1}% {:>13} {:>8}",
+            kind.name(),
+            r.batch,
+            r.samples_per_s,
+            r.batch as f64 / r.samples_per_s * 1000.0,
+            r.gflops,
+            r.gflops / sgemm * 100.0,
+            peer_s,
+            ratio
+        );
+        if let Err(why) = &peer {
+            println!("       PyTorch peer not measured: {why}");
+        }
+        rows.push(serde_json::json!({
+            "model": kind.name(), "batch": r.batch, "samples_per_s": r.samples_per_s, "runs": r.runs,
+            "gflops": r.gflops, "fraction_of_sgemm": r.gflops / sgemm,
+            "pytorch_samples_per_s": peer.as_ref().ok(), "ratio_to_pytorch": peer.as_ref().ok().map(|p| r.samples_per_s / p),
+            "pytorch_error": peer.as_ref().err(),
+        }));
+    }
+    let report = serde_json::json!({
+        "command": "bench train", "device": selected.description, "backend": selected.backend,
+        "threads": threads, "sgemm_gflops": sgemm, "results": rows,
+    });
+    write_report(args.report.as_deref(), &report)
+}
+
+fn rayon_threads() -> usize {
+    tether_worker::backend::cpu_threads(None).unwrap_or(1)
+}
+
+fn run_bench_elastic(args: BenchElasticArgs) -> Result<()> {
+    println!(
+        "{:>10} {:>16} {:>14} {:>12} {:>12} {:>12}",
+        "f32 values",
+        "center_pull GB/s",
+        "apply GB/s",
+        "memcpy GB/s",
+        "pull/memcpy",
+        "apply/memcpy"
+    );
+    let mut rows = Vec::new();
+    for &len in &args.len {
+        // Enough calls per timing to run ~50 ms whatever the size.
+        let iters = (12_000_000 / len.max(1)).clamp(3, 10_000);
+        let r = bench::elastic_bandwidth(len, iters, args.repeats as usize);
+        println!(
+            "{:>10} {:>16.1} {:>14.1} {:>12.1} {:>11.0}% {:>11.0}%",
+            r.len,
+            r.center_pull_gbps,
+            r.apply_difference_gbps,
+            r.memcpy_gbps,
+            r.center_pull_ratio * 100.0,
+            r.apply_difference_ratio * 100.0
+        );
+        rows.push(r);
+    }
+    write_report(
+        args.report.as_deref(),
+        &serde_json::json!({ "command": "bench elastic", "results": rows }),
+    )
+}

@@ -1,0 +1,231 @@
+//! `tether sim stability`: the paper's round-robin stability analysis, printed,
+//! reported as JSON, and drawn as two stability maps (EASGD over (ηh, α), ADMM over
+//! (η, ρ)) with the boundaries overlaid.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use plotters::prelude::*;
+use plotters::style::{FontStyle, register_font};
+use tether_shared::stability::{
+    admm_round_map, admm_run, check_easgd_bound, easgd_alpha_bound, easgd_round_map,
+    spectral_radius,
+};
+
+/// Settings of `tether sim stability`.
+#[derive(Args, Debug)]
+pub struct StabilityArgs {
+    /// Worker counts p for which to check the EASGD bound.
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 3, 8])]
+    workers: Vec<usize>,
+    /// Points of ηh in (0, 2) at which the largest stable α is found.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(2..))]
+    points: u32,
+    /// ADMM rounds to iterate from x = 1000, λ = 0.
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: u32,
+    /// Where to draw the stability maps.
+    #[arg(long, default_value = "stability.png")]
+    png: PathBuf,
+    /// Write the results here as JSON.
+    #[arg(long)]
+    report: Option<PathBuf>,
+}
+
+const ADMM_P: usize = 3;
+const ADMM_ETA: f64 = 0.001;
+const ADMM_RHO: f64 = 2.5;
+const ADMM_H: f64 = 1.0;
+
+/// Runs the analysis, prints it, draws the maps and writes the report.
+pub fn run(args: &StabilityArgs) -> Result<()> {
+    if args.workers.iter().any(|&p| p == 0) {
+        anyhow::bail!("--workers: every worker count must be at least 1");
+    }
+    println!(
+        "(a) EASGD round-robin on f(x) = h x²/2: stable iff 0 ≤ ηh ≤ 2 and 0 ≤ α ≤ (4 − 2ηh)/(4 − ηh)"
+    );
+    let mut checks = Vec::new();
+    for &p in &args.workers {
+        let c = check_easgd_bound(p, args.points as usize);
+        println!(
+            "    p = {p}: largest |α_max − bound| over {} values of ηh: {:.2e} (at ηh = {:.3}); \
+             region an interval: {}; unstable for every α when ηh > 2: {}",
+            c.eta_h_points,
+            c.max_alpha_disagreement,
+            c.worst_eta_h,
+            c.region_is_interval,
+            c.unstable_beyond_eta_h_2
+        );
+        checks.push(c);
+    }
+    let every = (args.rounds as usize / 10).max(1);
+    let admm = admm_run(
+        ADMM_P,
+        ADMM_ETA,
+        ADMM_RHO,
+        ADMM_H,
+        1000.0,
+        args.rounds as usize,
+        every,
+    );
+    println!(
+        "(b) ADMM round-robin, p = {ADMM_P}, η = {ADMM_ETA}, ρ = {ADMM_RHO}, h = {ADMM_H}: spectral radius per round {:.6} ({})",
+        admm.admm_spectral_radius,
+        if admm.admm_spectral_radius > 1.0 {
+            "> 1, unstable"
+        } else {
+            "≤ 1, stable"
+        }
+    );
+    println!("    |x̃| from x = 1000, λ = 0:");
+    for (round, mag) in &admm.center_magnitude {
+        println!("    round {round:>7}: {mag:.4e}");
+    }
+    draw(&args.png).with_context(|| format!("drawing {}", args.png.display()))?;
+    println!("(c) stability maps drawn to {}", args.png.display());
+    let report = serde_json::json!({
+        "command": "sim stability",
+        "easgd": checks,
+        "admm": admm,
+        "admm_spectral_radius": admm.admm_spectral_radius,
+        "png": args.png,
+    });
+    crate::write_report(args.report.as_deref(), &report)
+}
+
+/// Colour of a spectral radius: blues inside the stable region (darker converges
+/// faster), reds outside.
+fn colour(radius: f64) -> RGBColor {
+    if radius <= 1.0 + 1e-9 {
+        let t = radius.clamp(0.0, 1.0);
+        let mix = |a: f64, b: f64| (a + (b - a) * t) as u8;
+        RGBColor(mix(20.0, 200.0), mix(60.0, 225.0), mix(160.0, 250.0))
+    } else {
+        let t = ((radius - 1.0) * 4.0).clamp(0.0, 1.0);
+        let mix = |a: f64, b: f64| (a + (b - a) * t) as u8;
+        RGBColor(mix(250.0, 150.0), mix(200.0, 10.0), mix(190.0, 20.0))
+    }
+}
+
+fn draw(path: &std::path::Path) -> Result<()> {
+    register_font(
+        "sans-serif",
+        FontStyle::Normal,
+        include_bytes!("../assets/fonts/DejaVuSans.ttf"),
+    )
+    .map_err(|_| anyhow::anyhow!("the bundled font is not a valid TrueType font"))?;
+    let root = BitMapBackend::new(path, (1500, 640)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (left, right) = root.split_horizontally(750);
+
+    // EASGD (p = 1; the check above shows p > 1 gives the same region).
+    let (nx, ny) = (250usize, 150usize);
+    let (x_max, y_max) = (2.5f64, 1.5f64);
+    let mut chart = ChartBuilder::on(&left)
+        .caption(
+            "EASGD round-robin: spectral radius over (ηh, α)",
+            ("sans-serif", 22),
+        )
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(55)
+        .build_cartesian_2d(0.0..x_max, 0.0..y_max)?;
+    chart
+        .configure_mesh()
+        .x_desc("ηh")
+        .y_desc("α")
+        .disable_mesh()
+        .draw()?;
+    let (dx, dy) = (x_max / nx as f64, y_max / ny as f64);
+    chart.draw_series(
+        (0..nx)
+            .flat_map(|i| (0..ny).map(move |j| (i, j)))
+            .map(|(i, j)| {
+                let (x, y) = (i as f64 * dx, j as f64 * dy);
+                let r = spectral_radius(&easgd_round_map(1, x + dx / 2.0, y + dy / 2.0));
+                Rectangle::new([(x, y), (x + dx, y + dy)], colour(r).filled())
+            }),
+    )?;
+    chart
+        .draw_series(LineSeries::new(
+            (0..=200).map(|k| {
+                let eh = 2.0 * k as f64 / 200.0;
+                (eh, easgd_alpha_bound(eh))
+            }),
+            BLACK.stroke_width(3),
+        ))?
+        .label("paper's bound α = (4 − 2ηh)/(4 − ηh), ηh ≤ 2")
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLACK.stroke_width(3)));
+    chart.draw_series(LineSeries::new(
+        [(2.0, 0.0), (2.0, y_max)],
+        BLACK.stroke_width(2),
+    ))?;
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
+
+    // ADMM (p = 3, h = 1) over (η, ρ), with the measured radius-1 boundary.
+    let (nx, ny) = (200usize, 150usize);
+    let (x_max, y_max) = (0.01f64, 10.0f64);
+    let mut chart = ChartBuilder::on(&right)
+        .caption(
+            "ADMM round-robin (p = 3, h = 1): spectral radius over (η, ρ)",
+            ("sans-serif", 22),
+        )
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(55)
+        .build_cartesian_2d(0.0..x_max, 0.0..y_max)?;
+    chart
+        .configure_mesh()
+        .x_desc("η")
+        .y_desc("ρ")
+        .x_labels(6)
+        .disable_mesh()
+        .draw()?;
+    let (dx, dy) = (x_max / nx as f64, y_max / ny as f64);
+    let radius = |eta: f64, rho: f64| spectral_radius(&admm_round_map(ADMM_P, eta, rho, ADMM_H));
+    chart.draw_series(
+        (0..nx)
+            .flat_map(|i| (0..ny).map(move |j| (i, j)))
+            .map(|(i, j)| {
+                let (x, y) = (i as f64 * dx, j as f64 * dy);
+                Rectangle::new(
+                    [(x, y), (x + dx, y + dy)],
+                    colour(radius(x + dx / 2.0, y + dy / 2.0)).filled(),
+                )
+            }),
+    )?;
+    // Boundary: for each η the smallest ρ at which the radius exceeds 1.
+    let boundary: Vec<(f64, f64)> = (1..=nx)
+        .filter_map(|i| {
+            let eta = i as f64 * dx;
+            (0..=400)
+                .map(|k| k as f64 * y_max / 400.0)
+                .find(|&rho| radius(eta, rho) > 1.0 + 1e-9)
+                .map(|rho| (eta, rho))
+        })
+        .collect();
+    chart
+        .draw_series(LineSeries::new(boundary, BLACK.stroke_width(2)))?
+        .label("measured boundary (radius = 1)")
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLACK.stroke_width(2)));
+    chart
+        .draw_series([Circle::new((ADMM_ETA, ADMM_RHO), 7, BLACK.filled())])?
+        .label(format!(
+            "η = {ADMM_ETA}, ρ = {ADMM_RHO}: radius {:.4}",
+            radius(ADMM_ETA, ADMM_RHO)
+        ))
+        .legend(|(x, y)| Circle::new((x + 10, y), 5, BLACK.filled()));
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}

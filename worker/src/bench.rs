@@ -1,0 +1,207 @@
+//! Benchmarks behind `tether bench`: training throughput against the machine's sgemm
+//! ceiling and the PyTorch peer, and the elastic kernel against memcpy. Each figure
+//! is printed next to a baseline measured in the same run.
+
+use std::hint::black_box;
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+use burn::tensor::{Device, Distribution, Tensor};
+use serde::Serialize;
+use tether_shared::algorithms::elastic;
+use tether_shared::data::{Batcher, ImageSet, Normalization};
+use tether_shared::model::ModelKind;
+use tether_shared::train::{LocalOptimizer, Trainer};
+
+/// Training throughput of one model.
+#[derive(Clone, Debug, Serialize)]
+pub struct TrainBench {
+    /// Which network.
+    pub model: ModelKind,
+    /// Images per step.
+    pub batch: usize,
+    /// Median samples/s over the repeats.
+    pub samples_per_s: f64,
+    /// Every repeat's samples/s.
+    pub runs: Vec<f64>,
+    /// Achieved training FLOP/s (3 × forward FLOPs per sample), in GFLOP/s.
+    pub gflops: f64,
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Times `steps` training steps (after `warmup` untimed ones) on consecutive real
+/// batches, `repeats` times from a fresh network, as the peer's bench.py does.
+pub fn train_throughput(
+    kind: ModelKind,
+    device: &Device,
+    train: &ImageSet,
+    batch: usize,
+    warmup: usize,
+    steps: usize,
+    repeats: usize,
+) -> TrainBench {
+    let norm = Normalization::of(train);
+    let batcher = Batcher::new((0..train.len()).collect(), batch, 0, norm);
+    let order: Vec<usize> = (0..train.len()).collect();
+    let batches: Vec<&[usize]> = order.chunks_exact(batch).collect();
+    let mut runs = Vec::with_capacity(repeats);
+    for _ in 0..repeats.max(1) {
+        let mut trainer = Trainer::new(kind, LocalOptimizer::default(), device);
+        let (mut x, mut y) = (Vec::new(), Vec::new());
+        let mut step = |i: usize| {
+            batcher.fill(train, batches[i % batches.len()], &mut x, &mut y);
+            trainer.step(&x, &y)
+        };
+        for i in 0..warmup {
+            let _: f32 = step(i).into_scalar();
+        }
+        let t0 = Instant::now();
+        let mut last = None;
+        for i in warmup..warmup + steps {
+            last = Some(step(i));
+        }
+        // Reading the last loss waits for all queued work (matters on GPUs).
+        if let Some(loss) = last {
+            let _: f32 = loss.into_scalar();
+        }
+        runs.push((steps * batch) as f64 / t0.elapsed().as_secs_f64());
+    }
+    let samples_per_s = median(&mut runs.clone());
+    let gflops = samples_per_s * 3.0 * kind.forward_flops_per_sample() as f64 / 1e9;
+    TrainBench {
+        model: kind,
+        batch,
+        samples_per_s,
+        runs,
+        gflops,
+    }
+}
+
+/// The backend's own sgemm speed on n×n matrices, in GFLOP/s (median of `repeats`):
+/// the ceiling a convolution lowered to matrix products can approach.
+pub fn sgemm_gflops(device: &Device, n: usize, repeats: usize) -> f64 {
+    let a = Tensor::<2>::random([n, n], Distribution::Default, device);
+    let b = Tensor::<2>::random([n, n], Distribution::Default, device);
+    let _: f32 = a.clone().matmul(b.clone()).sum().into_scalar(); // warm-up
+    let mut runs: Vec<f64> = (0..repeats.max(1))
+        .map(|_| {
+            let t0 = Instant::now();
+            let _: f32 = a.clone().matmul(b.clone()).sum().into_scalar();
+            2.0 * (n as f64).powi(3) / t0.elapsed().as_secs_f64() / 1e9
+        })
+        .collect();
+    median(&mut runs)
+}
+
+/// The PyTorch peer's samples/s for `model` (its bench.py, median of 3), or why not.
+pub fn peer_throughput(
+    python: &str,
+    script: &Path,
+    model: ModelKind,
+    threads: usize,
+    batch: usize,
+) -> Result<f64, String> {
+    if !script.is_file() {
+        return Err(format!("peer script {} not found", script.display()));
+    }
+    let report = std::env::temp_dir().join(format!(
+        "tether-peer-{}-{}.json",
+        model.name(),
+        std::process::id()
+    ));
+    let out = Command::new(python)
+        .arg(script)
+        .args([
+            "--model",
+            model.name(),
+            "--threads",
+            &threads.to_string(),
+            "--batch",
+            &batch.to_string(),
+        ])
+        .arg("--report")
+        .arg(&report)
+        .current_dir(script.parent().unwrap_or(Path::new(".")))
+        .output()
+        .map_err(|e| format!("cannot run {python}: {e}"))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        return Err(format!(
+            "{python} {} failed: {}",
+            script.display(),
+            err.lines().last().unwrap_or("")
+        ));
+    }
+    let text = std::fs::read_to_string(&report).map_err(|e| format!("peer report: {e}"))?;
+    let _ = std::fs::remove_file(&report);
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("peer report: {e}"))?;
+    json["results"][0]["samples_per_s_median"]
+        .as_f64()
+        .ok_or_else(|| "peer report lacks samples_per_s_median".into())
+}
+
+/// Elastic kernel bandwidth against memcpy of the same vectors.
+#[derive(Clone, Debug, Serialize)]
+pub struct ElasticBench {
+    /// Vector length (f32 values).
+    pub len: usize,
+    /// `elastic::center_pull` (the server's half of an async exchange: reads x̃ and
+    /// xⁱ, writes x̃ and d), in GB/s of bytes read + written.
+    pub center_pull_gbps: f64,
+    /// `elastic::apply_difference` (the worker's half: reads xⁱ and d, writes xⁱ).
+    pub apply_difference_gbps: f64,
+    /// `copy_from_slice` of one vector (reads n, writes n), GB/s of bytes read + written.
+    pub memcpy_gbps: f64,
+    /// center_pull / memcpy.
+    pub center_pull_ratio: f64,
+    /// apply_difference / memcpy.
+    pub apply_difference_ratio: f64,
+}
+
+/// Measures the elastic kernels and memcpy on vectors of `len` f32, interleaved
+/// (kernel, copy, kernel, copy, ...) so that machine noise hits both alike; medians
+/// of `repeats` timings of `iters` calls each.
+pub fn elastic_bandwidth(len: usize, iters: usize, repeats: usize) -> ElasticBench {
+    let mut center: Vec<f32> = (0..len).map(|i| (i % 97) as f32 * 0.01).collect();
+    let worker: Vec<f32> = (0..len).map(|i| (i % 89) as f32 * 0.01).collect();
+    let mut diff = vec![0.0f32; len];
+    let mut local = worker.clone();
+    let mut dst = vec![0.0f32; len];
+    let bytes = (len * 4) as f64;
+    let time = |f: &mut dyn FnMut()| {
+        f(); // warm the caches and page in
+        let t0 = Instant::now();
+        for _ in 0..iters {
+            f();
+        }
+        t0.elapsed().as_secs_f64() / iters as f64
+    };
+    let (mut pull, mut apply, mut copy) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..repeats.max(1) {
+        // A tiny α keeps the values bounded however many times the kernel runs.
+        let t = time(&mut || {
+            elastic::center_pull(black_box(&mut center), black_box(&worker), 1e-7, &mut diff)
+        });
+        pull.push(4.0 * bytes / t / 1e9);
+        let t = time(&mut || dst.copy_from_slice(black_box(&worker)));
+        copy.push(2.0 * bytes / t / 1e9);
+        let t = time(&mut || elastic::apply_difference(black_box(&mut local), black_box(&diff)));
+        apply.push(3.0 * bytes / t / 1e9);
+    }
+    black_box((&center, &dst, &local));
+    let (p, a, c) = (median(&mut pull), median(&mut apply), median(&mut copy));
+    ElasticBench {
+        len,
+        center_pull_gbps: p,
+        apply_difference_gbps: a,
+        memcpy_gbps: c,
+        center_pull_ratio: p / c,
+        apply_difference_ratio: a / c,
+    }
+}

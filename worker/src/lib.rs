@@ -1,0 +1,11 @@
+//! tether's native worker library: picks the compute device, loads data from disk,
+//! runs the single-node trainer that every distributed run is compared with, and
+//! measures training and exchange speed.
+//!
+//! The `tether` binary is a thin CLI over this crate.
+
+pub mod backend;
+pub mod bench;
+pub mod dataset;
+pub mod progress;
+pub mod train;

@@ -1,0 +1,18 @@
+//! Progress bars for long work. indicatif draws nothing when stderr is not a
+//! terminal, so logs and CI output stay clean.
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// A bar over `len` steps with a title and a live message (loss, speed).
+pub fn bar(len: u64, title: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{prefix:>12} [{bar:30.cyan/blue}] {pos}/{len} {elapsed_precise} eta {eta} {msg}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_prefix(title.to_string());
+    bar
+}
