@@ -40,7 +40,7 @@ const ADMM_H: f64 = 1.0;
 
 /// Runs the analysis, prints it, draws the maps and writes the report.
 pub fn run(args: &StabilityArgs) -> Result<()> {
-    if args.workers.iter().any(|&p| p == 0) {
+    if args.workers.contains(&0) {
         anyhow::bail!("--workers: every worker count must be at least 1");
     }
     println!(
@@ -189,29 +189,29 @@ fn draw(path: &std::path::Path) -> Result<()> {
         .draw()?;
     let (dx, dy) = (x_max / nx as f64, y_max / ny as f64);
     let radius = |eta: f64, rho: f64| spectral_radius(&admm_round_map(ADMM_P, eta, rho, ADMM_H));
-    chart.draw_series(
-        (0..nx)
-            .flat_map(|i| (0..ny).map(move |j| (i, j)))
-            .map(|(i, j)| {
-                let (x, y) = (i as f64 * dx, j as f64 * dy);
-                Rectangle::new(
-                    [(x, y), (x + dx, y + dy)],
-                    colour(radius(x + dx / 2.0, y + dy / 2.0)).filled(),
-                )
-            }),
-    )?;
-    // Boundary: for each η the smallest ρ at which the radius exceeds 1.
-    let boundary: Vec<(f64, f64)> = (1..=nx)
-        .filter_map(|i| {
-            let eta = i as f64 * dx;
-            (0..=400)
-                .map(|k| k as f64 * y_max / 400.0)
-                .find(|&rho| radius(eta, rho) > 1.0 + 1e-9)
-                .map(|rho| (eta, rho))
-        })
-        .collect();
+    let grid: Vec<Vec<f64>> =
+        (0..nx).map(|i| (0..ny).map(|j| radius((i as f64 + 0.5) * dx, (j as f64 + 0.5) * dy)).collect()).collect();
+    chart.draw_series((0..nx).flat_map(|i| (0..ny).map(move |j| (i, j))).map(|(i, j)| {
+        let (x, y) = (i as f64 * dx, j as f64 * dy);
+        Rectangle::new([(x, y), (x + dx, y + dy)], colour(grid[i][j]).filled())
+    }))?;
+    // The measured boundary: cell edges where stability flips between neighbours.
+    let unstable = |i: usize, j: usize| grid[i][j] > 1.0 + 1e-9;
+    let mut edges = Vec::new();
+    for i in 0..nx {
+        for j in 0..ny {
+            if i + 1 < nx && unstable(i, j) != unstable(i + 1, j) {
+                let x = (i + 1) as f64 * dx;
+                edges.push([(x, j as f64 * dy), (x, (j + 1) as f64 * dy)]);
+            }
+            if j + 1 < ny && unstable(i, j) != unstable(i, j + 1) {
+                let y = (j + 1) as f64 * dy;
+                edges.push([(i as f64 * dx, y), ((i + 1) as f64 * dx, y)]);
+            }
+        }
+    }
     chart
-        .draw_series(LineSeries::new(boundary, BLACK.stroke_width(2)))?
+        .draw_series(edges.into_iter().map(|e| PathElement::new(e, BLACK.stroke_width(2))))?
         .label("measured boundary (radius = 1)")
         .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLACK.stroke_width(2)));
     chart

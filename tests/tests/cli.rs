@@ -9,6 +9,24 @@ fn stderr(out: &std::process::Output) -> String {
 }
 
 #[test]
+fn shipped_data_matches_the_checksums_in_its_readme() -> Result<()> {
+    use sha2::{Digest, Sha256};
+    let dir = tether_worker::dataset::default_data_dir()?;
+    let readme = std::fs::read_to_string(dir.join("README.md"))?;
+    let sums: Vec<(&str, &str)> = readme
+        .lines()
+        .filter_map(|l| l.split_once("  "))
+        .filter(|(hash, _)| hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit()))
+        .collect();
+    assert_eq!(sums.len(), 4, "the README lists one sum per file");
+    for (expected, file) in sums {
+        let actual = format!("{:x}", Sha256::digest(std::fs::read(dir.join(file))?));
+        assert_eq!(actual, expected, "{file} is not the shipped file");
+    }
+    Ok(())
+}
+
+#[test]
 fn help_lists_the_subcommands() -> Result<()> {
     let out = tether(&["--help"])?;
     assert!(out.status.success());

@@ -84,7 +84,9 @@ pub fn adapters() -> Vec<Adapter> {
     use burn::tensor::wgpu::wgpu;
     let instance =
         wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-    let found = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
+    // Vulkan / Metal / DX12 / browser WebGPU only: the GL backend adds a second entry
+    // for the same adapter and complains on headless machines.
+    let found = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::PRIMARY));
     let (mut discrete, mut integrated, mut virt) = (0, 0, 0);
     found
         .iter()
@@ -127,7 +129,12 @@ pub fn adapters() -> Vec<Adapter> {
 /// Sets up the device for `choice`. `threads` sizes the CPU backend's rayon pool
 /// (`None`: one per core); it applies once per process.
 pub fn select(choice: BackendChoice, threads: Option<usize>) -> Result<Selected, BackendError> {
-    let adapters = adapters();
+    // Only look for adapters when they matter: probing Vulkan costs time and noise.
+    let adapters = if choice == BackendChoice::Cpu {
+        Vec::new()
+    } else {
+        adapters()
+    };
     let pick = match choice {
         BackendChoice::Cpu => None,
         BackendChoice::Auto => adapters.iter().find(|a| a.is_gpu),

@@ -87,6 +87,8 @@ impl std::str::FromStr for ModelKind {
 }
 
 /// Either network, so that trainers and exchanges need not be generic.
+// A trainer holds one `Net`; boxing the variants would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum Net {
     /// See [`SmallCnn`].
