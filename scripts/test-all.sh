@@ -31,10 +31,13 @@ cargo fmt --all -- --check
 step "cargo clippy (warnings denied)"
 cargo clippy --workspace --all-targets --release --locked -- -D warnings
 
-step "cargo test (release)"
-cargo test --workspace --release --locked
-
 step "tether-shared builds for wasm32-unknown-unknown"
 cargo check -p tether-shared --target wasm32-unknown-unknown --release --locked
 
-step "all checks passed"
+step "cargo test (release)"
+log=$(mktemp)
+cargo test --workspace --release --locked 2>&1 | tee "$log"
+passed=$(grep -Eo '[0-9]+ passed' "$log" | awk '{s += $1} END {print s + 0}')
+failed=$(grep -Eo '[0-9]+ failed' "$log" | awk '{s += $1} END {print s + 0}')
+rm -f "$log"
+echo "tests: $passed passed, $failed failed"

@@ -340,6 +340,7 @@ fn run_bench_train(args: BenchTrainArgs) -> Result<()> {
     }
     let report = serde_json::json!({
         "command": "bench train", "device": selected.description, "backend": selected.backend,
+        "settings": { "batch": args.batch, "warmup": args.warmup, "steps": args.steps, "repeats": args.repeats },
         "threads": threads, "sgemm_gflops": sgemm, "results": rows,
     });
     write_report(args.report.as_deref(), &report)
@@ -375,8 +376,8 @@ fn run_bench_elastic(args: BenchElasticArgs) -> Result<()> {
         );
         rows.push(r);
     }
-    write_report(
-        args.report.as_deref(),
-        &serde_json::json!({ "command": "bench elastic", "results": rows }),
-    )
+    let report = serde_json::json!({
+        "command": "bench elastic", "settings": { "len": args.len, "repeats": args.repeats }, "results": rows,
+    });
+    write_report(args.report.as_deref(), &report)
 }

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use plotters::style::{FontStyle, register_font};
 use tether_shared::stability::{
@@ -87,6 +88,7 @@ pub fn run(args: &StabilityArgs) -> Result<()> {
     println!("(c) stability maps drawn to {}", args.png.display());
     let report = serde_json::json!({
         "command": "sim stability",
+        "settings": { "workers": args.workers, "points": args.points, "rounds": args.rounds },
         "easgd": checks,
         "admm": admm,
         "admm_spectral_radius": admm.admm_spectral_radius,
@@ -109,94 +111,55 @@ fn colour(radius: f64) -> RGBColor {
     }
 }
 
-fn draw(path: &std::path::Path) -> Result<()> {
-    register_font(
-        "sans-serif",
-        FontStyle::Normal,
-        include_bytes!("../assets/fonts/DejaVuSans.ttf"),
-    )
-    .map_err(|_| anyhow::anyhow!("the bundled font is not a valid TrueType font"))?;
-    let root = BitMapBackend::new(path, (1500, 640)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let (left, right) = root.split_horizontally(750);
+type Panel<'a, 'b> =
+    ChartContext<'a, BitMapBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
 
-    // EASGD (p = 1; the check above shows p > 1 gives the same region).
-    let (nx, ny) = (250usize, 150usize);
-    let (x_max, y_max) = (2.5f64, 1.5f64);
-    let mut chart = ChartBuilder::on(&left)
-        .caption(
-            "EASGD round-robin: spectral radius over (ηh, α)",
-            ("sans-serif", 22),
-        )
+/// One axis of a stability map: its label, upper end (the lower is 0) and cell count.
+struct Axis(&'static str, f64, usize);
+
+/// Draws the spectral radius of `radius(x, y)` as coloured cells on `area`, and
+/// returns the chart (for overlays) and the radius of every cell, `[x][y]`.
+fn radius_map<'a, 'b>(
+    area: &'a DrawingArea<BitMapBackend<'b>, plotters::coord::Shift>,
+    caption: &str,
+    x: Axis,
+    y: Axis,
+    radius: impl Fn(f64, f64) -> f64,
+) -> Result<(Panel<'a, 'b>, Vec<Vec<f64>>)> {
+    let mut chart = ChartBuilder::on(area)
+        .caption(caption, ("sans-serif", 22))
         .margin(15)
         .x_label_area_size(45)
         .y_label_area_size(55)
-        .build_cartesian_2d(0.0..x_max, 0.0..y_max)?;
+        .build_cartesian_2d(0.0..x.1, 0.0..y.1)?;
     chart
         .configure_mesh()
-        .x_desc("ηh")
-        .y_desc("α")
-        .disable_mesh()
-        .draw()?;
-    let (dx, dy) = (x_max / nx as f64, y_max / ny as f64);
-    chart.draw_series(
-        (0..nx)
-            .flat_map(|i| (0..ny).map(move |j| (i, j)))
-            .map(|(i, j)| {
-                let (x, y) = (i as f64 * dx, j as f64 * dy);
-                let r = spectral_radius(&easgd_round_map(1, x + dx / 2.0, y + dy / 2.0));
-                Rectangle::new([(x, y), (x + dx, y + dy)], colour(r).filled())
-            }),
-    )?;
-    chart
-        .draw_series(LineSeries::new(
-            (0..=200).map(|k| {
-                let eh = 2.0 * k as f64 / 200.0;
-                (eh, easgd_alpha_bound(eh))
-            }),
-            BLACK.stroke_width(3),
-        ))?
-        .label("paper's bound α = (4 − 2ηh)/(4 − ηh), ηh ≤ 2")
-        .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLACK.stroke_width(3)));
-    chart.draw_series(LineSeries::new(
-        [(2.0, 0.0), (2.0, y_max)],
-        BLACK.stroke_width(2),
-    ))?;
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()?;
-
-    // ADMM (p = 3, h = 1) over (η, ρ), with the measured radius-1 boundary.
-    let (nx, ny) = (200usize, 150usize);
-    let (x_max, y_max) = (0.01f64, 10.0f64);
-    let mut chart = ChartBuilder::on(&right)
-        .caption(
-            "ADMM round-robin (p = 3, h = 1): spectral radius over (η, ρ)",
-            ("sans-serif", 22),
-        )
-        .margin(15)
-        .x_label_area_size(45)
-        .y_label_area_size(55)
-        .build_cartesian_2d(0.0..x_max, 0.0..y_max)?;
-    chart
-        .configure_mesh()
-        .x_desc("η")
-        .y_desc("ρ")
+        .x_desc(x.0)
+        .y_desc(y.0)
         .x_labels(6)
         .disable_mesh()
         .draw()?;
-    let (dx, dy) = (x_max / nx as f64, y_max / ny as f64);
-    let radius = |eta: f64, rho: f64| spectral_radius(&admm_round_map(ADMM_P, eta, rho, ADMM_H));
-    let grid: Vec<Vec<f64>> =
-        (0..nx).map(|i| (0..ny).map(|j| radius((i as f64 + 0.5) * dx, (j as f64 + 0.5) * dy)).collect()).collect();
-    chart.draw_series((0..nx).flat_map(|i| (0..ny).map(move |j| (i, j))).map(|(i, j)| {
-        let (x, y) = (i as f64 * dx, j as f64 * dy);
-        Rectangle::new([(x, y), (x + dx, y + dy)], colour(grid[i][j]).filled())
+    let (dx, dy) = (x.1 / x.2 as f64, y.1 / y.2 as f64);
+    let grid: Vec<Vec<f64>> = (0..x.2)
+        .map(|i| {
+            (0..y.2)
+                .map(|j| radius((i as f64 + 0.5) * dx, (j as f64 + 0.5) * dy))
+                .collect()
+        })
+        .collect();
+    chart.draw_series(grid.iter().enumerate().flat_map(|(i, col)| {
+        col.iter().enumerate().map(move |(j, &r)| {
+            let (x0, y0) = (i as f64 * dx, j as f64 * dy);
+            Rectangle::new([(x0, y0), (x0 + dx, y0 + dy)], colour(r).filled())
+        })
     }))?;
-    // The measured boundary: cell edges where stability flips between neighbours.
+    Ok((chart, grid))
+}
+
+/// The cell edges (in chart coordinates) where stability flips between neighbours.
+fn boundary(grid: &[Vec<f64>], dx: f64, dy: f64) -> Vec<[(f64, f64); 2]> {
     let unstable = |i: usize, j: usize| grid[i][j] > 1.0 + 1e-9;
+    let (nx, ny) = (grid.len(), grid.first().map_or(0, Vec::len));
     let mut edges = Vec::new();
     for i in 0..nx {
         for j in 0..ny {
@@ -210,8 +173,62 @@ fn draw(path: &std::path::Path) -> Result<()> {
             }
         }
     }
+    edges
+}
+
+fn draw(path: &std::path::Path) -> Result<()> {
+    register_font(
+        "sans-serif",
+        FontStyle::Normal,
+        include_bytes!("../assets/fonts/DejaVuSans.ttf"),
+    )
+    .map_err(|_| anyhow::anyhow!("the bundled font is not a valid TrueType font"))?;
+    let root = BitMapBackend::new(path, (1500, 640)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (left, right) = root.split_horizontally(750);
+
+    // EASGD with p = 1, where the paper's bound is exact (see the check above).
+    let (mut chart, _) = radius_map(
+        &left,
+        "EASGD round-robin: spectral radius over (ηh, α)",
+        Axis("ηh", 2.5, 250),
+        Axis("α", 1.5, 150),
+        |eh, a| spectral_radius(&easgd_round_map(1, eh, a)),
+    )?;
+    let bound = (0..=200)
+        .map(|k| 2.0 * k as f64 / 200.0)
+        .map(|eh| (eh, easgd_alpha_bound(eh)));
     chart
-        .draw_series(edges.into_iter().map(|e| PathElement::new(e, BLACK.stroke_width(2))))?
+        .draw_series(LineSeries::new(bound, BLACK.stroke_width(3)))?
+        .label("paper's bound α = (4 − 2ηh)/(4 − ηh), ηh ≤ 2")
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLACK.stroke_width(3)));
+    chart.draw_series(LineSeries::new(
+        [(2.0, 0.0), (2.0, 1.5)],
+        BLACK.stroke_width(2),
+    ))?;
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
+
+    // ADMM (p = 3, h = 1) over (η, ρ): no closed form, so the measured boundary.
+    let (x, y) = (Axis("η", 0.01, 200), Axis("ρ", 10.0, 150));
+    let (dx, dy) = (x.1 / x.2 as f64, y.1 / y.2 as f64);
+    let radius = |eta: f64, rho: f64| spectral_radius(&admm_round_map(ADMM_P, eta, rho, ADMM_H));
+    let (mut chart, grid) = radius_map(
+        &right,
+        "ADMM round-robin (p = 3, h = 1): spectral radius over (η, ρ)",
+        x,
+        y,
+        radius,
+    )?;
+    chart
+        .draw_series(
+            boundary(&grid, dx, dy)
+                .into_iter()
+                .map(|e| PathElement::new(e, BLACK.stroke_width(2))),
+        )?
         .label("measured boundary (radius = 1)")
         .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLACK.stroke_width(2)));
     chart

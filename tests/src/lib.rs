@@ -73,6 +73,25 @@ pub fn scratch(name: &str) -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// Runs `tether ARGS --report <scratch>/report.json`, fails with tether's stderr if
+/// it exits non-zero, and returns the report.
+pub fn tether_report(name: &str, args: &[&str]) -> Result<serde_json::Value> {
+    let report = scratch(name)?.join("report.json");
+    let mut all = args.to_vec();
+    all.extend([
+        "--report",
+        report.to_str().context("temp path is not UTF-8")?,
+    ]);
+    let out = tether(&all)?;
+    if !out.status.success() {
+        bail!(
+            "tether {args:?} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    read_json(&report)
+}
+
 /// Reads a JSON report.
 pub fn read_json(path: &std::path::Path) -> Result<serde_json::Value> {
     let text =

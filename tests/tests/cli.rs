@@ -2,7 +2,7 @@
 //! report files, real error messages.
 
 use anyhow::Result;
-use tether_tests::{read_json, scratch, tether};
+use tether_tests::{scratch, tether, tether_report};
 
 fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
@@ -39,23 +39,20 @@ fn help_lists_the_subcommands() -> Result<()> {
 
 #[test]
 fn a_short_training_run_learns_and_writes_its_report() -> Result<()> {
-    let dir = scratch("train-short")?;
-    let report = dir.join("r.json");
-    let out = tether(&[
-        "train",
-        "--epochs",
-        "2",
-        "--train-limit",
-        "4000",
-        "--test-limit",
-        "2000",
-        "--backend",
-        "cpu",
-        "--report",
-        report.to_str().unwrap(),
-    ])?;
-    assert!(out.status.success(), "{}", stderr(&out));
-    let r = read_json(&report)?;
+    let r = tether_report(
+        "train-short",
+        &[
+            "train",
+            "--epochs",
+            "2",
+            "--train-limit",
+            "4000",
+            "--test-limit",
+            "2000",
+            "--backend",
+            "cpu",
+        ],
+    )?;
     let acc = r["test_accuracy"].as_f64().unwrap();
     assert!(
         acc > 0.70,
@@ -79,19 +76,10 @@ fn a_short_training_run_learns_and_writes_its_report() -> Result<()> {
 fn one_full_epoch_reaches_the_accuracy_floor() -> Result<()> {
     // The floor: at least 80 % after one epoch on the full Fashion-MNIST
     // (the PyTorch peer gets 89.0 %).
-    let dir = scratch("train-full")?;
-    let report = dir.join("r.json");
-    let out = tether(&[
-        "train",
-        "--epochs",
-        "1",
-        "--backend",
-        "cpu",
-        "--report",
-        report.to_str().unwrap(),
-    ])?;
-    assert!(out.status.success(), "{}", stderr(&out));
-    let r = read_json(&report)?;
+    let r = tether_report(
+        "train-full",
+        &["train", "--epochs", "1", "--backend", "cpu"],
+    )?;
     assert_eq!(r["train_samples"], 60_000);
     assert_eq!(r["test_samples"], 10_000);
     let acc = r["test_accuracy"].as_f64().unwrap();
@@ -154,22 +142,20 @@ fn a_corrupt_data_file_is_named_in_the_error() -> Result<()> {
 
 #[test]
 fn stability_simulation_reproduces_the_paper_and_draws_the_maps() -> Result<()> {
-    let dir = scratch("stability")?;
-    let (png, report) = (dir.join("s.png"), dir.join("s.json"));
-    let out = tether(&[
-        "sim",
+    let png = scratch("stability-png")?.join("s.png");
+    let r = tether_report(
         "stability",
-        "--workers",
-        "1,3",
-        "--points",
-        "30",
-        "--png",
-        png.to_str().unwrap(),
-        "--report",
-        report.to_str().unwrap(),
-    ])?;
-    assert!(out.status.success(), "{}", stderr(&out));
-    let r = read_json(&report)?;
+        &[
+            "sim",
+            "stability",
+            "--workers",
+            "1,3",
+            "--points",
+            "30",
+            "--png",
+            png.to_str().unwrap(),
+        ],
+    )?;
     assert!(r["admm_spectral_radius"].as_f64().unwrap() > 1.0);
     for check in r["easgd"].as_array().unwrap() {
         assert!(

@@ -54,3 +54,14 @@ pub fn distance(a: &[f32], b: &[f32]) -> f64 {
         .sum::<f64>()
         .sqrt()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn distance_is_the_euclidean_norm_of_the_difference() {
+        assert_eq!(distance(&[1.0, 2.0, 3.0], &[1.0, 5.0, 7.0]), 5.0);
+        assert_eq!(distance(&[], &[]), 0.0);
+    }
+}
