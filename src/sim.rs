@@ -26,6 +26,18 @@ pub struct StabilityArgs {
     /// ADMM rounds to iterate from x = 1000, λ = 0.
     #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..))]
     rounds: u32,
+    /// ADMM: number of workers p.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    admm_workers: u32,
+    /// ADMM: learning rate η.
+    #[arg(long, default_value_t = 0.001, allow_negative_numbers = true)]
+    admm_eta: f64,
+    /// ADMM: penalty ρ.
+    #[arg(long, default_value_t = 2.5, allow_negative_numbers = true)]
+    admm_rho: f64,
+    /// ADMM: curvature h of f(x) = h x²/2.
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    admm_h: f64,
     /// Where to draw the stability maps.
     #[arg(long, default_value = "stability.png")]
     png: PathBuf,
@@ -34,15 +46,34 @@ pub struct StabilityArgs {
     report: Option<PathBuf>,
 }
 
-const ADMM_P: usize = 3;
-const ADMM_ETA: f64 = 0.001;
-const ADMM_RHO: f64 = 2.5;
-const ADMM_H: f64 = 1.0;
+/// The ADMM setting analysed (the paper's: p = 3, η = 0.001, ρ = 2.5, h = 1).
+#[derive(Clone, Copy)]
+struct Admm {
+    p: usize,
+    eta: f64,
+    rho: f64,
+    h: f64,
+}
 
 /// Runs the analysis, prints it, draws the maps and writes the report.
 pub fn run(args: &StabilityArgs) -> Result<()> {
     if args.workers.contains(&0) {
         anyhow::bail!("--workers: every worker count must be at least 1");
+    }
+    let a = Admm {
+        p: args.admm_workers as usize,
+        eta: args.admm_eta,
+        rho: args.admm_rho,
+        h: args.admm_h,
+    };
+    if !(a.eta.is_finite()
+        && a.eta > 0.0
+        && a.rho.is_finite()
+        && a.rho >= 0.0
+        && a.h.is_finite()
+        && a.h > 0.0)
+    {
+        anyhow::bail!("--admm-eta and --admm-h must be positive and --admm-rho ≥ 0, all finite");
     }
     println!(
         "(a) EASGD round-robin on f(x) = h x²/2: stable iff 0 ≤ ηh ≤ 2 and 0 ≤ α ≤ (4 − 2ηh)/(4 − ηh)"
@@ -62,17 +93,13 @@ pub fn run(args: &StabilityArgs) -> Result<()> {
         checks.push(c);
     }
     let every = (args.rounds as usize / 10).max(1);
-    let admm = admm_run(
-        ADMM_P,
-        ADMM_ETA,
-        ADMM_RHO,
-        ADMM_H,
-        1000.0,
-        args.rounds as usize,
-        every,
-    );
+    let admm = admm_run(a.p, a.eta, a.rho, a.h, 1000.0, args.rounds as usize, every);
     println!(
-        "(b) ADMM round-robin, p = {ADMM_P}, η = {ADMM_ETA}, ρ = {ADMM_RHO}, h = {ADMM_H}: spectral radius per round {:.6} ({})",
+        "(b) ADMM round-robin, p = {}, η = {}, ρ = {}, h = {}: spectral radius per round {:.6} ({})",
+        a.p,
+        a.eta,
+        a.rho,
+        a.h,
         admm.admm_spectral_radius,
         if admm.admm_spectral_radius > 1.0 {
             "> 1, unstable"
@@ -84,11 +111,14 @@ pub fn run(args: &StabilityArgs) -> Result<()> {
     for (round, mag) in &admm.center_magnitude {
         println!("    round {round:>7}: {mag:.4e}");
     }
-    draw(&args.png).with_context(|| format!("drawing {}", args.png.display()))?;
+    draw(&args.png, a).with_context(|| format!("drawing {}", args.png.display()))?;
     println!("(c) stability maps drawn to {}", args.png.display());
     let report = serde_json::json!({
         "command": "sim stability",
-        "settings": { "workers": args.workers, "points": args.points, "rounds": args.rounds },
+        "settings": {
+            "workers": args.workers, "points": args.points, "rounds": args.rounds,
+            "admm": { "workers": a.p, "eta": a.eta, "rho": a.rho, "h": a.h },
+        },
         "easgd": checks,
         "admm": admm,
         "admm_spectral_radius": admm.admm_spectral_radius,
@@ -176,7 +206,7 @@ fn boundary(grid: &[Vec<f64>], dx: f64, dy: f64) -> Vec<[(f64, f64); 2]> {
     edges
 }
 
-fn draw(path: &std::path::Path) -> Result<()> {
+fn draw(path: &std::path::Path, a: Admm) -> Result<()> {
     register_font(
         "sans-serif",
         FontStyle::Normal,
@@ -212,17 +242,18 @@ fn draw(path: &std::path::Path) -> Result<()> {
         .border_style(BLACK)
         .draw()?;
 
-    // ADMM (p = 3, h = 1) over (η, ρ): no closed form, so the measured boundary.
-    let (x, y) = (Axis("η", 0.01, 200), Axis("ρ", 10.0, 150));
+    // ADMM over (η, ρ): no closed form, so the measured boundary.
+    let (x, y) = (
+        Axis("η", (2.0 * a.eta).max(0.01), 200),
+        Axis("ρ", (2.0 * a.rho).max(10.0), 150),
+    );
     let (dx, dy) = (x.1 / x.2 as f64, y.1 / y.2 as f64);
-    let radius = |eta: f64, rho: f64| spectral_radius(&admm_round_map(ADMM_P, eta, rho, ADMM_H));
-    let (mut chart, grid) = radius_map(
-        &right,
-        "ADMM round-robin (p = 3, h = 1): spectral radius over (η, ρ)",
-        x,
-        y,
-        radius,
-    )?;
+    let radius = |eta: f64, rho: f64| spectral_radius(&admm_round_map(a.p, eta, rho, a.h));
+    let caption = format!(
+        "ADMM round-robin (p = {}, h = {}): spectral radius over (η, ρ)",
+        a.p, a.h
+    );
+    let (mut chart, grid) = radius_map(&right, &caption, x, y, radius)?;
     chart
         .draw_series(
             boundary(&grid, dx, dy)
@@ -232,10 +263,12 @@ fn draw(path: &std::path::Path) -> Result<()> {
         .label("measured boundary (radius = 1)")
         .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLACK.stroke_width(2)));
     chart
-        .draw_series([Circle::new((ADMM_ETA, ADMM_RHO), 7, BLACK.filled())])?
+        .draw_series([Circle::new((a.eta, a.rho), 7, BLACK.filled())])?
         .label(format!(
-            "η = {ADMM_ETA}, ρ = {ADMM_RHO}: radius {:.4}",
-            radius(ADMM_ETA, ADMM_RHO)
+            "η = {}, ρ = {}: radius {:.4}",
+            a.eta,
+            a.rho,
+            radius(a.eta, a.rho)
         ))
         .legend(|(x, y)| Circle::new((x + 10, y), 5, BLACK.filled()));
     chart

@@ -103,6 +103,7 @@ fn bad_flags_fail_with_clear_errors() -> Result<()> {
             "/nonexistent/tether-data",
         ),
         (&["sim", "stability", "--workers", "0"], "at least 1"),
+        (&["sim", "stability", "--admm-eta", "0"], "--admm-eta"),
     ];
     for (args, expected) in cases {
         let out = tether(args)?;
