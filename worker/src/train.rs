@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
+use burn::tensor::Tensor;
 use serde::Serialize;
 use tether_shared::data::{Batcher, Normalization};
 use tether_shared::model::{INPUT_SHAPE, ModelKind};
@@ -195,17 +196,29 @@ pub fn run(config: &TrainConfig) -> Result<TrainReport, TrainError> {
         );
         let order = batcher.epoch_order(epoch as u64);
         let t0 = Instant::now();
+        // Losses are summed on the device and read back only every READ_EVERY steps:
+        // a read waits for the device, which on a GPU would stall every step.
+        const READ_EVERY: usize = 10;
         let mut loss_sum = 0.0f64;
+        let mut pending: Option<Tensor<1>> = None;
+        let steps = batcher.batches_per_epoch();
         for (step, items) in order.chunks(config.batch).enumerate() {
             batcher.fill(&data.train, items, &mut images, &mut labels);
-            let loss: f32 = trainer.step(&images, &labels).into_scalar();
-            loss_sum += f64::from(loss) * items.len() as f64;
+            let weighted = trainer
+                .step(&images, &labels)
+                .mul_scalar(items.len() as f64);
+            pending = Some(match pending {
+                Some(p) => p + weighted,
+                None => weighted,
+            });
             bar.inc(1);
-            if step % 10 == 0 {
-                let seen = (step + 1) * config.batch;
+            if step % READ_EVERY == READ_EVERY - 1 || step + 1 == steps {
+                let read: f32 = pending.take().map_or(0.0, |p| p.into_scalar());
+                loss_sum += f64::from(read);
+                let seen = ((step + 1) * config.batch).min(train_n);
                 bar.set_message(format!(
                     "loss {:.4}  {:.0} samples/s",
-                    loss_sum / seen.min(train_n) as f64,
+                    loss_sum / seen as f64,
                     seen as f64 / t0.elapsed().as_secs_f64()
                 ));
             }
