@@ -278,11 +278,7 @@ fn run_bench_train(args: BenchTrainArgs) -> Result<()> {
     let selected =
         tether_worker::backend::select(args.backend.into(), args.threads.map(|t| t as usize))?;
     let threads = rayon_threads();
-    let data_dir = match &args.data {
-        Some(d) => d.clone(),
-        None => tether_worker::dataset::default_data_dir()?,
-    };
-    let data = tether_worker::dataset::load_idx_dir(&data_dir)?;
+    let (_, data) = tether_worker::dataset::load(args.data.as_deref())?;
     println!("device: {}", selected.description);
     let sgemm = bench::sgemm_gflops(&selected.device, 1024, 5);
     println!("sgemm 1024×1024 on this backend: {sgemm:.1} GFLOP/s (the ceiling below)");

@@ -10,7 +10,7 @@ use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use plotters::style::{FontStyle, register_font};
 use tether_shared::stability::{
-    admm_round_map, admm_run, check_easgd_bound, easgd_alpha_bound, easgd_round_map,
+    admm_round_map, admm_run, check_easgd_bound, easgd_alpha_bound, easgd_round_map, is_stable,
     spectral_radius,
 };
 
@@ -130,7 +130,7 @@ pub fn run(args: &StabilityArgs) -> Result<()> {
 /// Colour of a spectral radius: blues inside the stable region (darker converges
 /// faster), reds outside.
 fn colour(radius: f64) -> RGBColor {
-    if radius <= 1.0 + 1e-9 {
+    if is_stable(radius) {
         let t = radius.clamp(0.0, 1.0);
         let mix = |a: f64, b: f64| (a + (b - a) * t) as u8;
         RGBColor(mix(20.0, 200.0), mix(60.0, 225.0), mix(160.0, 250.0))
@@ -188,7 +188,7 @@ fn radius_map<'a, 'b>(
 
 /// The cell edges (in chart coordinates) where stability flips between neighbours.
 fn boundary(grid: &[Vec<f64>], dx: f64, dy: f64) -> Vec<[(f64, f64); 2]> {
-    let unstable = |i: usize, j: usize| grid[i][j] > 1.0 + 1e-9;
+    let unstable = |i: usize, j: usize| !is_stable(grid[i][j]);
     let (nx, ny) = (grid.len(), grid.first().map_or(0, Vec::len));
     let mut edges = Vec::new();
     for i in 0..nx {

@@ -165,7 +165,8 @@ pub struct EasgdBoundCheck {
     pub unstable_beyond_eta_h_2: bool,
 }
 
-fn is_stable(radius: f64) -> bool {
+/// Stable: the spectral radius is at most 1 (with room for rounding).
+pub fn is_stable(radius: f64) -> bool {
     radius <= 1.0 + 1e-9
 }
 

@@ -89,21 +89,6 @@ impl Trainer {
         self.net.as_ref().expect("trainer holds a network")
     }
 
-    /// The model being trained.
-    pub fn kind(&self) -> ModelKind {
-        self.net().kind()
-    }
-
-    /// The optimizer's settings.
-    pub fn settings(&self) -> LocalOptimizer {
-        self.settings
-    }
-
-    /// Changes the learning rate from the next step on (e.g. set by the server at a sync).
-    pub fn set_lr(&mut self, lr: f64) {
-        self.settings.lr = lr;
-    }
-
     /// One SGD step on a batch: `images` holds N normalised 1×28×28 images (N·784
     /// values), `labels` N classes. Returns the batch's mean loss as a detached
     /// one-element tensor, so the caller decides when to pay for reading it.

@@ -191,7 +191,7 @@ fn wgpu_backend_agrees_with_the_cpu_backend() -> Result<()> {
         Err(e) => return Err(e.into()),
     };
     eprintln!("wgpu device: {}", wgpu.description);
-    let data = tether_worker::dataset::load_idx_dir(&tether_worker::dataset::default_data_dir()?)?;
+    let (_, data) = tether_worker::dataset::load(None)?;
     let norm = Normalization::of(&data.train);
     let batcher = Batcher::new((0..data.train.len()).collect(), 64, 0, norm);
     let cpu_device = Device::flex();

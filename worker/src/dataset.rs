@@ -104,6 +104,17 @@ fn read_pair(
     )?)
 }
 
+/// Reads the IDX data set in `dir`, or the shipped Fashion-MNIST when `dir` is `None`;
+/// returns the directory used with the data.
+pub fn load(dir: Option<&Path>) -> Result<(PathBuf, Dataset), LoadError> {
+    let dir = match dir {
+        Some(d) => d.to_path_buf(),
+        None => default_data_dir()?,
+    };
+    let data = load_idx_dir(&dir)?;
+    Ok((dir, data))
+}
+
 /// Reads an IDX data set (MNIST / Fashion-MNIST layout, gzipped or not) from `dir`.
 pub fn load_idx_dir(dir: &Path) -> Result<Dataset, LoadError> {
     Ok(Dataset {

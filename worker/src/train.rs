@@ -161,11 +161,7 @@ pub fn run(config: &TrainConfig) -> Result<TrainReport, TrainError> {
     config.validate()?;
     let started = Instant::now();
     let selected = backend::select(config.backend, config.threads)?;
-    let data_dir = match &config.data {
-        Some(dir) => dir.clone(),
-        None => dataset::default_data_dir()?,
-    };
-    let mut data = dataset::load_idx_dir(&data_dir)?;
+    let (data_dir, mut data) = dataset::load(config.data.as_deref())?;
     data.train
         .expect_shape(INPUT_SHAPE)
         .map_err(LoadError::from)?;

@@ -72,16 +72,6 @@ impl Batcher {
         }
     }
 
-    /// Items in one epoch.
-    pub fn len(&self) -> usize {
-        self.indices.len()
-    }
-
-    /// True when the batcher has no items.
-    pub fn is_empty(&self) -> bool {
-        self.indices.is_empty()
-    }
-
     /// Batches per epoch.
     pub fn batches_per_epoch(&self) -> usize {
         self.indices.len().div_ceil(self.batch)
