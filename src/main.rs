@@ -2,6 +2,8 @@
 //! calls the libraries. Every subcommand that produces results takes `--report PATH`
 //! and writes them there as JSON.
 
+mod demo;
+mod net;
 mod sim;
 
 use std::path::{Path, PathBuf};
@@ -22,12 +24,27 @@ use tether_worker::{bench, train};
 #[derive(Parser, Debug)]
 #[command(name = "tether", version, about, long_about)]
 struct Cli {
+    /// What to do (default: `demo` with its defaults).
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// A server and local workers in one process: the quickest way to see a run.
+    ///
+    /// With no flags: 4 EAMSGD workers, τ 16, on the shipped Fashion-MNIST for 2
+    /// epochs; prints the dashboard URL, a progress bar, and a summary table.
+    Demo(demo::DemoArgs),
+    /// Run a parameter server: keeps the center, serves workers at /ws, status at
+    /// /api/status, Prometheus metrics at /metrics, and checkpoints the center.
+    ///
+    /// With no flags: EAMSGD on the small model and the shipped data, port 8080,
+    /// checkpoints every 60 s under ./runs/<run-id>/.
+    Serve(net::ServeArgs),
+    /// Join a run as a native worker: trains its shard and syncs every τ steps;
+    /// reconnects if the server goes away; Ctrl-C syncs once more and leaves.
+    Work(net::WorkArgs),
     /// Train on one machine: the single-node baseline every distributed run is compared with.
     ///
     /// With no flags: the small CNN on the Fashion-MNIST that ships with tether,
@@ -206,7 +223,13 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    match cli.command {
+    match cli
+        .command
+        .unwrap_or_else(|| Command::Demo(demo::DemoArgs::default()))
+    {
+        Command::Demo(args) => demo::run_demo(args),
+        Command::Serve(args) => net::run_serve(args),
+        Command::Work(args) => net::run_work(args),
         Command::Train(args) => run_train(args),
         Command::Sim(SimCommand::Stability(args)) => sim::run(&args),
         Command::Bench(BenchCommand::Train(args)) => run_bench_train(args),

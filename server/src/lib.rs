@@ -1,6 +1,397 @@
-//! tether's parameter server: keeps the center variable x̃, accepts elastic updates
-//! from workers over WebSockets, checkpoints, and hosts the dashboard.
+//! tether's parameter server: keeps the center variable x̃, runs every algorithm's
+//! server side, serves workers over WebSockets, scores the center in the background,
+//! checkpoints it crash-safely, and reports status and metrics over HTTP.
 //!
-//! Not built yet: issue #3 fills this crate (axum `app(state) -> Router` and
-//! `run(listener, config, shutdown)`). The center's update rules it will apply already
-//! live in [`tether_shared::algorithms`].
+//! Entry points: [`app`] builds the router (tests serve it on port 0);
+//! [`Server::new`] prepares a run (data, resume) and [`Server::serve`] runs it on a
+//! listener until the shutdown future resolves; [`run`] does both.
+
+pub mod center;
+pub mod checkpoint;
+pub mod config;
+pub mod metrics;
+pub mod state;
+pub mod workers;
+pub mod ws;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{State, WebSocketUpgrade};
+use axum::http::header;
+use axum::response::{IntoResponse, Json, Response};
+use axum::routing::get;
+use serde::Serialize;
+use tether_shared::data::Normalization;
+use tether_shared::model::{INPUT_SHAPE, to_flat};
+use tether_shared::protocol::{self, Hyper, RunSpec, StopReason};
+use thiserror::Error;
+use tokio::net::TcpListener;
+
+use crate::center::Center;
+use crate::checkpoint::CheckpointError;
+pub use crate::config::{ConfigError, RunSettings, ServerConfig};
+pub use crate::state::{AppState, EvalPoint, Status};
+use tether_worker::dataset::{self, LoadError};
+
+/// Why a server could not start or stopped badly.
+#[derive(Debug, Error)]
+pub enum ServerError {
+    /// A setting is out of range.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The data could not be loaded.
+    #[error(transparent)]
+    Data(#[from] LoadError),
+    /// Checkpoints could not be read or written.
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    /// The resumed checkpoint does not fit the run.
+    #[error("cannot resume: {0}")]
+    Resume(String),
+    /// The listener failed.
+    #[error("serving failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The router: `/ws` for workers, `/api/status`, `/metrics`, and `/`.
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/", get(index))
+        .route("/ws", get(ws_upgrade))
+        .route("/api/status", get(status))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+async fn ws_upgrade(State(state): State<AppState>, ws: WebSocketUpgrade) -> Response {
+    // Frames up to twice the protocol limit are read and refused with a typed
+    // rejection (the connection survives); beyond that the socket layer drops the
+    // connection without reading further. Either way memory stays bounded by the model.
+    let hard_cap = 2 * protocol::max_frame_bytes(state.spec.model.param_count());
+    ws.max_message_size(hard_cap)
+        .max_frame_size(hard_cap)
+        .on_upgrade(move |socket| ws::connection(state, socket))
+}
+
+async fn status(State(state): State<AppState>) -> Json<Status> {
+    Json(state.status())
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let workers = state.workers().len();
+    let version = state.center().version();
+    let accuracy = state.latest_eval().map(|e| e.accuracy);
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(workers, version, accuracy),
+    )
+        .into_response()
+}
+
+async fn index(State(state): State<AppState>) -> Response {
+    let s = state.status();
+    let acc = s.evaluation.map_or("not yet evaluated".to_string(), |e| {
+        format!("{:.2} %", e.accuracy * 100.0)
+    });
+    let body = format!(
+        "tether run {}\n{:?}, {} model, τ {}, α {}, η {}\ncenter version {}, accuracy {acc}\n{} workers connected\n\nJSON: /api/status   Prometheus: /metrics   workers: ws://<this host>/ws\n",
+        s.run_id,
+        s.settings.algorithm,
+        s.settings.model.name(),
+        s.hyper.tau,
+        s.hyper.alpha,
+        s.hyper.lr,
+        s.center_version,
+        s.workers.len(),
+    );
+    ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response()
+}
+
+/// What a server reports when it stops.
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    /// The run's id.
+    pub run_id: String,
+    /// The run's directory.
+    pub run_dir: PathBuf,
+    /// The center's final version.
+    pub center_version: u64,
+    /// Training images workers reported.
+    pub samples: u64,
+    /// Accepted syncs.
+    pub syncs: u64,
+    /// Bytes received from workers.
+    pub bytes_in: u64,
+    /// Bytes sent to workers.
+    pub bytes_out: u64,
+    /// The final checkpoint's manifest.
+    pub checkpoint: Option<PathBuf>,
+}
+
+/// A prepared run, ready to serve.
+pub struct Server {
+    state: AppState,
+}
+
+impl Server {
+    /// Loads the data, creates or resumes the run, and saves its settings.
+    pub fn new(config: ServerConfig) -> Result<Self, ServerError> {
+        config.validate()?;
+        let (data_dir, data) = dataset::load(config.data.as_deref())?;
+        for set in [&data.train, &data.test] {
+            set.expect_shape(INPUT_SHAPE).map_err(LoadError::from)?;
+        }
+        let mut test = data.test;
+        if let Some(n) = config.eval_limit {
+            test = test.subset(&(0..n.min(test.len())).collect::<Vec<_>>());
+        }
+        let normalization = Normalization::of(&data.train);
+        let run = &config.run;
+        let (run_id, run_dir, params, velocity, version, samples) = if config.resume {
+            let dir = config
+                .run_dir
+                .clone()
+                .ok_or_else(|| ServerError::Resume("--resume needs a run directory".into()))?;
+            let (snap, skipped) = checkpoint::load_newest(&dir)?;
+            for (path, why) in &skipped {
+                tracing::warn!("skipped checkpoint {}: {why}", path.display());
+            }
+            if snap.model != run.model {
+                return Err(ServerError::Resume(format!(
+                    "the checkpoint holds a {} model, the run asks for {}",
+                    snap.model.name(),
+                    run.model.name()
+                )));
+            }
+            tracing::info!(version = snap.version, dir = %dir.display(), "resumed from checkpoint");
+            (
+                snap.run_id,
+                dir,
+                snap.params,
+                snap.velocity,
+                snap.version,
+                snap.samples,
+            )
+        } else {
+            let run_id = new_run_id();
+            let dir = config
+                .run_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("runs").join(&run_id));
+            let device = burn::tensor::Device::flex();
+            device.seed(run.seed);
+            let params = to_flat(&run.model.init(&device));
+            (run_id, dir, params, Vec::new(), 0, 0)
+        };
+        checkpoint::save_settings(&run_dir, run)?;
+        let hyper = Hyper {
+            tau: run.tau,
+            alpha: run.alpha,
+            lr: run.lr,
+        };
+        let spec = RunSpec {
+            run_id,
+            algorithm: run.algorithm,
+            model: run.model,
+            hyper,
+            momentum: run.local_momentum(),
+            nesterov: run.local_momentum() > 0.0,
+            weight_decay: run.weight_decay,
+            batch: run.batch,
+            leader_pull: run.leader_pull(),
+            normalization,
+            train_items: data.train.len() as u64,
+        };
+        let center = Center::new(
+            run.algorithm,
+            params,
+            velocity,
+            version,
+            hyper,
+            run.momentum as f32,
+            config.max_staleness,
+            config.max_update_ratio,
+        );
+        tracing::info!(run = %spec.run_id, data = %data_dir.display(), dir = %run_dir.display(), "run ready");
+        let state = AppState::new(config, spec, run_dir, test, center);
+        state.metrics.samples.store(samples, Ordering::Relaxed);
+        if version > 0 {
+            *state.last_checkpoint.lock().expect("fresh lock") =
+                Some((version, state.run_dir.clone()));
+        }
+        Ok(Self { state })
+    }
+
+    /// The run's shared state (status, center), for callers that watch the run.
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves workers on `listener` until `shutdown` resolves; then tells every worker
+    /// to stop (with the reason given), drains, and writes a final checkpoint.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = StopReason> + Send + 'static,
+    ) -> Result<Summary, ServerError> {
+        let state = self.state;
+        let evaluator = spawn_evaluator(state.clone());
+        let checkpointer = tokio::spawn(checkpoint_loop(state.clone()));
+        let signal_state = state.clone();
+        axum::serve(listener, app(state.clone()))
+            .with_graceful_shutdown(async move {
+                let reason = shutdown.await;
+                tracing::info!(?reason, "stopping: telling workers");
+                signal_state.stop(reason);
+            })
+            .await?;
+        // Upgraded WebSocket connections outlive axum's graceful shutdown: wait for
+        // them to say goodbye, but not forever.
+        let drained =
+            tokio::time::timeout(state.config.drain_timeout, state.connections_closed()).await;
+        if drained.is_err() {
+            tracing::warn!(open = state.connections(), "drain timed out");
+        }
+        checkpointer.abort();
+        let _ = evaluator.await;
+        let checkpoint = write_checkpoint(&state, true).await?;
+        let m = &state.metrics;
+        Ok(Summary {
+            run_id: state.spec.run_id.clone(),
+            run_dir: state.run_dir.clone(),
+            center_version: state.center().version(),
+            samples: m.samples.load(Ordering::Relaxed),
+            syncs: m.syncs.load(Ordering::Relaxed),
+            bytes_in: m.bytes_in.load(Ordering::Relaxed),
+            bytes_out: m.bytes_out.load(Ordering::Relaxed),
+            checkpoint,
+        })
+    }
+}
+
+/// Prepares the run in `config` and serves it on `listener` until `shutdown`.
+pub async fn run(
+    listener: TcpListener,
+    config: ServerConfig,
+    shutdown: impl Future<Output = StopReason> + Send + 'static,
+) -> Result<Summary, ServerError> {
+    Server::new(config)?.serve(listener, shutdown).await
+}
+
+/// Scores the center every `eval_every` when it has changed, on a blocking thread so
+/// syncs never wait for it.
+fn spawn_evaluator(state: AppState) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let Some(every) = state.config.eval_every else {
+            return;
+        };
+        let mut stop = state.stop_signal();
+        let mut last = None;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = stop.wait_for(Option::is_some) => return,
+            }
+            let version = state.center().version();
+            if last == Some(version) {
+                continue;
+            }
+            let s = state.clone();
+            if let Ok(point) = tokio::task::spawn_blocking(move || s.evaluate_now()).await {
+                tracing::info!(
+                    version = point.version,
+                    accuracy = format!("{:.2}%", point.accuracy * 100.0),
+                    "center evaluated"
+                );
+                last = Some(point.version);
+            }
+        }
+    })
+}
+
+async fn checkpoint_loop(state: AppState) {
+    let Some(every) = state.config.checkpoint_every else {
+        return;
+    };
+    loop {
+        tokio::time::sleep(every).await;
+        if let Err(e) = write_checkpoint(&state, false).await {
+            tracing::error!("checkpoint failed: {e}");
+        }
+    }
+}
+
+/// Writes a checkpoint if the center changed since the last one (or `force` and none
+/// exists for this version). Returns the manifest written or already current.
+pub async fn write_checkpoint(
+    state: &AppState,
+    force: bool,
+) -> Result<Option<PathBuf>, ServerError> {
+    let snap = state.snapshot();
+    let last = state.last_checkpoint.lock().expect("lock").clone();
+    if let Some((v, path)) = &last
+        && *v == snap.version
+    {
+        return Ok(Some(path.clone()));
+    }
+    if snap.version == 0 && !force {
+        return Ok(None);
+    }
+    let dir = state.run_dir.clone();
+    let keep = state.config.keep_checkpoints;
+    let version = snap.version;
+    let path = tokio::task::spawn_blocking(move || checkpoint::write(&dir, &snap, keep))
+        .await
+        .map_err(|e| ServerError::Io(std::io::Error::other(e)))??;
+    tracing::info!(version, path = %path.display(), "checkpoint written");
+    *state.last_checkpoint.lock().expect("lock") = Some((version, path.clone()));
+    Ok(Some(path))
+}
+
+/// A run id from the UTC time and a little randomness: `20261123-084103-3fa9`.
+pub fn new_run_id() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO);
+    let secs = now.as_secs();
+    let (y, m, d) = civil_from_days((secs / 86_400) as i64);
+    let t = secs % 86_400;
+    let salt = (now.subsec_nanos() ^ std::process::id().wrapping_mul(2_654_435_761)) & 0xffff;
+    format!(
+        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}-{salt:04x}",
+        t / 3600,
+        t / 60 % 60,
+        t % 60
+    )
+}
+
+/// (year, month, day) of a day count since 1970-01-01 (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn civil_dates_are_right() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(20_415), (2025, 11, 23));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+        let id = new_run_id();
+        assert_eq!(id.len(), "20261123-084103-3fa9".len(), "{id}");
+    }
+}

@@ -5,6 +5,7 @@
 //!
 //! - [`algorithms`]: the update rules of the EASGD family on flat `f32` slices.
 //! - [`model`]: the Burn networks and their flat parameter view.
+//! - [`protocol`]: the worker ↔ server frames and their binary encoding.
 //! - [`data`]: IDX and CIFAR-10 parsing, sharding, batching, normalisation.
 //! - [`train`]: one local training step and evaluation, identical on every worker.
 //! - [`stability`]: the paper's 1-D stability analysis (spectral radii).
@@ -13,6 +14,7 @@
 pub mod algorithms;
 pub mod data;
 pub mod model;
+pub mod protocol;
 pub mod rng;
 pub mod stability;
 pub mod train;

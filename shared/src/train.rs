@@ -116,6 +116,11 @@ impl Trainer {
         loss.detach()
     }
 
+    /// Changes the learning rate from the next step on (runtime changes of η).
+    pub fn set_lr(&mut self, lr: f64) {
+        self.settings.lr = lr;
+    }
+
     /// The parameters as one flat vector (see [`crate::model::flat`]).
     pub fn params(&self) -> Vec<f32> {
         to_flat(self.net())

@@ -98,3 +98,158 @@ pub fn read_json(path: &std::path::Path) -> Result<serde_json::Value> {
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
+
+pub mod net {
+    //! Real servers on port 0 and raw protocol clients over real sockets.
+
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use anyhow::{Context, Result, bail};
+    use futures_util::{SinkExt, StreamExt};
+    use tether_server::{AppState, Server, ServerConfig, Summary};
+    use tether_shared::protocol::{self, Frame, Hello, Message, PROTOCOL_VERSION, WorkerKind};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::sync::oneshot;
+    use tokio::task::JoinHandle;
+    use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+    /// A server running in this process on 127.0.0.1:0.
+    pub struct TestServer {
+        /// Its state (center, workers, metrics).
+        pub state: AppState,
+        /// Where it listens.
+        pub addr: SocketAddr,
+        finish: Option<oneshot::Sender<()>>,
+        task: JoinHandle<Result<Summary, tether_server::ServerError>>,
+    }
+
+    impl TestServer {
+        /// Prepares `config` and serves it on a free port.
+        pub async fn start(config: ServerConfig) -> Result<Self> {
+            let server = Server::new(config).context("preparing the test run")?;
+            let state = server.state().clone();
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let addr = listener.local_addr()?;
+            let (finish, rx) = oneshot::channel::<()>();
+            let task = tokio::spawn(server.serve(listener, async move {
+                let _ = rx.await;
+                tether_shared::protocol::StopReason::Finished
+            }));
+            Ok(Self {
+                state,
+                addr,
+                finish: Some(finish),
+                task,
+            })
+        }
+
+        /// The worker URL.
+        pub fn ws_url(&self) -> String {
+            format!("ws://{}/ws", self.addr)
+        }
+
+        /// Stops the server and returns its summary.
+        pub async fn stop(mut self) -> Result<Summary> {
+            if let Some(f) = self.finish.take() {
+                let _ = f.send(());
+            }
+            Ok(self.task.await??)
+        }
+    }
+
+    type Socket = tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >;
+
+    /// A hand-driven protocol client: sends exactly the frames a test builds.
+    pub struct RawClient {
+        socket: Socket,
+    }
+
+    /// A hello as a native worker would send it.
+    pub fn hello() -> Hello {
+        Hello {
+            protocol: PROTOCOL_VERSION,
+            kind: WorkerKind::Native,
+            backend: "cpu".into(),
+            device: "test client".into(),
+            threads: 1,
+            token: None,
+            previous_run: None,
+        }
+    }
+
+    impl RawClient {
+        /// Opens a WebSocket to `url`.
+        pub async fn connect(url: &str) -> Result<Self> {
+            let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+                .max_message_size(None)
+                .max_frame_size(None);
+            let (socket, _) =
+                tokio_tungstenite::connect_async_with_config(url, Some(config), true).await?;
+            Ok(Self { socket })
+        }
+
+        /// Sends raw bytes as one binary frame.
+        pub async fn send_bytes(&mut self, bytes: Vec<u8>) -> Result<()> {
+            self.socket.send(WsMessage::Binary(bytes.into())).await?;
+            Ok(())
+        }
+
+        /// Sends a text frame.
+        pub async fn send_text(&mut self, text: &str) -> Result<()> {
+            self.socket.send(WsMessage::Text(text.into())).await?;
+            Ok(())
+        }
+
+        /// Sends a protocol frame.
+        pub async fn send(&mut self, message: &Message, payload: &[f32]) -> Result<()> {
+            self.send_bytes(protocol::encode(message, payload)).await
+        }
+
+        /// The next protocol frame (10 s at most); an error when the socket closes.
+        pub async fn recv(&mut self) -> Result<Frame> {
+            loop {
+                let next = tokio::time::timeout(Duration::from_secs(10), self.socket.next())
+                    .await
+                    .context("no frame within 10 s")?;
+                match next {
+                    Some(Ok(WsMessage::Binary(b))) => return Ok(protocol::decode(&b)?),
+                    Some(Ok(WsMessage::Close(c))) => bail!("closed: {c:?}"),
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => bail!("socket error: {e}"),
+                    None => bail!("socket ended"),
+                }
+            }
+        }
+
+        /// Sends `hello` and returns the welcome and the center it carries.
+        pub async fn join(url: &str, hello: Hello) -> Result<(Self, protocol::Welcome, Vec<f32>)> {
+            let mut c = Self::connect(url).await?;
+            c.send(&Message::Hello(hello), &[]).await?;
+            match c.recv().await? {
+                Frame {
+                    message: Message::Welcome(w),
+                    payload,
+                } => Ok((c, w, payload)),
+                other => bail!("expected a welcome, got {:?}", other.message),
+            }
+        }
+    }
+
+    /// `GET path` over plain HTTP/1.1; returns the body.
+    pub async fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await?;
+        let text = String::from_utf8(response)?;
+        let (head, body) = text.split_once("\r\n\r\n").context("no HTTP header end")?;
+        if !head.starts_with("HTTP/1.1 200") {
+            bail!("GET {path}: {head}");
+        }
+        Ok(body.to_string())
+    }
+}

@@ -6,6 +6,8 @@
 
 pub mod backend;
 pub mod bench;
+pub mod client;
+pub mod compute;
 pub mod dataset;
 pub mod progress;
 pub mod train;

@@ -1,0 +1,301 @@
+//! The server's settings: the run's hyper-parameters (saved with the run, so a resume
+//! continues the same run) and the operational limits (timeouts, caps, checkpoints).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tether_shared::algorithms::Algorithm;
+use tether_shared::algorithms::leader::LSGD_LAMBDA;
+use tether_shared::model::ModelKind;
+use thiserror::Error;
+
+/// The paper's β = pα for elastic algorithms (SPEC.md).
+pub const DEFAULT_BETA: f32 = 0.9;
+
+/// What defines a run: saved in its directory as `run.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunSettings {
+    /// Which algorithm.
+    pub algorithm: Algorithm,
+    /// Which network.
+    pub model: ModelKind,
+    /// Local steps between synchronisations τ.
+    pub tau: u32,
+    /// Elastic moving rate α (EASGD, EAMSGD, synchronous EASGD). Averaging uses 1/p
+    /// per round; DOWNPOUR, MDOWNPOUR, DiLoCo and LSGD have no elastic force.
+    pub alpha: f32,
+    /// How many workers the run expects: the number of data shards, and p in α = β/p.
+    pub expected_workers: u32,
+    /// Local learning rate η.
+    pub lr: f64,
+    /// Momentum δ: applied on the server for MDOWNPOUR, as local Nesterov momentum
+    /// for every other algorithm (0 = plain SGD).
+    pub momentum: f64,
+    /// L2 weight decay of the local optimizer.
+    pub weight_decay: f64,
+    /// Images per local step.
+    pub batch: u32,
+    /// Seeds the initial center and the shards.
+    pub seed: u64,
+}
+
+impl RunSettings {
+    /// The built-in settings for `algorithm`: small model, τ = 16, 4 expected workers,
+    /// β = 0.9 (α = 0.225) for elastic algorithms, Nesterov δ = 0.9 with η = 0.05 for
+    /// EAMSGD, plain SGD with η = 0.1 for the others (MDOWNPOUR: δ = 0.9 on the server).
+    pub fn defaults(algorithm: Algorithm) -> Self {
+        let expected_workers = 4;
+        let momentum = match algorithm {
+            Algorithm::Eamsgd | Algorithm::Mdownpour => 0.9,
+            _ => 0.0,
+        };
+        Self {
+            algorithm,
+            model: ModelKind::Small,
+            tau: 16,
+            alpha: if has_elastic_force(algorithm) {
+                DEFAULT_BETA / expected_workers as f32
+            } else {
+                0.0
+            },
+            expected_workers,
+            lr: if algorithm == Algorithm::Eamsgd {
+                0.05
+            } else {
+                0.1
+            },
+            momentum,
+            weight_decay: 1e-4,
+            batch: 128,
+            seed: 0,
+        }
+    }
+
+    /// Whether workers run local momentum (every algorithm but MDOWNPOUR, whose
+    /// momentum lives on the server).
+    pub fn local_momentum(&self) -> f64 {
+        if self.algorithm == Algorithm::Mdownpour {
+            0.0
+        } else {
+            self.momentum
+        }
+    }
+
+    /// LSGD's pull toward the leader λ (0 for other algorithms).
+    pub fn leader_pull(&self) -> f32 {
+        if self.algorithm == Algorithm::Lsgd {
+            LSGD_LAMBDA
+        } else {
+            0.0
+        }
+    }
+
+    /// Checks every setting, so a bad flag fails before anything starts.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError(m));
+        if self.tau == 0 {
+            return bad("--tau must be at least 1".into());
+        }
+        if self.expected_workers == 0 {
+            return bad("--expected-workers must be at least 1".into());
+        }
+        if has_elastic_force(self.algorithm) {
+            if !(self.alpha.is_finite() && self.alpha > 0.0 && self.alpha < 1.0) {
+                return bad(format!("--alpha must be in (0, 1), got {}", self.alpha));
+            }
+        } else if self.alpha != 0.0 {
+            return bad(format!(
+                "{:?} has no elastic force; --alpha / --beta do not apply",
+                self.algorithm
+            ));
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad(format!("--lr must be a positive number, got {}", self.lr));
+        }
+        if !(0.0..1.0).contains(&self.momentum) {
+            return bad(format!(
+                "--momentum must be in [0, 1), got {}",
+                self.momentum
+            ));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return bad(format!(
+                "--weight-decay must be ≥ 0, got {}",
+                self.weight_decay
+            ));
+        }
+        if self.batch == 0 {
+            return bad("--batch must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// Whether `algorithm` exchanges through the elastic force α(xⁱ − x̃).
+pub fn has_elastic_force(algorithm: Algorithm) -> bool {
+    matches!(
+        algorithm,
+        Algorithm::Easgd | Algorithm::Eamsgd | Algorithm::EasgdSync
+    )
+}
+
+/// Whether `algorithm` synchronises in rounds behind a barrier.
+pub fn is_synchronous(algorithm: Algorithm) -> bool {
+    matches!(
+        algorithm,
+        Algorithm::EasgdSync | Algorithm::Average | Algorithm::Diloco
+    )
+}
+
+/// A setting out of range.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[error("invalid setting: {0}")]
+pub struct ConfigError(pub String);
+
+/// Everything `tether serve` needs.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// The run's hyper-parameters.
+    pub run: RunSettings,
+    /// IDX data directory (`None`: the shipped Fashion-MNIST).
+    pub data: Option<PathBuf>,
+    /// Where checkpoints go (`None`: `./runs/<run-id>`).
+    pub run_dir: Option<PathBuf>,
+    /// Load the newest valid checkpoint of `run_dir` and continue from it.
+    pub resume: bool,
+    /// Seconds between periodic checkpoints (`None`: only at shutdown).
+    pub checkpoint_every: Option<Duration>,
+    /// Checkpoints kept on disk.
+    pub keep_checkpoints: usize,
+    /// Token for operator actions (dashboard controls, next issue).
+    pub admin_token: Option<String>,
+    /// Token every worker's hello must carry, if set.
+    pub worker_token: Option<String>,
+    /// Cap on concurrently connected workers.
+    pub max_workers: u32,
+    /// Time a new connection has to send its hello.
+    pub handshake_timeout: Duration,
+    /// A worker silent for this long is dropped.
+    pub idle_timeout: Duration,
+    /// A synchronous round waits this long for laggards, then goes on without them.
+    pub barrier_timeout: Duration,
+    /// Largest accepted staleness (center versions since the worker's last look).
+    pub max_staleness: u64,
+    /// An update whose norm exceeds this multiple of the run's typical norm is rejected.
+    pub max_update_ratio: f64,
+    /// Seconds between evaluations of the center (`None`: never in the background).
+    pub eval_every: Option<Duration>,
+    /// Evaluate on only the first N test images.
+    pub eval_limit: Option<usize>,
+    /// Time workers get to say goodbye at shutdown.
+    pub drain_timeout: Duration,
+}
+
+impl ServerConfig {
+    /// Operational defaults around `run`.
+    pub fn new(run: RunSettings) -> Self {
+        Self {
+            run,
+            data: None,
+            run_dir: None,
+            resume: false,
+            checkpoint_every: Some(Duration::from_secs(60)),
+            keep_checkpoints: 5,
+            admin_token: None,
+            worker_token: None,
+            max_workers: 64,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            barrier_timeout: Duration::from_secs(30),
+            max_staleness: 1024,
+            max_update_ratio: 10.0,
+            eval_every: Some(Duration::from_secs(15)),
+            eval_limit: None,
+            drain_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// Checks the run and the limits.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.run.validate()?;
+        let bad = |m: &str| Err(ConfigError(m.into()));
+        if self.keep_checkpoints == 0 {
+            return bad("--keep-checkpoints must be at least 1");
+        }
+        if self.max_workers == 0 {
+            return bad("--max-workers must be at least 1");
+        }
+        if !(self.max_update_ratio.is_finite() && self.max_update_ratio > 1.0) {
+            return bad("--max-update-ratio must be above 1");
+        }
+        if self.checkpoint_every.is_some_and(|d| d.is_zero())
+            || self.eval_every.is_some_and(|d| d.is_zero())
+        {
+            return bad("intervals must be positive");
+        }
+        if self.eval_limit == Some(0) {
+            return bad("--eval-limit must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_for_every_algorithm() {
+        for a in [
+            Algorithm::Easgd,
+            Algorithm::EasgdSync,
+            Algorithm::Eamsgd,
+            Algorithm::Downpour,
+            Algorithm::Mdownpour,
+            Algorithm::Average,
+            Algorithm::Diloco,
+            Algorithm::Lsgd,
+        ] {
+            RunSettings::defaults(a).validate().unwrap();
+        }
+        assert_eq!(RunSettings::defaults(Algorithm::Eamsgd).alpha, 0.225);
+    }
+
+    #[test]
+    fn bad_settings_are_refused() {
+        let ok = RunSettings::defaults(Algorithm::Eamsgd);
+        for bad in [
+            RunSettings {
+                tau: 0,
+                ..ok.clone()
+            },
+            RunSettings {
+                alpha: 1.5,
+                ..ok.clone()
+            },
+            RunSettings {
+                alpha: f32::NAN,
+                ..ok.clone()
+            },
+            RunSettings {
+                lr: -1.0,
+                ..ok.clone()
+            },
+            RunSettings {
+                momentum: 1.0,
+                ..ok.clone()
+            },
+            RunSettings {
+                batch: 0,
+                ..ok.clone()
+            },
+            RunSettings {
+                alpha: 0.1,
+                ..RunSettings::defaults(Algorithm::Downpour)
+            },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
+    }
+}

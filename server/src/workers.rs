@@ -1,0 +1,226 @@
+//! The registry of connected workers: who they are, which shard they train, and the
+//! figures the status page and the metrics show for each.
+
+use std::collections::BTreeMap;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use tether_shared::protocol::{Hello, Shard, WorkerKind};
+
+/// One connected worker.
+#[derive(Clone, Debug)]
+pub struct Worker {
+    /// Short id, unique for the server's lifetime.
+    pub id: u32,
+    /// The connection's session.
+    pub session: u64,
+    /// Native or browser.
+    pub kind: WorkerKind,
+    /// "cpu", "wgpu", "webgpu".
+    pub backend: String,
+    /// The device in words.
+    pub device: String,
+    /// Its data shard.
+    pub shard: Shard,
+    /// When it joined (Unix seconds).
+    pub joined_unix: f64,
+    /// When it last sent anything.
+    pub last_seen: Instant,
+    /// Accepted syncs.
+    pub syncs: u64,
+    /// Rejected frames.
+    pub rejects: u64,
+    /// Training images it reported.
+    pub samples: u64,
+    /// Its last reported training speed.
+    pub samples_per_s: f64,
+    /// Its last reported mean loss.
+    pub loss: f64,
+    /// Center versions between its last two looks.
+    pub staleness: u64,
+    /// ‖xⁱ − x̃‖ at its last sync (‖push‖ for DOWNPOUR).
+    pub distance: f64,
+    /// Seconds it waited for its previous sync's reply.
+    pub wait_s: f64,
+    /// Bytes received from it.
+    pub bytes_in: u64,
+    /// Bytes sent to it.
+    pub bytes_out: u64,
+}
+
+/// A worker as `/api/status` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct WorkerStatus {
+    /// Short id.
+    pub id: u32,
+    /// "native" or "browser".
+    pub kind: WorkerKind,
+    /// Compute backend.
+    pub backend: String,
+    /// Device in words.
+    pub device: String,
+    /// Shard index / count.
+    pub shard: String,
+    /// Accepted syncs.
+    pub syncs: u64,
+    /// Rejected frames.
+    pub rejects: u64,
+    /// Training images reported.
+    pub samples: u64,
+    /// Last reported images per second.
+    pub samples_per_s: f64,
+    /// Last reported mean training loss.
+    pub loss: f64,
+    /// Seconds since it last sent anything.
+    pub last_seen_s: f64,
+    /// Center versions it was behind at its last sync.
+    pub staleness: u64,
+    /// ‖xⁱ − x̃‖ at its last sync.
+    pub distance: f64,
+    /// Seconds it waited for its previous sync.
+    pub wait_s: f64,
+    /// Bytes received from it.
+    pub bytes_in: u64,
+    /// Bytes sent to it.
+    pub bytes_out: u64,
+    /// Seconds since it joined.
+    pub connected_s: f64,
+}
+
+/// All connected workers, by session.
+#[derive(Debug, Default)]
+pub struct Workers {
+    next_id: u32,
+    by_session: BTreeMap<u64, Worker>,
+}
+
+impl Workers {
+    /// Connected workers.
+    pub fn len(&self) -> usize {
+        self.by_session.len()
+    }
+
+    /// Whether no worker is connected.
+    pub fn is_empty(&self) -> bool {
+        self.by_session.is_empty()
+    }
+
+    /// Registers a worker and gives it the lowest shard no connected worker trains
+    /// (or, when all are taken, shares one round-robin).
+    pub fn join(&mut self, session: u64, hello: &Hello, shards: u32, seed: u64) -> &Worker {
+        let id = self.next_id;
+        self.next_id += 1;
+        let taken: Vec<u32> = self.by_session.values().map(|w| w.shard.index).collect();
+        let index = (0..shards)
+            .find(|i| !taken.contains(i))
+            .unwrap_or(id % shards);
+        let worker = Worker {
+            id,
+            session,
+            kind: hello.kind,
+            backend: hello.backend.clone(),
+            device: hello.device.clone(),
+            shard: Shard {
+                index,
+                count: shards,
+                seed,
+            },
+            joined_unix: unix_now(),
+            last_seen: Instant::now(),
+            syncs: 0,
+            rejects: 0,
+            samples: 0,
+            samples_per_s: 0.0,
+            loss: f64::NAN,
+            staleness: 0,
+            distance: 0.0,
+            wait_s: 0.0,
+            bytes_in: 0,
+            bytes_out: 0,
+        };
+        self.by_session.entry(session).or_insert(worker)
+    }
+
+    /// Removes a worker; returns it if it was there.
+    pub fn leave(&mut self, session: u64) -> Option<Worker> {
+        self.by_session.remove(&session)
+    }
+
+    /// The worker with this session.
+    pub fn get_mut(&mut self, session: u64) -> Option<&mut Worker> {
+        self.by_session.get_mut(&session)
+    }
+
+    /// Every worker as the status page shows it, by id.
+    pub fn status(&self) -> Vec<WorkerStatus> {
+        let now = Instant::now();
+        let unix = unix_now();
+        let mut out: Vec<WorkerStatus> = self
+            .by_session
+            .values()
+            .map(|w| WorkerStatus {
+                id: w.id,
+                kind: w.kind,
+                backend: w.backend.clone(),
+                device: w.device.clone(),
+                shard: format!("{}/{}", w.shard.index, w.shard.count),
+                syncs: w.syncs,
+                rejects: w.rejects,
+                samples: w.samples,
+                samples_per_s: w.samples_per_s,
+                loss: w.loss,
+                last_seen_s: now.duration_since(w.last_seen).as_secs_f64(),
+                staleness: w.staleness,
+                distance: w.distance,
+                wait_s: w.wait_s,
+                bytes_in: w.bytes_in,
+                bytes_out: w.bytes_out,
+                connected_s: unix - w.joined_unix,
+            })
+            .collect();
+        out.sort_by_key(|w| w.id);
+        out
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tether_shared::protocol::PROTOCOL_VERSION;
+
+    fn hello() -> Hello {
+        Hello {
+            protocol: PROTOCOL_VERSION,
+            kind: WorkerKind::Native,
+            backend: "cpu".into(),
+            device: "test".into(),
+            threads: 1,
+            token: None,
+            previous_run: None,
+        }
+    }
+
+    #[test]
+    fn shards_go_to_the_lowest_free_index_and_are_reused() {
+        let mut w = Workers::default();
+        let a = w.join(10, &hello(), 2, 0).shard.index;
+        let b = w.join(11, &hello(), 2, 0).shard.index;
+        assert_eq!((a, b), (0, 1));
+        w.leave(10);
+        assert_eq!(w.join(12, &hello(), 2, 0).shard.index, 0);
+        let d = w.join(13, &hello(), 2, 0);
+        assert!(d.shard.index < 2);
+        assert_eq!(w.len(), 3);
+        assert_eq!(
+            w.status().iter().map(|s| s.id).collect::<Vec<_>>(),
+            [1, 2, 3]
+        );
+    }
+}

@@ -1,0 +1,442 @@
+//! One worker connection at `GET /ws`: the handshake, then a loop of syncs, each
+//! validated before it reaches the center, each answered or rejected with a reason.
+//!
+//! A connection processes one frame at a time and answers before it reads the next,
+//! so its queue is the socket itself (bounded by TCP flow control), and the frame
+//! size limit is the model's size plus a header, not the library default.
+
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{Message as WsMessage, WebSocket};
+use tether_shared::algorithms::Algorithm;
+use tether_shared::protocol::{
+    self, Apply, Frame, Hello, Message, PROTOCOL_VERSION, Rejection, Reply, StopReason, Sync,
+    Welcome,
+};
+
+use crate::center::{Outcome, Update};
+use crate::config::has_elastic_force;
+use crate::state::AppState;
+
+/// Serves one worker until it leaves, goes silent, breaks the protocol beyond
+/// repair, or the server stops.
+pub async fn connection(state: AppState, mut socket: WebSocket) {
+    let _guard = state.connection_guard();
+    let mut stop = state.stop_signal();
+    let Some(mut conn) = handshake(&state, &mut socket).await else {
+        let _ = socket.send(WsMessage::Close(None)).await;
+        return;
+    };
+    tracing::info!(worker = conn.worker_id, "worker joined");
+    let idle = state.config.idle_timeout;
+    let reason = loop {
+        let received = tokio::select! {
+            _ = stop.wait_for(Option::is_some) => None,
+            r = tokio::time::timeout(idle, socket.recv()) => Some(r),
+        };
+        let Some(received) = received else {
+            let reason = stop.borrow().unwrap_or(StopReason::ShuttingDown);
+            let _ = send(&state, &mut conn, &mut socket, &Message::Stop(reason), &[]).await;
+            break "server stopping";
+        };
+        let bytes = match received {
+            Err(_) => break "idle timeout",
+            Ok(None) | Ok(Some(Ok(WsMessage::Close(_)))) => break "closed",
+            Ok(Some(Err(e))) => {
+                // Includes frames over the hard cap, which the socket layer refuses
+                // without reading them: the connection cannot continue after that.
+                tracing::debug!(worker = conn.worker_id, "receive error: {e}");
+                break "connection lost";
+            }
+            Ok(Some(Ok(WsMessage::Binary(bytes)))) => bytes,
+            Ok(Some(Ok(WsMessage::Text(_)))) => {
+                let why = Rejection::Malformed("text frames are not part of the protocol".into());
+                reject(&state, &mut conn, &mut socket, None, why).await;
+                continue;
+            }
+            Ok(Some(Ok(_))) => {
+                touch(&state, &conn, 0);
+                continue;
+            }
+        };
+        touch(&state, &conn, bytes.len() as u64);
+        match handle(&state, &mut conn, &mut socket, &bytes, &mut stop).await {
+            Step::Continue => {}
+            Step::Leave => break "left",
+            Step::Broken => break "socket error",
+        }
+    };
+    tracing::info!(worker = conn.worker_id, reason, "worker disconnected");
+    let _ = socket.send(WsMessage::Close(None)).await;
+    let members = {
+        let mut workers = state.workers();
+        workers.leave(conn.session);
+        workers.len()
+    };
+    state.center().leave_round(conn.session, members);
+}
+
+/// Per-connection protocol state.
+struct Conn {
+    session: u64,
+    worker_id: u32,
+    last_seq: u64,
+    /// What this worker last received as its parameters (DOWNPOUR: the push is
+    /// measured from it, computed here rather than trusted from the worker).
+    pulled: Vec<f32>,
+}
+
+enum Step {
+    Continue,
+    Leave,
+    Broken,
+}
+
+async fn handshake(state: &AppState, socket: &mut WebSocket) -> Option<Conn> {
+    let mut conn = Conn {
+        session: 0,
+        worker_id: u32::MAX,
+        last_seq: 0,
+        pulled: Vec::new(),
+    };
+    let first = tokio::time::timeout(state.config.handshake_timeout, socket.recv()).await;
+    let bytes = match first {
+        Ok(Some(Ok(WsMessage::Binary(b)))) => b,
+        Ok(Some(Ok(_))) => {
+            let why = Rejection::Unexpected("the first frame must be a binary hello".into());
+            reject(state, &mut conn, socket, None, why).await;
+            return None;
+        }
+        _ => return None, // timed out or gone: nothing to answer
+    };
+    state
+        .metrics
+        .bytes_in
+        .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    let hello = match protocol::decode(&bytes) {
+        Ok(Frame {
+            message: Message::Hello(h),
+            ..
+        }) => h,
+        Ok(other) => {
+            let why = Rejection::Unexpected(format!("expected hello, got {:?}", other.message));
+            reject(state, &mut conn, socket, None, why).await;
+            return None;
+        }
+        Err(e) => {
+            reject(
+                state,
+                &mut conn,
+                socket,
+                None,
+                Rejection::Malformed(e.to_string()),
+            )
+            .await;
+            return None;
+        }
+    };
+    if let Err(why) = admit(state, &hello) {
+        reject(state, &mut conn, socket, None, why).await;
+        return None;
+    }
+    let session = state.new_session();
+    let joined = {
+        let mut workers = state.workers();
+        (workers.len() < state.config.max_workers as usize).then(|| {
+            let run = &state.config.run;
+            let w = workers.join(session, &hello, run.expected_workers, run.seed);
+            (w.id, w.shard)
+        })
+    };
+    let Some((worker_id, shard)) = joined else {
+        let why = Rejection::ServerFull {
+            max: state.config.max_workers,
+        };
+        reject(state, &mut conn, socket, None, why).await;
+        return None;
+    };
+    state
+        .metrics
+        .joins
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    conn.session = session;
+    conn.worker_id = worker_id;
+    let (center, version, hyper) = {
+        let c = state.center();
+        (c.params().to_vec(), c.version(), c.hyper())
+    };
+    let keep_params = hello.previous_run.as_deref() == Some(state.spec.run_id.as_str())
+        && has_elastic_force(state.spec.algorithm);
+    let mut spec = state.spec.clone();
+    spec.hyper = hyper;
+    let welcome = Message::Welcome(Welcome {
+        run: spec,
+        session,
+        worker_id,
+        shard,
+        center_version: version,
+        keep_params,
+    });
+    if send(state, &mut conn, socket, &welcome, &center)
+        .await
+        .is_err()
+    {
+        state.workers().leave(session);
+        return None;
+    }
+    conn.pulled = center;
+    Some(conn)
+}
+
+/// Checks a hello against the run before the worker is registered.
+fn admit(state: &AppState, hello: &Hello) -> Result<(), Rejection> {
+    if hello.protocol != PROTOCOL_VERSION {
+        return Err(Rejection::ProtocolVersion {
+            expected: PROTOCOL_VERSION,
+            got: hello.protocol,
+        });
+    }
+    if let Some(token) = &state.config.worker_token
+        && hello.token.as_deref() != Some(token.as_str())
+    {
+        return Err(Rejection::Unauthorized);
+    }
+    if state.stopping() {
+        return Err(Rejection::ShuttingDown);
+    }
+    Ok(())
+}
+
+async fn handle(
+    state: &AppState,
+    conn: &mut Conn,
+    socket: &mut WebSocket,
+    bytes: &[u8],
+    stop: &mut tokio::sync::watch::Receiver<Option<StopReason>>,
+) -> Step {
+    let arrived = Instant::now();
+    let limit = protocol::max_frame_bytes(state.spec.model.param_count());
+    if bytes.len() > limit {
+        let why = Rejection::FrameTooLarge {
+            limit: limit as u64,
+            got: bytes.len() as u64,
+        };
+        return reject(state, conn, socket, None, why).await;
+    }
+    let frame = match protocol::decode(bytes) {
+        Ok(f) => f,
+        Err(e) => {
+            return reject(
+                state,
+                conn,
+                socket,
+                None,
+                Rejection::Malformed(e.to_string()),
+            )
+            .await;
+        }
+    };
+    match frame.message {
+        Message::Sync(sync) => {
+            let seq = sync.seq;
+            match exchange(state, conn, sync, frame.payload, stop).await {
+                Ok((apply, payload, version, norm)) => {
+                    let reply = Message::Reply(Reply {
+                        seq,
+                        center_version: version,
+                        apply,
+                        hyper: state.center().hyper(),
+                    });
+                    if send(state, conn, socket, &reply, &payload).await.is_err() {
+                        return Step::Broken;
+                    }
+                    if apply == Apply::Replace {
+                        conn.pulled = payload;
+                    }
+                    state
+                        .metrics
+                        .observe_latency(arrived.elapsed().as_secs_f64());
+                    record_sync(state, conn, &sync, version, norm);
+                    Step::Continue
+                }
+                Err(why) => reject(state, conn, socket, Some(seq), why).await,
+            }
+        }
+        Message::Heartbeat { session } if session == conn.session => Step::Continue,
+        Message::Leave { session } if session == conn.session => Step::Leave,
+        Message::Heartbeat { session } | Message::Leave { session } => {
+            reject(
+                state,
+                conn,
+                socket,
+                None,
+                Rejection::UnknownSession(session),
+            )
+            .await
+        }
+        other => {
+            let why = Rejection::Unexpected(format!("{other:?} is not a worker message here"));
+            reject(state, conn, socket, None, why).await
+        }
+    }
+}
+
+/// Validates a sync and hands it to the center; waits for the round if the
+/// algorithm is synchronous. Returns (apply, payload, new version, norm).
+async fn exchange(
+    state: &AppState,
+    conn: &mut Conn,
+    sync: Sync,
+    values: Vec<f32>,
+    stop: &mut tokio::sync::watch::Receiver<Option<StopReason>>,
+) -> Result<(Apply, Vec<f32>, u64, f64), Rejection> {
+    if sync.session != conn.session {
+        return Err(Rejection::UnknownSession(sync.session));
+    }
+    if sync.seq <= conn.last_seq {
+        return Err(Rejection::Replayed {
+            seq: sync.seq,
+            last: conn.last_seq,
+        });
+    }
+    let expected = state.spec.model.param_count();
+    if values.len() != expected {
+        return Err(Rejection::WrongLength {
+            expected: expected as u64,
+            got: values.len() as u64,
+        });
+    }
+    if let Some(index) = protocol::first_non_finite(&values) {
+        return Err(Rejection::NonFinite {
+            index: index as u64,
+        });
+    }
+    if !sync.loss.is_finite() || !sync.samples_per_s.is_finite() || !sync.wait_s.is_finite() {
+        return Err(Rejection::Malformed(
+            "non-finite figures in the sync header".into(),
+        ));
+    }
+    let values = match state.spec.algorithm {
+        // The push is the worker's change since its last pull, computed here.
+        Algorithm::Downpour | Algorithm::Mdownpour => values
+            .iter()
+            .zip(&conn.pulled)
+            .map(|(x, p)| x - p)
+            .collect(),
+        _ => values,
+    };
+    let update = Update {
+        session: conn.session,
+        worker_id: conn.worker_id,
+        seen_version: sync.center_version,
+        loss: sync.loss,
+        values,
+    };
+    let members = state.workers().len();
+    let outcome = state.center().offer(update, members)?;
+    conn.last_seq = sync.seq;
+    let ready = match outcome {
+        Outcome::Ready(r) => r,
+        Outcome::Queued { reply, arm_timer } => {
+            if let Some(id) = arm_timer {
+                let timer_state = state.clone();
+                let wait = state.config.barrier_timeout;
+                tokio::spawn(async move {
+                    tokio::time::sleep(wait).await;
+                    let closed = timer_state.center().round_timed_out(id);
+                    if closed > 0 {
+                        tracing::warn!(
+                            round = id,
+                            workers = closed,
+                            "round timed out; went on without the laggards"
+                        );
+                    }
+                });
+            }
+            tokio::select! {
+                r = reply => r.map_err(|_| Rejection::ShuttingDown)?,
+                _ = stop.wait_for(Option::is_some) => return Err(Rejection::ShuttingDown),
+            }
+        }
+    };
+    Ok((ready.apply, ready.payload, ready.version, ready.norm))
+}
+
+fn record_sync(state: &AppState, conn: &Conn, sync: &Sync, version: u64, norm: f64) {
+    use std::sync::atomic::Ordering::Relaxed;
+    state.metrics.syncs.fetch_add(1, Relaxed);
+    state.metrics.samples.fetch_add(sync.samples, Relaxed);
+    if let Some(w) = state.workers().get_mut(conn.session) {
+        w.syncs += 1;
+        w.samples += sync.samples;
+        w.samples_per_s = f64::from(sync.samples_per_s);
+        w.loss = f64::from(sync.loss);
+        w.wait_s = f64::from(sync.wait_s);
+        w.staleness = version
+            .saturating_sub(1)
+            .saturating_sub(sync.center_version);
+        w.distance = norm;
+    }
+}
+
+fn touch(state: &AppState, conn: &Conn, bytes: u64) {
+    state
+        .metrics
+        .bytes_in
+        .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+    if let Some(w) = state.workers().get_mut(conn.session) {
+        w.last_seen = Instant::now();
+        w.bytes_in += bytes;
+    }
+}
+
+async fn send(
+    state: &AppState,
+    conn: &mut Conn,
+    socket: &mut WebSocket,
+    message: &Message,
+    payload: &[f32],
+) -> Result<(), axum::Error> {
+    let bytes = protocol::encode(message, payload);
+    let n = bytes.len() as u64;
+    // A worker that stops reading must not hold a connection task forever.
+    let sent = tokio::time::timeout(
+        Duration::from_secs(30),
+        socket.send(WsMessage::Binary(bytes.into())),
+    )
+    .await
+    .unwrap_or_else(|_| Err(axum::Error::new("send timed out")));
+    if sent.is_ok() {
+        state
+            .metrics
+            .bytes_out
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        if let Some(w) = state.workers().get_mut(conn.session) {
+            w.bytes_out += n;
+        }
+    }
+    sent
+}
+
+async fn reject(
+    state: &AppState,
+    conn: &mut Conn,
+    socket: &mut WebSocket,
+    seq: Option<u64>,
+    reason: Rejection,
+) -> Step {
+    tracing::warn!(
+        worker = conn.worker_id,
+        code = reason.code(),
+        "rejected: {reason}"
+    );
+    state.metrics.reject(reason.code());
+    if let Some(w) = state.workers().get_mut(conn.session) {
+        w.rejects += 1;
+    }
+    let message = Message::Reject { seq, reason };
+    match send(state, conn, socket, &message, &[]).await {
+        Ok(()) => Step::Continue,
+        Err(_) => Step::Broken,
+    }
+}

@@ -1,0 +1,226 @@
+//! `tether demo` (what `cargo run --release` does): a server and N workers in one
+//! process on the shipped data, an overall progress bar, and a summary table.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use serde::Serialize;
+use tether_server::{EvalPoint, ServerConfig, Summary};
+use tether_shared::protocol::StopReason;
+use tether_worker::client::{self, WorkConfig, WorkReport};
+use tokio::sync::{oneshot, watch};
+
+use crate::net::{RunFlags, interrupted, runtime};
+use crate::{BackendArg, write_report};
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    #[command(flatten)]
+    pub run: RunFlags,
+    /// Local workers to start.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub workers: u32,
+    /// Passes over the training set, all workers together.
+    #[arg(long, default_value_t = 2.0)]
+    pub epochs: f64,
+    /// Compute device of the workers.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub backend: BackendArg,
+    /// Port for the dashboard (taken if free, else any free port).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Seconds between evaluations of the center.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub eval_every: u64,
+    /// Evaluate on only the first N test images (the final figure always uses them all).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub eval_limit: Option<u32>,
+    /// IDX data directory [default: the shipped Fashion-MNIST].
+    #[arg(long)]
+    pub data: Option<std::path::PathBuf>,
+    /// Run directory for checkpoints [default: ./runs/<run-id>].
+    #[arg(long)]
+    pub run_dir: Option<std::path::PathBuf>,
+    /// Write the results here as JSON (test_accuracy, bytes, per-worker figures).
+    #[arg(long)]
+    pub report: Option<std::path::PathBuf>,
+}
+
+impl Default for DemoArgs {
+    fn default() -> Self {
+        Self {
+            run: RunFlags::default(),
+            workers: 4,
+            epochs: 2.0,
+            backend: BackendArg::Auto,
+            port: 8080,
+            eval_every: 10,
+            eval_limit: None,
+            data: None,
+            run_dir: None,
+            report: None,
+        }
+    }
+}
+
+/// What `tether demo --report` writes.
+#[derive(Serialize)]
+struct DemoReport {
+    command: &'static str,
+    settings: tether_server::RunSettings,
+    workers: usize,
+    epochs: f64,
+    test_accuracy: f64,
+    test_loss: f64,
+    history: Vec<EvalPoint>,
+    bytes_in: u64,
+    bytes_out: u64,
+    wall_seconds: f64,
+    server: Summary,
+    worker_reports: Vec<WorkReport>,
+}
+
+pub fn run_demo(args: DemoArgs) -> Result<()> {
+    if !(args.epochs.is_finite() && args.epochs > 0.0) {
+        anyhow::bail!("--epochs must be a positive number, got {}", args.epochs);
+    }
+    let mut flags = args.run.clone();
+    flags.expected_workers = flags.expected_workers.or(Some(args.workers));
+    let settings = flags.resolve(None)?;
+    let mut config = ServerConfig::new(settings.clone());
+    config.data = args.data.clone();
+    config.run_dir = args.run_dir.clone();
+    config.eval_every = Some(Duration::from_secs(args.eval_every));
+    config.eval_limit = args.eval_limit.map(|n| n as usize);
+    config.validate()?;
+    let started = Instant::now();
+    runtime()?.block_on(async move {
+        let server = tether_server::Server::new(config).context("preparing the run")?;
+        let listener = match tokio::net::TcpListener::bind(("127.0.0.1", args.port)).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("port {} is taken ({e}); using a free one", args.port);
+                tokio::net::TcpListener::bind("127.0.0.1:0").await?
+            }
+        };
+        let addr = listener.local_addr()?;
+        let state = server.state().clone();
+        println!(
+            "tether demo: {:?}, {} workers, τ {}, α {}, η {}, {} model, {} epochs",
+            settings.algorithm, args.workers, settings.tau, settings.alpha, settings.lr,
+            settings.model.name(), args.epochs
+        );
+        println!("  dashboard: http://{addr}/   status: http://{addr}/api/status");
+        println!("  join from elsewhere: tether work --server ws://{addr}");
+        let (finish_tx, finish_rx) = oneshot::channel::<()>();
+        let serving = tokio::spawn(server.serve(listener, async move {
+            let _ = finish_rx.await;
+            StopReason::Finished
+        }));
+
+        let (_, data) = tether_worker::dataset::load(args.data.as_deref())?;
+        let train = Arc::new(data.train);
+        let per_worker = (args.epochs * train.len() as f64 / f64::from(args.workers)).ceil();
+        let steps = (per_worker / f64::from(settings.batch)).ceil().max(1.0) as u64;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut workers = Vec::new();
+        for _ in 0..args.workers {
+            let mut w = WorkConfig::new(format!("ws://{addr}/ws"));
+            w.backend = args.backend.into();
+            w.preloaded = Some(train.clone());
+            w.max_steps = Some(steps);
+            w.progress = false;
+            w.give_up_after = Duration::from_secs(30);
+            workers.push(tokio::spawn(client::run(w, stop_rx.clone())));
+        }
+        tokio::spawn(async move {
+            interrupted().await;
+            eprintln!("stopping: workers finish their steps, sync once more and leave");
+            let _ = stop_tx.send(true);
+        });
+
+        let total = steps * u64::from(args.workers) * u64::from(settings.batch);
+        let bar = tether_worker::progress::bar(total.min(per_worker as u64 * u64::from(args.workers)), "demo");
+        let watcher = {
+            let state = state.clone();
+            let bar = bar.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    bar.set_position(state.metrics.samples.load(Ordering::Relaxed));
+                    let acc = state
+                        .latest_eval()
+                        .map_or("-".into(), |e| format!("{:.2} %", e.accuracy * 100.0));
+                    let n = state.workers().len();
+                    bar.set_message(format!(
+                        "center {acc} · v{} · {n} workers",
+                        state.center().version()
+                    ));
+                }
+            })
+        };
+        let mut reports = Vec::new();
+        for w in workers {
+            reports.push(w.await.context("worker task")?.context("worker failed")?);
+        }
+        watcher.abort();
+        bar.finish_and_clear();
+        eprintln!("workers done; evaluating the center on the full test set");
+        let eval_state = state.clone();
+        let final_eval = tokio::task::spawn_blocking(move || {
+            // The final figure is on the whole test set whatever --eval-limit says.
+            let full = tether_worker::dataset::load(args.data.as_deref()).map(|(_, d)| d.test);
+            full.map(|test| eval_state.evaluate_on(&test))
+        })
+        .await??;
+        let _ = finish_tx.send(());
+        let summary = serving.await.context("server task")??;
+        let wall = started.elapsed().as_secs_f64();
+
+        println!();
+        println!("{:>6}  {:>8}  {:>6}  {:>9}  {:>7}  {:>10}", "worker", "steps", "syncs", "samples/s", "wait %", "last loss");
+        for r in &reports {
+            let ids: Vec<String> = r.worker_ids.iter().map(u32::to_string).collect();
+            println!(
+                "{:>6}  {:>8}  {:>6}  {:>9.0}  {:>6.2}%  {:>10.4}",
+                ids.join(","),
+                r.steps,
+                r.syncs,
+                r.samples_per_s,
+                r.wait_fraction * 100.0,
+                r.last_loss
+            );
+        }
+        println!(
+            "center: {:.2} % test accuracy (loss {:.4}) at version {}; {} syncs; {:.1} MB in, {:.1} MB out; {:.1} s wall",
+            final_eval.accuracy * 100.0,
+            final_eval.loss,
+            summary.center_version,
+            summary.syncs,
+            summary.bytes_in as f64 / 1e6,
+            summary.bytes_out as f64 / 1e6,
+            wall
+        );
+        if let Some(p) = &summary.checkpoint {
+            println!("checkpoint: {}", p.display());
+        }
+        let report = DemoReport {
+            command: "demo",
+            settings,
+            workers: reports.len(),
+            epochs: args.epochs,
+            test_accuracy: final_eval.accuracy,
+            test_loss: final_eval.loss,
+            history: state.evals.lock().map(|h| h.clone()).unwrap_or_default(),
+            bytes_in: summary.bytes_in,
+            bytes_out: summary.bytes_out,
+            wall_seconds: wall,
+            server: summary,
+            worker_reports: reports,
+        };
+        write_report(args.report.as_deref(), &report)
+    })
+}

@@ -1,0 +1,400 @@
+//! `tether serve` and `tether work`: flags, their resolution into library configs,
+//! and Ctrl-C / SIGTERM handling.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, ValueEnum};
+use tether_server::checkpoint;
+use tether_server::config::{DEFAULT_BETA, has_elastic_force};
+use tether_server::{RunSettings, ServerConfig};
+use tether_shared::algorithms::Algorithm;
+use tether_shared::protocol::StopReason;
+use tether_worker::client::{self, WorkConfig};
+use tokio::sync::watch;
+
+use crate::{BackendArg, ModelArg, write_report};
+
+/// The algorithms, as flags name them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AlgorithmArg {
+    /// Asynchronous EASGD (paper Algorithm 1).
+    Easgd,
+    /// Synchronous EASGD: rounds behind a barrier.
+    EasgdSync,
+    /// Asynchronous EASGD with local Nesterov momentum (Algorithm 2).
+    Eamsgd,
+    /// Push accumulated changes, pull the center.
+    Downpour,
+    /// DOWNPOUR with Nesterov momentum on the server.
+    Mdownpour,
+    /// Model averaging: synchronous EASGD with β = 1.
+    Average,
+    /// DiLoCo-style outer Nesterov step on the round's mean delta.
+    Diloco,
+    /// Leader SGD: pull toward the lowest-loss worker.
+    Lsgd,
+}
+
+impl From<AlgorithmArg> for Algorithm {
+    fn from(a: AlgorithmArg) -> Self {
+        match a {
+            AlgorithmArg::Easgd => Algorithm::Easgd,
+            AlgorithmArg::EasgdSync => Algorithm::EasgdSync,
+            AlgorithmArg::Eamsgd => Algorithm::Eamsgd,
+            AlgorithmArg::Downpour => Algorithm::Downpour,
+            AlgorithmArg::Mdownpour => Algorithm::Mdownpour,
+            AlgorithmArg::Average => Algorithm::Average,
+            AlgorithmArg::Diloco => Algorithm::Diloco,
+            AlgorithmArg::Lsgd => Algorithm::Lsgd,
+        }
+    }
+}
+
+/// The run's hyper-parameters. Each flag is optional: a new run fills what is not
+/// given from the algorithm's defaults; `--resume` fills it from the saved run.
+#[derive(Args, Debug, Clone, Default)]
+pub struct RunFlags {
+    /// Algorithm [default: eamsgd].
+    #[arg(long, value_enum)]
+    pub algorithm: Option<AlgorithmArg>,
+    /// Network [default: small].
+    #[arg(long, value_enum)]
+    pub model: Option<ModelArg>,
+    /// Local steps between synchronisations τ [default: 16].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub tau: Option<u32>,
+    /// Elastic moving rate α (elastic algorithms) [default: β / expected workers].
+    #[arg(long, allow_negative_numbers = true, conflicts_with = "beta")]
+    pub alpha: Option<f32>,
+    /// β = pα: sets α = β / --expected-workers [default: 0.9].
+    #[arg(long, allow_negative_numbers = true)]
+    pub beta: Option<f32>,
+    /// Workers the run expects: data shards, and p in α = β/p [default: 4].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub expected_workers: Option<u32>,
+    /// Local learning rate η [default: 0.05 for eamsgd, 0.1 otherwise].
+    #[arg(long, allow_negative_numbers = true)]
+    pub lr: Option<f64>,
+    /// Momentum δ: local Nesterov, or on the server for mdownpour [default: 0.9 for eamsgd and mdownpour, else 0].
+    #[arg(long, allow_negative_numbers = true)]
+    pub momentum: Option<f64>,
+    /// L2 weight decay [default: 1e-4].
+    #[arg(long, allow_negative_numbers = true)]
+    pub weight_decay: Option<f64>,
+    /// Images per local step [default: 128].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub batch: Option<u32>,
+    /// Seed of the initial center and the shards [default: 0].
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+impl RunFlags {
+    /// The run's settings: `base` (defaults, or a resumed run's) with the flags given.
+    pub fn resolve(&self, base: Option<RunSettings>) -> Result<RunSettings> {
+        let resuming = base.is_some();
+        let mut s = match base {
+            Some(saved) => {
+                if let Some(a) = self.algorithm
+                    && Algorithm::from(a) != saved.algorithm
+                {
+                    bail!(
+                        "the run uses {:?}; a resumed run keeps its algorithm",
+                        saved.algorithm
+                    );
+                }
+                if let Some(m) = self.model
+                    && tether_shared::model::ModelKind::from(m) != saved.model
+                {
+                    bail!(
+                        "the run trains the {} model; a resumed run keeps its model",
+                        saved.model.name()
+                    );
+                }
+                saved
+            }
+            None => {
+                let mut s =
+                    RunSettings::defaults(self.algorithm.map_or(Algorithm::Eamsgd, Into::into));
+                if let Some(m) = self.model {
+                    s.model = m.into();
+                }
+                s
+            }
+        };
+        if let Some(t) = self.tau {
+            s.tau = t;
+        }
+        if let Some(p) = self.expected_workers {
+            s.expected_workers = p;
+        }
+        if let Some(lr) = self.lr {
+            s.lr = lr;
+        }
+        if let Some(m) = self.momentum {
+            s.momentum = m;
+        }
+        if let Some(w) = self.weight_decay {
+            s.weight_decay = w;
+        }
+        if let Some(b) = self.batch {
+            s.batch = b;
+        }
+        if let Some(seed) = self.seed {
+            if resuming {
+                bail!(
+                    "--seed fixes a run's initial center and shards; it cannot change on --resume"
+                );
+            }
+            s.seed = seed;
+        }
+        let elastic = has_elastic_force(s.algorithm);
+        if let Some(a) = self.alpha {
+            s.alpha = a;
+        } else if let Some(b) = self.beta {
+            if !elastic {
+                bail!("--beta applies to elastic algorithms (easgd, eamsgd, easgd-sync) only");
+            }
+            s.alpha = b / s.expected_workers as f32;
+        } else if elastic && self.expected_workers.is_some() {
+            s.alpha = DEFAULT_BETA / s.expected_workers as f32;
+        }
+        s.validate()?;
+        Ok(s)
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub run: RunFlags,
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub host: String,
+    /// Port to listen on (0: any free port).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// IDX data directory [default: the shipped Fashion-MNIST].
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Run directory for checkpoints [default: ./runs/<run-id>].
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
+    /// Continue the run in --run-dir (default: the newest run under ./runs) from its
+    /// newest checkpoint that verifies.
+    #[arg(long)]
+    pub resume: bool,
+    /// Seconds between checkpoints (0: only at shutdown).
+    #[arg(long, default_value_t = 60)]
+    pub checkpoint_every: u64,
+    /// Checkpoints kept on disk.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    pub keep_checkpoints: u64,
+    /// Token for operator actions (sent as a header by the dashboard).
+    #[arg(long, env = "TETHER_ADMIN_TOKEN")]
+    pub admin_token: Option<String>,
+    /// Token every worker must present.
+    #[arg(long, env = "TETHER_WORKER_TOKEN")]
+    pub worker_token: Option<String>,
+    /// Cap on connected workers.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_workers: u32,
+    /// Seconds of silence after which a worker is dropped.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub idle_timeout: u64,
+    /// Seconds a synchronous round waits for laggards.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub barrier_timeout: u64,
+    /// Largest staleness accepted (center versions).
+    #[arg(long, default_value_t = 1024)]
+    pub max_staleness: u64,
+    /// Reject updates whose norm exceeds this multiple of the run's typical norm.
+    #[arg(long, default_value_t = 10.0)]
+    pub max_update_ratio: f64,
+    /// Seconds between evaluations of the center (0: never).
+    #[arg(long, default_value_t = 15)]
+    pub eval_every: u64,
+    /// Evaluate on only the first N test images.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub eval_limit: Option<u32>,
+    /// Write the final summary here as JSON.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+}
+
+fn secs(s: u64) -> Option<Duration> {
+    (s > 0).then(|| Duration::from_secs(s))
+}
+
+/// The newest run directory under `./runs` (run ids start with the UTC time).
+fn newest_run() -> Result<PathBuf> {
+    let runs = Path::new("runs");
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(runs)
+        .with_context(|| format!("--resume without --run-dir looks in {}", runs.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("run.json").is_file())
+        .collect();
+    dirs.sort();
+    dirs.pop()
+        .context("no run to resume under ./runs; pass --run-dir")
+}
+
+impl ServeArgs {
+    /// The server's configuration.
+    pub fn config(&self) -> Result<ServerConfig> {
+        let run_dir = match (&self.run_dir, self.resume) {
+            (Some(d), _) => Some(d.clone()),
+            (None, true) => Some(newest_run()?),
+            (None, false) => None,
+        };
+        let base = match (&run_dir, self.resume) {
+            (Some(d), true) => Some(checkpoint::load_settings(d)?),
+            _ => None,
+        };
+        let mut config = ServerConfig::new(self.run.resolve(base)?);
+        config.data = self.data.clone();
+        config.run_dir = run_dir;
+        config.resume = self.resume;
+        config.checkpoint_every = secs(self.checkpoint_every);
+        config.keep_checkpoints = self.keep_checkpoints as usize;
+        config.admin_token = self.admin_token.clone();
+        config.worker_token = self.worker_token.clone();
+        config.max_workers = self.max_workers;
+        config.idle_timeout = Duration::from_secs(self.idle_timeout);
+        config.barrier_timeout = Duration::from_secs(self.barrier_timeout);
+        config.max_staleness = self.max_staleness;
+        config.max_update_ratio = self.max_update_ratio;
+        config.eval_every = secs(self.eval_every);
+        config.eval_limit = self.eval_limit.map(|n| n as usize);
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn interrupted() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("install a SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+pub fn run_serve(args: ServeArgs) -> Result<()> {
+    let config = args.config()?;
+    runtime()?.block_on(async move {
+        let server = tether_server::Server::new(config).context("preparing the run")?;
+        let addr = format!("{}:{}", args.host, args.port);
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("listening on {addr}"))?;
+        let local: SocketAddr = listener.local_addr()?;
+        let shown = if local.ip().is_unspecified() {
+            format!("127.0.0.1:{}", local.port())
+        } else {
+            local.to_string()
+        };
+        let s = server.state();
+        println!(
+            "tether serving run {} ({:?}, {} model)",
+            s.spec.run_id,
+            s.spec.algorithm,
+            s.spec.model.name()
+        );
+        println!("  dashboard: http://{shown}/   status: http://{shown}/api/status");
+        println!("  workers:   tether work --server ws://{shown}");
+        println!("  run dir:   {}", s.run_dir.display());
+        let summary = server
+            .serve(listener, async {
+                interrupted().await;
+                StopReason::ShuttingDown
+            })
+            .await
+            .context("serving")?;
+        println!(
+            "stopped at center version {} after {} syncs; checkpoint: {}",
+            summary.center_version,
+            summary.syncs,
+            summary
+                .checkpoint
+                .as_ref()
+                .map_or("none".into(), |p| p.display().to_string())
+        );
+        write_report(args.report.as_deref(), &summary)
+    })
+}
+
+#[derive(Args, Debug)]
+pub struct WorkArgs {
+    /// The server: ws://host:port.
+    #[arg(long, default_value = "ws://127.0.0.1:8080")]
+    pub server: String,
+    /// Compute device.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub backend: BackendArg,
+    /// CPU threads (default: one per core).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub threads: Option<u32>,
+    /// The run's worker token.
+    #[arg(long, env = "TETHER_WORKER_TOKEN")]
+    pub token: Option<String>,
+    /// IDX data directory [default: the shipped Fashion-MNIST]; must be the run's data.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Stop after this many local steps (default: until the run ends or Ctrl-C).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub steps: Option<u64>,
+    /// Give up after the server has been unreachable this many seconds.
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
+    pub give_up_after: u64,
+    /// Write what the worker did here as JSON.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+}
+
+pub fn run_work(args: WorkArgs) -> Result<()> {
+    let mut config = WorkConfig::new(args.server.clone());
+    config.backend = args.backend.into();
+    config.threads = args.threads.map(|t| t as usize);
+    config.token = args.token.clone();
+    config.data = args.data.clone();
+    config.max_steps = args.steps;
+    config.give_up_after = Duration::from_secs(args.give_up_after);
+    config.url()?;
+    runtime()?.block_on(async move {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        tokio::spawn(async move {
+            interrupted().await;
+            eprintln!("stopping: finishing the current steps, a last sync, then leaving");
+            let _ = stop_tx.send(true);
+        });
+        let report = client::run(config, stop_rx).await.context("worker failed")?;
+        println!(
+            "worker done ({}): {} steps, {} syncs, {:.0} samples/s, {:.2} % of wall time waiting on syncs, last loss {:.4}",
+            report.stopped,
+            report.steps,
+            report.syncs,
+            report.samples_per_s,
+            report.wait_fraction * 100.0,
+            report.last_loss
+        );
+        write_report(args.report.as_deref(), &report)
+    })
+}

@@ -1,0 +1,267 @@
+//! Whole processes: `tether serve` with external `tether work` processes joining,
+//! one killed with SIGKILL, the server stopped with SIGTERM and resumed from its
+//! checkpoint, a corrupted newest checkpoint skipped; and `tether demo`.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use tether_tests::net::http_get;
+use tether_tests::{scratch, tether_bin, tether_report};
+
+/// A `tether serve` child and the address it printed.
+struct Serve {
+    child: Child,
+    addr: SocketAddr,
+    stderr: std::sync::mpsc::Receiver<String>,
+}
+
+impl Serve {
+    fn start(run_dir: &Path, extra: &[&str]) -> Result<Self> {
+        let mut child = Command::new(tether_bin()?)
+            .args([
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--eval-every",
+                "0",
+                "--run-dir",
+            ])
+            .arg(run_dir)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let stdout = BufReader::new(child.stdout.take().context("stdout")?);
+        let (tx, stderr) = std::sync::mpsc::channel();
+        let err = BufReader::new(child.stderr.take().context("stderr")?);
+        std::thread::spawn(move || {
+            for line in err.lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut lines = stdout.lines();
+        for line in lines.by_ref() {
+            let line = line?;
+            if let Some(rest) = line.trim().strip_prefix("dashboard: http://") {
+                let addr = rest.split('/').next().context("address")?.parse()?;
+                // Keep draining stdout: the server prints a summary when it stops.
+                std::thread::spawn(move || lines.for_each(drop));
+                return Ok(Self {
+                    child,
+                    addr,
+                    stderr,
+                });
+            }
+        }
+        let log: Vec<String> = stderr.try_iter().collect();
+        bail!(
+            "tether serve printed no address; stderr:\n{}",
+            log.join("\n")
+        )
+    }
+
+    async fn status(&self) -> Result<serde_json::Value> {
+        Ok(serde_json::from_str(
+            &http_get(self.addr, "/api/status").await?,
+        )?)
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    fn terminate(mut self) -> Result<String> {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()?;
+        assert!(ok.success());
+        let status = self.child.wait()?;
+        let log: Vec<String> = self.stderr.try_iter().collect();
+        let log = log.join("\n");
+        assert!(status.success(), "serve exited with {status}:\n{log}");
+        Ok(log)
+    }
+}
+
+fn work(addr: SocketAddr, steps: Option<u64>) -> Result<Child> {
+    let mut cmd = Command::new(tether_bin()?);
+    cmd.args(["work", "--backend", "cpu", "--threads", "1", "--server"])
+        .arg(format!("ws://{addr}"));
+    if let Some(n) = steps {
+        cmd.args(["--steps", &n.to_string()]);
+    }
+    Ok(cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?)
+}
+
+async fn wait_for(
+    what: &str,
+    limit: Duration,
+    mut check: impl AsyncFnMut() -> Result<bool>,
+) -> Result<()> {
+    let t0 = Instant::now();
+    while t0.elapsed() < limit {
+        if check().await? {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    bail!("timed out after {limit:?} waiting until {what}")
+}
+
+fn newest_manifest_version(dir: &Path) -> Result<u64> {
+    std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            name.strip_prefix("ckpt-")?
+                .strip_suffix(".json")?
+                .parse()
+                .ok()
+        })
+        .max()
+        .context("no checkpoint written")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_workers_join_die_and_the_server_resumes_from_its_checkpoint() -> Result<()> {
+    let dir = scratch("lifecycle")?.join("run");
+    let serve = Serve::start(
+        &dir,
+        &[
+            "--algorithm",
+            "easgd",
+            "--tau",
+            "2",
+            "--checkpoint-every",
+            "1",
+        ],
+    )?;
+    let steady = work(serve.addr, Some(24))?;
+    let mut victim = work(serve.addr, None)?;
+    wait_for(
+        "both workers synced",
+        Duration::from_secs(120),
+        async || {
+            let s = serve.status().await?;
+            let workers = s["workers"].as_array().cloned().unwrap_or_default();
+            Ok(workers.len() == 2 && workers.iter().all(|w| w["syncs"].as_u64() >= Some(1)))
+        },
+    )
+    .await?;
+    victim.kill()?; // SIGKILL: no goodbye
+    victim.wait()?;
+    let out = steady.wait_with_output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = serve.status().await?;
+    assert!(s["syncs"].as_u64() >= Some(12 + 1), "{s}");
+    let version = s["center_version"].as_u64().context("version")?;
+    wait_for(
+        "the killed worker was dropped",
+        Duration::from_secs(90),
+        async || {
+            Ok(serve.status().await?["workers"]
+                .as_array()
+                .is_some_and(Vec::is_empty))
+        },
+    )
+    .await?;
+    serve.terminate()?;
+    assert_eq!(
+        newest_manifest_version(&dir)?,
+        version,
+        "the final checkpoint holds the last update"
+    );
+
+    // Resume: the same run continues at the checkpoint's version.
+    let serve = Serve::start(&dir, &["--resume"])?;
+    let s = serve.status().await?;
+    assert_eq!(s["center_version"].as_u64(), Some(version));
+    assert_eq!(
+        s["settings"]["algorithm"], "easgd",
+        "settings come from the saved run"
+    );
+    assert_eq!(s["settings"]["tau"], 2);
+    let w = work(serve.addr, Some(2))?.wait_with_output()?;
+    assert!(w.status.success(), "{}", String::from_utf8_lossy(&w.stderr));
+    serve.terminate()?;
+    let resumed_version = newest_manifest_version(&dir)?;
+    assert_eq!(resumed_version, version + 1);
+
+    // Corrupt the newest tensor file: resume falls back to the one before, and says so.
+    let newest = dir.join(format!("ckpt-{resumed_version:012}.safetensors"));
+    let mut bytes = std::fs::read(&newest)?;
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x5a;
+    std::fs::write(&newest, bytes)?;
+    let serve = Serve::start(&dir, &["--resume"])?;
+    let s = serve.status().await?;
+    assert_eq!(s["center_version"].as_u64(), Some(version));
+    let log = serve.terminate()?;
+    assert!(
+        log.contains("skipped checkpoint") && log.contains("checksum"),
+        "{log}"
+    );
+    Ok(())
+}
+
+#[test]
+fn bad_serve_flags_fail_before_anything_starts() -> Result<()> {
+    for (args, expect) in [
+        (vec!["serve", "--alpha", "1.5"], "--alpha must be in (0, 1)"),
+        (
+            vec!["serve", "--algorithm", "downpour", "--beta", "0.9"],
+            "--beta applies to elastic",
+        ),
+        (
+            vec!["serve", "--resume", "--run-dir", "/nonexistent/tether-run"],
+            "run.json",
+        ),
+        (vec!["work", "--server", "http://x"], "ws://"),
+        (vec!["serve", "--tau", "0"], "tau"),
+    ] {
+        let out = Command::new(tether_bin()?).args(&args).output()?;
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(expect), "{args:?}: {err}");
+    }
+    Ok(())
+}
+
+#[test]
+fn demo_trains_a_center_and_reports_it() -> Result<()> {
+    let run_dir = scratch("demo-run")?;
+    let r = tether_report(
+        "demo",
+        &[
+            "demo",
+            "--workers",
+            "2",
+            "--epochs",
+            "0.1",
+            "--port",
+            "0",
+            "--eval-limit",
+            "500",
+            "--backend",
+            "cpu",
+            "--run-dir",
+            run_dir.to_str().context("utf-8 path")?,
+        ],
+    )?;
+    let acc = r["test_accuracy"].as_f64().context("test_accuracy")?;
+    assert!(acc > 0.6, "demo center accuracy {acc}");
+    assert!(r["bytes_in"].as_u64() > Some(0) && r["bytes_out"].as_u64() > Some(0));
+    let workers = r["worker_reports"].as_array().context("worker_reports")?;
+    assert_eq!(workers.len(), 2);
+    for w in workers {
+        assert!(w["syncs"].as_u64() > Some(0), "{w}");
+    }
+    Ok(())
+}
