@@ -2,6 +2,7 @@
 //! calls the libraries. Every subcommand that produces results takes `--report PATH`
 //! and writes them there as JSON.
 
+mod bench_net;
 mod demo;
 mod net;
 mod sim;
@@ -157,6 +158,12 @@ enum BenchCommand {
     Train(BenchTrainArgs),
     /// The elastic-update kernels' bandwidth against memcpy of the same vectors.
     Elastic(BenchElasticArgs),
+    /// Server elastic updates/s at 1, 4, 16 workers against a raw WebSocket echo.
+    Server(bench_net::BenchServerArgs),
+    /// Fraction of a worker's wall time spent waiting on syncs, per τ.
+    Sync(bench_net::BenchSyncArgs),
+    /// Center accuracy per algorithm and τ against the single worker at equal samples.
+    Stats(bench_net::BenchStatsArgs),
 }
 
 #[derive(Args, Debug)]
@@ -234,6 +241,9 @@ fn main() -> Result<()> {
         Command::Sim(SimCommand::Stability(args)) => sim::run(&args),
         Command::Bench(BenchCommand::Train(args)) => run_bench_train(args),
         Command::Bench(BenchCommand::Elastic(args)) => run_bench_elastic(args),
+        Command::Bench(BenchCommand::Server(args)) => bench_net::run_bench_server(args),
+        Command::Bench(BenchCommand::Sync(args)) => bench_net::run_bench_sync(args),
+        Command::Bench(BenchCommand::Stats(args)) => bench_net::run_bench_stats(args),
     }
 }
 

@@ -1,0 +1,468 @@
+//! `tether bench server | sync | stats`: the distributed benchmarks, each against a
+//! baseline measured in the same run — a raw WebSocket echo of the same bytes, the
+//! worker's own compute time, and the single-worker trainer at equal samples.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use futures_util::{SinkExt, StreamExt};
+use serde::Serialize;
+use tether_server::{RunSettings, ServerConfig};
+use tether_shared::algorithms::Algorithm;
+use tether_shared::model::ModelKind;
+use tether_shared::protocol::{self, Frame, Hello, Message, PROTOCOL_VERSION, Sync, WorkerKind};
+use tether_worker::backend::BackendChoice;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use crate::demo::{Local, run_local};
+use crate::net::{AlgorithmArg, runtime};
+use crate::{ModelArg, write_report};
+
+#[derive(Args, Debug)]
+pub struct BenchServerArgs {
+    /// Concurrent workers to measure (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = [1u32, 4, 16])]
+    pub workers: Vec<u32>,
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 3.0)]
+    pub seconds: f64,
+    /// Model whose size the updates have.
+    #[arg(long, value_enum, default_value = "paper")]
+    pub model: ModelArg,
+    /// Write the results here as JSON.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+}
+
+#[derive(Serialize)]
+struct ServerRow {
+    workers: u32,
+    updates_per_s: f64,
+    echo_per_s: f64,
+    ratio_to_echo: f64,
+    server_mb_per_s: f64,
+    server_rss_mb: Option<f64>,
+}
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .max_message_size(None)
+        .max_frame_size(None)
+}
+
+/// A `tether serve` child process; its stdout names the address.
+fn spawn_server(model: ModelKind, dir: &std::path::Path) -> Result<(Child, SocketAddr)> {
+    let mut child = Command::new(std::env::current_exe()?)
+        .args([
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--algorithm",
+            "easgd",
+        ])
+        .args([
+            "--model",
+            model.name(),
+            "--eval-every",
+            "0",
+            "--checkpoint-every",
+            "0",
+        ])
+        .args([
+            "--max-staleness",
+            "1000000000",
+            "--max-workers",
+            "1024",
+            "--run-dir",
+        ])
+        .arg(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
+    for line in lines.by_ref() {
+        if let Some(rest) = line?.trim().strip_prefix("dashboard: http://") {
+            let addr = rest.split('/').next().context("address")?.parse()?;
+            std::thread::spawn(move || lines.for_each(drop));
+            return Ok((child, addr));
+        }
+    }
+    bail!("tether serve did not start")
+}
+
+fn rss_mb(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
+/// One raw client doing back-to-back elastic syncs until `until`; returns its count.
+async fn sync_client(url: String, until: Instant) -> Result<u64> {
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async_with_config(url.as_str(), Some(ws_config()), true).await?;
+    let hello = Hello {
+        protocol: PROTOCOL_VERSION,
+        kind: WorkerKind::Native,
+        backend: "bench".into(),
+        device: "bench client".into(),
+        threads: 0,
+        token: None,
+        previous_run: None,
+    };
+    ws.send(WsMessage::Binary(
+        protocol::encode(&Message::Hello(hello), &[]).into(),
+    ))
+    .await?;
+    let (welcome, center) = match next(&mut ws).await? {
+        Frame {
+            message: Message::Welcome(w),
+            payload,
+        } => (w, payload),
+        other => bail!("expected a welcome, got {:?}", other.message),
+    };
+    // A worker a little way from the center, as after τ honest steps.
+    let x: Vec<f32> = center
+        .iter()
+        .enumerate()
+        .map(|(j, c)| c + 1e-4 * ((j % 5) as f32 - 2.0))
+        .collect();
+    let (mut seen, mut n) = (welcome.center_version, 0u64);
+    while Instant::now() < until {
+        let sync = Sync {
+            session: welcome.session,
+            seq: n + 1,
+            center_version: seen,
+            steps: n,
+            samples: 0,
+            loss: 1.0,
+            samples_per_s: 0.0,
+            wait_s: 0.0,
+        };
+        ws.send(WsMessage::Binary(
+            protocol::encode(&Message::Sync(sync), &x).into(),
+        ))
+        .await?;
+        match next(&mut ws).await?.message {
+            Message::Reply(r) => seen = r.center_version,
+            other => bail!("expected a reply, got {other:?}"),
+        }
+        n += 1;
+    }
+    let _ = ws.close(None).await;
+    Ok(n)
+}
+
+async fn next(ws: &mut Socket) -> Result<Frame> {
+    loop {
+        match ws.next().await.context("socket ended")?? {
+            WsMessage::Binary(b) => return Ok(protocol::decode(&b)?),
+            WsMessage::Close(_) => bail!("closed"),
+            _ => continue,
+        }
+    }
+}
+
+/// The baseline: a WebSocket server that sends every binary frame straight back.
+async fn echo_server() -> Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) =
+                    tokio_tungstenite::accept_async_with_config(stream, Some(ws_config())).await
+                else {
+                    return;
+                };
+                while let Some(Ok(msg)) = ws.next().await {
+                    if msg.is_binary() && ws.send(msg).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    Ok(addr)
+}
+
+async fn echo_client(url: String, bytes: Vec<u8>, until: Instant) -> Result<u64> {
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async_with_config(url.as_str(), Some(ws_config()), true).await?;
+    let payload: tokio_tungstenite::tungstenite::Bytes = bytes.into();
+    let mut n = 0;
+    while Instant::now() < until {
+        ws.send(WsMessage::Binary(payload.clone())).await?;
+        loop {
+            match ws.next().await.context("echo ended")?? {
+                WsMessage::Binary(b) if b.len() == payload.len() => break,
+                WsMessage::Binary(_) => bail!("echo changed the frame"),
+                _ => continue,
+            }
+        }
+        n += 1;
+    }
+    Ok(n)
+}
+
+pub fn run_bench_server(args: BenchServerArgs) -> Result<()> {
+    let model: ModelKind = args.model.into();
+    let dir = std::env::temp_dir().join(format!("tether-bench-server-{}", std::process::id()));
+    let (mut child, addr) = spawn_server(model, &dir)?;
+    let result = runtime()?.block_on(async {
+        let echo = echo_server().await?;
+        let frame_len = protocol::encode(
+            &Message::Sync(Sync {
+                session: 1,
+                seq: 1,
+                center_version: 0,
+                steps: 0,
+                samples: 0,
+                loss: 1.0,
+                samples_per_s: 0.0,
+                wait_s: 0.0,
+            }),
+            &vec![0.0; model.param_count()],
+        )
+        .len();
+        println!(
+            "update: {} f32 ({:.2} MB per frame each way); server pid {}",
+            model.param_count(),
+            frame_len as f64 / 1e6,
+            child.id()
+        );
+        println!(
+            "{:>8} {:>12} {:>12} {:>8} {:>12} {:>12}",
+            "workers", "updates/s", "echo/s", "ratio", "server MB/s", "server RSS"
+        );
+        let mut rows = Vec::new();
+        for &c in &args.workers {
+            let run = |echo_mode: bool| {
+                let bytes = vec![7u8; frame_len];
+                async move {
+                    let until = Instant::now() + Duration::from_secs_f64(args.seconds);
+                    let tasks: Vec<_> = (0..c)
+                        .map(|_| {
+                            if echo_mode {
+                                tokio::spawn(echo_client(
+                                    format!("ws://{echo}/"),
+                                    bytes.clone(),
+                                    until,
+                                ))
+                            } else {
+                                tokio::spawn(sync_client(format!("ws://{addr}/ws"), until))
+                            }
+                        })
+                        .collect();
+                    let t0 = Instant::now();
+                    let mut total = 0;
+                    for t in tasks {
+                        total += t.await??;
+                    }
+                    anyhow::Ok(total as f64 / t0.elapsed().as_secs_f64())
+                }
+            };
+            let rss_probe = {
+                let pid = child.id();
+                let secs = args.seconds;
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs_f64(secs * 0.8)).await;
+                    rss_mb(pid)
+                })
+            };
+            let updates = run(false).await?;
+            let rss = rss_probe.await?;
+            let echo_rate = run(true).await?;
+            let row = ServerRow {
+                workers: c,
+                updates_per_s: updates,
+                echo_per_s: echo_rate,
+                ratio_to_echo: updates / echo_rate,
+                server_mb_per_s: updates * 2.0 * frame_len as f64 / 1e6,
+                server_rss_mb: rss,
+            };
+            println!(
+                "{:>8} {:>12.0} {:>12.0} {:>7.0}% {:>12.0} {:>9.1} MB",
+                c,
+                row.updates_per_s,
+                row.echo_per_s,
+                row.ratio_to_echo * 100.0,
+                row.server_mb_per_s,
+                row.server_rss_mb.unwrap_or(f64::NAN)
+            );
+            rows.push(row);
+        }
+        let report = serde_json::json!({
+            "command": "bench server", "model": model.name(), "params": model.param_count(),
+            "frame_bytes": frame_len, "seconds": args.seconds, "results": rows,
+        });
+        write_report(args.report.as_deref(), &report)
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+#[derive(Args, Debug)]
+pub struct BenchSyncArgs {
+    /// Communication periods to measure (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = [1u32, 16, 64])]
+    pub tau: Vec<u32>,
+    /// Local steps per measurement (at least 3τ are run).
+    #[arg(long, default_value_t = 64)]
+    pub steps: u64,
+    /// Write the results here as JSON.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+}
+
+fn quiet_config(settings: RunSettings) -> ServerConfig {
+    let mut config = ServerConfig::new(settings);
+    config.eval_every = None;
+    config.checkpoint_every = None;
+    config.run_dir =
+        Some(std::env::temp_dir().join(format!("tether-bench-{}", tether_server::new_run_id())));
+    config
+}
+
+pub fn run_bench_sync(args: BenchSyncArgs) -> Result<()> {
+    println!(
+        "{:>5} {:>7} {:>7} {:>10} {:>10} {:>9}",
+        "τ", "steps", "syncs", "train s", "wait s", "wait %"
+    );
+    let mut rows = Vec::new();
+    let rt = runtime()?;
+    for &tau in &args.tau {
+        let steps = args.steps.max(3 * u64::from(tau));
+        let mut settings = RunSettings::defaults(Algorithm::Eamsgd);
+        settings.tau = tau;
+        settings.expected_workers = 1;
+        settings.alpha = 0.9;
+        let batch = f64::from(settings.batch);
+        let local = Local {
+            config: quiet_config(settings),
+            workers: 1,
+            epochs: steps as f64 * batch / 60_000.0,
+            backend: BackendChoice::Cpu,
+            port: 0,
+            chatty: false,
+        };
+        let out = rt.block_on(run_local(local))?;
+        let r = &out.reports[0];
+        println!(
+            "{:>5} {:>7} {:>7} {:>10.2} {:>10.3} {:>8.2}%",
+            tau,
+            r.steps,
+            r.syncs,
+            r.train_s,
+            r.wait_s,
+            r.wait_fraction * 100.0
+        );
+        rows.push(serde_json::json!({
+            "tau": tau, "steps": r.steps, "syncs": r.syncs, "train_s": r.train_s, "wait_s": r.wait_s,
+            "wall_s": r.wall_s, "wait_fraction": r.wait_fraction, "wait_per_sync_ms": r.wait_s / r.syncs.max(1) as f64 * 1e3,
+        }));
+    }
+    write_report(
+        args.report.as_deref(),
+        &serde_json::json!({ "command": "bench sync", "results": rows }),
+    )
+}
+
+#[derive(Args, Debug)]
+pub struct BenchStatsArgs {
+    /// Algorithms to compare (comma-separated).
+    #[arg(long, value_enum, value_delimiter = ',', default_values = ["eamsgd", "easgd", "downpour"])]
+    pub algorithm: Vec<AlgorithmArg>,
+    /// Communication periods (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = [1u32, 64])]
+    pub tau: Vec<u32>,
+    /// Workers per distributed run.
+    #[arg(long, default_value_t = 4)]
+    pub workers: u32,
+    /// Passes over the training set per run (all workers together; the baseline the same).
+    #[arg(long, default_value_t = 1)]
+    pub epochs: u32,
+    /// Write the results here as JSON.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+}
+
+pub fn run_bench_stats(args: BenchStatsArgs) -> Result<()> {
+    let baseline = tether_worker::train::run(&tether_worker::train::TrainConfig {
+        epochs: args.epochs as usize,
+        backend: BackendChoice::Cpu,
+        ..Default::default()
+    })?;
+    println!(
+        "baseline: one worker, Nesterov SGD, {} epoch(s): {:.2} % ({:.0} s)",
+        args.epochs,
+        baseline.test_accuracy * 100.0,
+        baseline.wall_seconds
+    );
+    println!(
+        "{:>10} {:>5} {:>9} {:>10} {:>8} {:>8}",
+        "algorithm", "τ", "accuracy", "vs single", "syncs", "wall s"
+    );
+    let mut rows = Vec::new();
+    let rt = runtime()?;
+    for &a in &args.algorithm {
+        for &tau in &args.tau {
+            let mut settings = RunSettings::defaults(a.into());
+            settings.tau = tau;
+            settings.expected_workers = args.workers;
+            if tether_server::config::has_elastic_force(settings.algorithm) {
+                settings.alpha = tether_server::config::DEFAULT_BETA / args.workers as f32;
+            }
+            let local = Local {
+                config: quiet_config(settings.clone()),
+                workers: args.workers,
+                epochs: f64::from(args.epochs),
+                backend: BackendChoice::Cpu,
+                port: 0,
+                chatty: false,
+            };
+            let out = rt.block_on(run_local(local))?;
+            let acc = out.final_eval.accuracy;
+            println!(
+                "{:>10} {:>5} {:>8.2}% {:>+9.2}  {:>8} {:>8.0}",
+                format!("{:?}", settings.algorithm).to_lowercase(),
+                tau,
+                acc * 100.0,
+                (acc - baseline.test_accuracy) * 100.0,
+                out.summary.syncs,
+                out.wall_seconds
+            );
+            rows.push(serde_json::json!({
+                "algorithm": settings.algorithm, "tau": tau, "workers": args.workers, "epochs": args.epochs,
+                "test_accuracy": acc, "test_loss": out.final_eval.loss, "syncs": out.summary.syncs,
+                "wall_s": out.wall_seconds, "lr": settings.lr, "alpha": settings.alpha, "momentum": settings.momentum,
+            }));
+        }
+    }
+    write_report(
+        args.report.as_deref(),
+        &serde_json::json!({
+            "command": "bench stats", "baseline_accuracy": baseline.test_accuracy, "baseline_epochs": args.epochs,
+            "results": rows,
+        }),
+    )
+}
