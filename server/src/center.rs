@@ -7,13 +7,13 @@
 //! before anything is written: a rejected update leaves the center bit-identical.
 
 use tether_shared::algorithms::downpour::apply_push;
-use tether_shared::algorithms::elastic::{average_round, center_pull, sync_round};
+use tether_shared::algorithms::elastic::{average_round, center_pull_in_place, sync_round};
 use tether_shared::algorithms::leader::LeaderBoard;
 use tether_shared::algorithms::outer::{
     DILOCO_OUTER_LR, DILOCO_OUTER_MOMENTUM, mean_delta, outer_nesterov_step,
 };
-use tether_shared::algorithms::{Algorithm, distance};
-use tether_shared::protocol::{Apply, Hyper, Rejection};
+use tether_shared::algorithms::{Algorithm, Norms, norms};
+use tether_shared::protocol::{Apply, Hyper, Rejection, first_non_finite};
 use tokio::sync::oneshot;
 
 /// What a worker gets back from an exchange.
@@ -45,7 +45,7 @@ pub enum Outcome {
     },
 }
 
-/// One worker's update, validated for length and finiteness by the caller.
+/// One worker's update, validated for length by the caller.
 #[derive(Debug)]
 pub struct Update {
     /// The worker's session.
@@ -182,18 +182,25 @@ impl Center {
 
     /// Offers an update. Checks staleness and the norm guard, then applies it (or
     /// queues it for the round); on a rejection nothing changes.
-    pub fn offer(&mut self, update: Update, members: usize) -> Result<Outcome, Rejection> {
+    pub fn offer(&mut self, mut update: Update, members: usize) -> Result<Outcome, Rejection> {
         assert_eq!(
             update.values.len(),
             self.params.len(),
             "length checked by caller"
         );
         self.check_staleness(update.seen_version)?;
-        let norm = match self.algorithm {
-            Algorithm::Downpour | Algorithm::Mdownpour => norm_of(&update.values),
-            _ => distance(&update.values, &self.params),
+        // One pass: finiteness, ‖xⁱ − x̃‖ and ‖x̃‖ (DOWNPOUR: ‖push‖, then ‖x̃‖).
+        let pushes = matches!(self.algorithm, Algorithm::Downpour | Algorithm::Mdownpour);
+        let (norm, center_norm) = if pushes {
+            let n = norms(&update.values, &[]);
+            check_finite(&n, &update.values)?;
+            (n.distance, norms(&self.params, &[]).distance)
+        } else {
+            let n = norms(&update.values, &self.params);
+            check_finite(&n, &update.values)?;
+            (n.distance, n.center)
         };
-        let bound = self.guard.bound(norm_of(&self.params));
+        let bound = self.guard.bound(center_norm);
         if norm > bound {
             return Err(Rejection::OutOfLine { norm, bound });
         }
@@ -209,10 +216,10 @@ impl Center {
         };
         match self.algorithm {
             Algorithm::Easgd | Algorithm::Eamsgd => {
-                let mut diff = vec![0.0; self.params.len()];
-                center_pull(&mut self.params, &update.values, alpha, &mut diff);
+                // The update's buffer becomes the reply's: xⁱ in, d out.
+                center_pull_in_place(&mut self.params, &mut update.values, alpha);
                 self.version += 1;
-                ready(Apply::Subtract, diff, self.version)
+                ready(Apply::Subtract, update.values, self.version)
             }
             Algorithm::Downpour => {
                 apply_push(&mut self.params, &update.values);
@@ -368,12 +375,12 @@ impl Center {
     }
 }
 
-/// ‖v‖, accumulated in f64.
-pub fn norm_of(v: &[f32]) -> f64 {
-    v.iter()
-        .map(|&x| f64::from(x) * f64::from(x))
-        .sum::<f64>()
-        .sqrt()
+fn check_finite(n: &Norms, values: &[f32]) -> Result<(), Rejection> {
+    if n.finite {
+        return Ok(());
+    }
+    let index = first_non_finite(values).unwrap_or(0) as u64;
+    Err(Rejection::NonFinite { index })
 }
 
 #[cfg(test)]
@@ -436,6 +443,11 @@ mod tests {
         // Far out of line with ‖x̃‖ = 2.
         let err = c.offer(update(1, vec![1e6; 4]), 1).unwrap_err();
         assert!(matches!(err, Rejection::OutOfLine { .. }), "{err:?}");
+        // Not finite.
+        let mut nan = vec![1.0; 4];
+        nan[2] = f32::NAN;
+        let err = c.offer(update(1, nan), 1).unwrap_err();
+        assert_eq!(err, Rejection::NonFinite { index: 2 });
         // Claims a version from the future.
         let mut u = update(1, vec![1.0; 4]);
         u.seen_version = 5;

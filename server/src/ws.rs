@@ -306,11 +306,6 @@ async fn exchange(
             got: values.len() as u64,
         });
     }
-    if let Some(index) = protocol::first_non_finite(&values) {
-        return Err(Rejection::NonFinite {
-            index: index as u64,
-        });
-    }
     if !sync.loss.is_finite() || !sync.samples_per_s.is_finite() || !sync.wait_s.is_finite() {
         return Err(Rejection::Malformed(
             "non-finite figures in the sync header".into(),

@@ -403,10 +403,10 @@ pub fn encode(message: &Message, payload: &[f32]) -> Vec<u8> {
     out[0..4].copy_from_slice(&(header_len as u32).to_le_bytes());
     let count = u32::try_from(payload.len()).expect("payload under 4 Gi values");
     out[4..8].copy_from_slice(&count.to_le_bytes());
-    let start = out.len();
-    out.resize(start + 4 * payload.len(), 0);
-    for (chunk, v) in out[start..].chunks_exact_mut(4).zip(payload) {
-        chunk.copy_from_slice(&v.to_le_bytes());
+    if cfg!(target_endian = "little") {
+        out.extend_from_slice(bytemuck::cast_slice(payload));
+    } else {
+        out.extend(payload.iter().flat_map(|v| v.to_le_bytes()));
     }
     out
 }
@@ -419,10 +419,15 @@ pub fn decode(bytes: &[u8]) -> Result<Frame, DecodeError> {
     if count > 0 && !message.has_payload() {
         return Err(DecodeError::UnexpectedPayload(message.name(), count as u32));
     }
-    let payload = payload
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
+    // One copy: the bytes need not be aligned for f32, so they are copied, not cast.
+    let payload = if cfg!(target_endian = "little") {
+        bytemuck::pod_collect_to_vec::<u8, f32>(payload)
+    } else {
+        payload
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    };
     Ok(Frame { message, payload })
 }
 

@@ -56,6 +56,17 @@ pub fn center_pull(center: &mut [f32], worker: &[f32], alpha: f32, diff: &mut [f
     }
 }
 
+/// [`center_pull`] without a separate output: `x` holds xⁱ on entry and d on return,
+/// so the server answers from the buffer the update arrived in (no allocation).
+pub fn center_pull_in_place(center: &mut [f32], x: &mut [f32], alpha: f32) {
+    assert_same_len(center.len(), x.len());
+    for (c, x) in center.iter_mut().zip(x.iter_mut()) {
+        let e = alpha * (*x - *c);
+        *c += e;
+        *x = e;
+    }
+}
+
 /// The worker's half of an asynchronous exchange: xⁱ ← xⁱ − d.
 pub fn apply_difference(worker: &mut [f32], diff: &[f32]) {
     assert_same_len(worker.len(), diff.len());
@@ -162,7 +173,10 @@ mod tests {
         let (mut x2, mut c2, mut diff) = (x0.clone(), c0.clone(), vec![0.0; 3]);
         center_pull(&mut c2, &x2, alpha, &mut diff);
         apply_difference(&mut x2, &diff);
-        assert_eq!((x2, c2), (x, c));
+        assert_eq!((&x2, &c2), (&x, &c));
+        let (mut c3, mut d3) = (c0.clone(), x0.clone());
+        center_pull_in_place(&mut c3, &mut d3, alpha);
+        assert_eq!((c3, d3), (c2, diff));
     }
 
     #[test]

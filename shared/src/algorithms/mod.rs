@@ -55,9 +55,89 @@ pub fn distance(a: &[f32], b: &[f32]) -> f64 {
         .sqrt()
 }
 
+/// ‖x − c‖, ‖c‖ and whether every xⱼ is finite, in one pass: what the server checks
+/// before it lets an update touch the center.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Norms {
+    /// ‖x − c‖.
+    pub distance: f64,
+    /// ‖c‖.
+    pub center: f64,
+    /// No NaN or ±∞ in x.
+    pub finite: bool,
+}
+
+/// Computes [`Norms`] of `x` against `c` (`c` empty: distance is ‖x‖, center 0).
+/// Eight f32 lanes per 1024-value block, each block summed into f64, so it
+/// vectorises and keeps precision on long vectors.
+pub fn norms(x: &[f32], c: &[f32]) -> Norms {
+    const LANES: usize = 8;
+    const BLOCK: usize = 1024;
+    let centered = !c.is_empty();
+    if centered {
+        assert_same_len(x.len(), c.len());
+    }
+    let (mut dist, mut cent, mut bad) = (0.0f64, 0.0f64, 0.0f32);
+    for (b, xb) in x.chunks(BLOCK).enumerate() {
+        let cb = if centered {
+            &c[b * BLOCK..b * BLOCK + xb.len()]
+        } else {
+            &[][..]
+        };
+        let (mut d, mut n, mut z) = ([0.0f32; LANES], [0.0f32; LANES], [0.0f32; LANES]);
+        let xs = xb.chunks_exact(LANES);
+        let tail = xs.remainder();
+        for (i, xl) in xs.enumerate() {
+            for l in 0..LANES {
+                let cv = if centered { cb[i * LANES + l] } else { 0.0 };
+                let e = xl[l] - cv;
+                d[l] += e * e;
+                n[l] += cv * cv;
+                z[l] += xl[l] * 0.0; // NaN exactly when xl[l] is NaN or ±∞
+            }
+        }
+        let off = xb.len() - tail.len();
+        for (k, &xv) in tail.iter().enumerate() {
+            let cv = if centered { cb[off + k] } else { 0.0 };
+            d[0] += (xv - cv) * (xv - cv);
+            n[0] += cv * cv;
+            z[0] += xv * 0.0;
+        }
+        dist += d.iter().map(|&v| f64::from(v)).sum::<f64>();
+        cent += n.iter().map(|&v| f64::from(v)).sum::<f64>();
+        bad += z.iter().sum::<f32>();
+    }
+    Norms {
+        distance: dist.sqrt(),
+        center: cent.sqrt(),
+        finite: bad == 0.0,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn norms_agree_with_the_plain_formulas() {
+        let x: Vec<f32> = (0..3001).map(|i| (i as f32 * 0.37).sin()).collect();
+        let c: Vec<f32> = (0..3001).map(|i| (i as f32 * 0.11).cos()).collect();
+        let n = norms(&x, &c);
+        assert!((n.distance - distance(&x, &c)).abs() < 1e-3, "{n:?}");
+        assert!((n.center - distance(&c, &vec![0.0; c.len()])).abs() < 1e-3);
+        assert!(n.finite);
+        assert!((norms(&x, &[]).distance - distance(&x, &vec![0.0; x.len()])).abs() < 1e-3);
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let mut y = x.clone();
+            y[3000] = bad; // in the tail
+            assert!(!norms(&y, &c).finite);
+            y[3000] = 0.0;
+            y[17] = bad;
+            assert!(!norms(&y, &c).finite);
+        }
+        // Huge but finite values are finite (the square overflows, the check does not).
+        assert!(norms(&[3e38, -3e38], &[0.0, 0.0]).finite);
+    }
 
     #[test]
     fn distance_is_the_euclidean_norm_of_the_difference() {
