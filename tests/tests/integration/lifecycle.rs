@@ -21,18 +21,21 @@ struct Serve {
 
 impl Serve {
     fn start(run_dir: &Path, extra: &[&str]) -> Result<Self> {
+        Self::start_on(0, run_dir, extra)
+    }
+
+    fn start_on(port: u16, run_dir: &Path, extra: &[&str]) -> Result<Self> {
         let mut child = Command::new(tether_bin()?)
             .args([
                 "serve",
                 "--host",
                 "127.0.0.1",
-                "--port",
-                "0",
                 "--eval-every",
                 "0",
                 "--run-dir",
             ])
             .arg(run_dir)
+            .args(["--port", &port.to_string()])
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -208,6 +211,61 @@ async fn external_workers_join_die_and_the_server_resumes_from_its_checkpoint() 
         log.contains("skipped checkpoint") && log.contains("checksum"),
         "{log}"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_rides_out_a_server_restart_and_keeps_its_training() -> Result<()> {
+    let scratch_dir = scratch("restart")?;
+    let dir = scratch_dir.join("run");
+    let report = scratch_dir.join("worker.json");
+    let serve = Serve::start(&dir, &["--tau", "2", "--checkpoint-every", "1"])?;
+    let port = serve.addr.port();
+    let worker = Command::new(tether_bin()?)
+        .args([
+            "work",
+            "--backend",
+            "cpu",
+            "--threads",
+            "1",
+            "--steps",
+            "30",
+            "--give-up-after",
+            "60",
+        ])
+        .arg("--server")
+        .arg(format!("ws://{}", serve.addr))
+        .arg("--report")
+        .arg(&report)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    wait_for(
+        "the worker synced twice",
+        Duration::from_secs(120),
+        async || Ok(serve.status().await?["syncs"].as_u64() >= Some(2)),
+    )
+    .await?;
+    serve.terminate()?;
+    let checkpointed = newest_manifest_version(&dir)?;
+    // Same port, same run: the worker reconnects on its own and carries on.
+    let serve = Serve::start_on(port, &dir, &["--resume"])?;
+    let out = worker.wait_with_output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = tether_tests::read_json(&report)?;
+    assert_eq!(r["steps"], 30, "{r}");
+    assert!(r["reconnects"].as_u64() >= Some(1), "{r}");
+    let s = serve.status().await?;
+    assert!(
+        s["syncs"].as_u64() >= Some(1),
+        "the worker synced with the resumed server: {s}"
+    );
+    assert!(s["center_version"].as_u64() > Some(checkpointed), "{s}");
+    serve.terminate()?;
     Ok(())
 }
 
