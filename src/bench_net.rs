@@ -21,7 +21,7 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::demo::{Local, run_local};
-use crate::net::{AlgorithmArg, runtime};
+use crate::net::{algorithm_parser, runtime};
 use crate::{ModelArg, write_report};
 
 #[derive(Args, Debug)]
@@ -390,8 +390,8 @@ pub fn run_bench_sync(args: BenchSyncArgs) -> Result<()> {
 #[derive(Args, Debug)]
 pub struct BenchStatsArgs {
     /// Algorithms to compare (comma-separated).
-    #[arg(long, value_enum, value_delimiter = ',', default_values = ["eamsgd", "easgd", "downpour"])]
-    pub algorithm: Vec<AlgorithmArg>,
+    #[arg(long, value_parser = algorithm_parser(), value_delimiter = ',', default_values = ["eamsgd", "easgd", "downpour"])]
+    pub algorithm: Vec<Algorithm>,
     /// Communication periods (comma-separated).
     #[arg(long, value_delimiter = ',', default_values_t = [1u32, 64])]
     pub tau: Vec<u32>,
@@ -426,7 +426,7 @@ pub fn run_bench_stats(args: BenchStatsArgs) -> Result<()> {
     let rt = runtime()?;
     for &a in &args.algorithm {
         for &tau in &args.tau {
-            let mut settings = RunSettings::defaults(a.into());
+            let mut settings = RunSettings::defaults(a);
             settings.tau = tau;
             settings.expected_workers = args.workers;
             if tether_server::config::has_elastic_force(settings.algorithm) {
@@ -444,7 +444,7 @@ pub fn run_bench_stats(args: BenchStatsArgs) -> Result<()> {
             let acc = out.final_eval.accuracy;
             println!(
                 "{:>10} {:>5} {:>8.2}% {:>+9.2}  {:>8} {:>8.0}",
-                format!("{:?}", settings.algorithm).to_lowercase(),
+                settings.algorithm.name(),
                 tau,
                 acc * 100.0,
                 (acc - baseline.test_accuracy) * 100.0,

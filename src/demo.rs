@@ -132,8 +132,8 @@ pub async fn run_local(local: Local) -> Result<Outcome> {
     let state = server.state().clone();
     if local.chatty {
         println!(
-            "tether demo: {:?}, {} workers, τ {}, α {}, η {}, {} model, {} epochs",
-            settings.algorithm,
+            "tether demo: {}, {} workers, τ {}, α {}, η {}, {} model, {} epochs",
+            settings.algorithm.name(),
             local.workers,
             settings.tau,
             settings.alpha,

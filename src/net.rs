@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use clap::{Args, ValueEnum};
+use clap::Args;
+use clap::builder::TypedValueParser;
 use tether_server::checkpoint;
 use tether_server::config::{DEFAULT_BETA, has_elastic_force};
 use tether_server::{RunSettings, ServerConfig};
@@ -17,49 +18,21 @@ use tokio::sync::watch;
 
 use crate::{BackendArg, ModelArg, write_report};
 
-/// The algorithms, as flags name them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum AlgorithmArg {
-    /// Asynchronous EASGD (paper Algorithm 1).
-    Easgd,
-    /// Synchronous EASGD: rounds behind a barrier.
-    EasgdSync,
-    /// Asynchronous EASGD with local Nesterov momentum (Algorithm 2).
-    Eamsgd,
-    /// Push accumulated changes, pull the center.
-    Downpour,
-    /// DOWNPOUR with Nesterov momentum on the server.
-    Mdownpour,
-    /// Model averaging: synchronous EASGD with β = 1.
-    Average,
-    /// DiLoCo-style outer Nesterov step on the round's mean delta.
-    Diloco,
-    /// Leader SGD: pull toward the lowest-loss worker.
-    Lsgd,
-}
-
-impl From<AlgorithmArg> for Algorithm {
-    fn from(a: AlgorithmArg) -> Self {
-        match a {
-            AlgorithmArg::Easgd => Algorithm::Easgd,
-            AlgorithmArg::EasgdSync => Algorithm::EasgdSync,
-            AlgorithmArg::Eamsgd => Algorithm::Eamsgd,
-            AlgorithmArg::Downpour => Algorithm::Downpour,
-            AlgorithmArg::Mdownpour => Algorithm::Mdownpour,
-            AlgorithmArg::Average => Algorithm::Average,
-            AlgorithmArg::Diloco => Algorithm::Diloco,
-            AlgorithmArg::Lsgd => Algorithm::Lsgd,
-        }
-    }
+/// Parses `--algorithm`, listing the names on error.
+pub fn algorithm_parser() -> impl clap::builder::TypedValueParser<Value = Algorithm> {
+    clap::builder::PossibleValuesParser::new(Algorithm::ALL.map(Algorithm::name))
+        .try_map(|s| s.parse::<Algorithm>())
 }
 
 /// The run's hyper-parameters. Each flag is optional: a new run fills what is not
 /// given from the algorithm's defaults; `--resume` fills it from the saved run.
 #[derive(Args, Debug, Clone, Default)]
 pub struct RunFlags {
-    /// Algorithm [default: eamsgd].
-    #[arg(long, value_enum)]
-    pub algorithm: Option<AlgorithmArg>,
+    /// Algorithm [default: eamsgd]: easgd (async, paper Algorithm 1), easgd-sync
+    /// (rounds), eamsgd (async + local Nesterov), downpour, mdownpour (server
+    /// momentum), average (sync, β = 1), diloco (outer Nesterov), lsgd (leader pull).
+    #[arg(long, value_parser = algorithm_parser())]
+    pub algorithm: Option<Algorithm>,
     /// Network [default: small].
     #[arg(long, value_enum)]
     pub model: Option<ModelArg>,
@@ -99,11 +72,11 @@ impl RunFlags {
         let mut s = match base {
             Some(saved) => {
                 if let Some(a) = self.algorithm
-                    && Algorithm::from(a) != saved.algorithm
+                    && a != saved.algorithm
                 {
                     bail!(
-                        "the run uses {:?}; a resumed run keeps its algorithm",
-                        saved.algorithm
+                        "the run uses {}; a resumed run keeps its algorithm",
+                        saved.algorithm.name()
                     );
                 }
                 if let Some(m) = self.model
@@ -117,8 +90,7 @@ impl RunFlags {
                 saved
             }
             None => {
-                let mut s =
-                    RunSettings::defaults(self.algorithm.map_or(Algorithm::Eamsgd, Into::into));
+                let mut s = RunSettings::defaults(self.algorithm.unwrap_or(Algorithm::Eamsgd));
                 if let Some(m) = self.model {
                     s.model = m.into();
                 }
@@ -313,9 +285,9 @@ pub fn run_serve(args: ServeArgs) -> Result<()> {
         };
         let s = server.state();
         println!(
-            "tether serving run {} ({:?}, {} model)",
+            "tether serving run {} ({}, {} model)",
             s.spec.run_id,
-            s.spec.algorithm,
+            s.spec.algorithm.name(),
             s.spec.model.name()
         );
         println!("  dashboard: http://{shown}/   status: http://{shown}/api/status");

@@ -106,8 +106,8 @@ impl RunSettings {
             }
         } else if self.alpha != 0.0 {
             return bad(format!(
-                "{:?} has no elastic force; --alpha / --beta do not apply",
-                self.algorithm
+                "{} has no elastic force; --alpha / --beta do not apply",
+                self.algorithm.name()
             ));
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {

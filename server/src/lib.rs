@@ -98,9 +98,9 @@ async fn index(State(state): State<AppState>) -> Response {
         format!("{:.2} %", e.accuracy * 100.0)
     });
     let body = format!(
-        "tether run {}\n{:?}, {} model, τ {}, α {}, η {}\ncenter version {}, accuracy {acc}\n{} workers connected\n\nJSON: /api/status   Prometheus: /metrics   workers: ws://<this host>/ws\n",
+        "tether run {}\n{}, {} model, τ {}, α {}, η {}\ncenter version {}, accuracy {acc}\n{} workers connected\n\nJSON: /api/status   Prometheus: /metrics   workers: ws://<this host>/ws\n",
         s.run_id,
-        s.settings.algorithm,
+        s.settings.algorithm.name(),
         s.settings.model.name(),
         s.hyper.tau,
         s.hyper.alpha,

@@ -334,7 +334,7 @@ async fn session(
     tracing::info!(
         worker = welcome.worker_id,
         run = %spec.run_id,
-        algorithm = ?spec.algorithm,
+        algorithm = spec.algorithm.name(),
         shard = format!("{}/{}", welcome.shard.index, welcome.shard.count),
         kept_params = welcome.keep_params,
         "joined"

@@ -38,6 +38,50 @@ pub enum Algorithm {
     Lsgd,
 }
 
+impl Algorithm {
+    /// Every algorithm, in the order the documentation lists them.
+    pub const ALL: [Self; 8] = [
+        Self::Easgd,
+        Self::EasgdSync,
+        Self::Eamsgd,
+        Self::Downpour,
+        Self::Mdownpour,
+        Self::Average,
+        Self::Diloco,
+        Self::Lsgd,
+    ];
+
+    /// The name used on the command line, in JSON and on the wire.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Easgd => "easgd",
+            Self::EasgdSync => "easgd-sync",
+            Self::Eamsgd => "eamsgd",
+            Self::Downpour => "downpour",
+            Self::Mdownpour => "mdownpour",
+            Self::Average => "average",
+            Self::Diloco => "diloco",
+            Self::Lsgd => "lsgd",
+        }
+    }
+}
+
+impl std::str::FromStr for Algorithm {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|a| a.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Self::ALL.iter().map(|a| a.name()).collect();
+                format!(
+                    "unknown algorithm {s:?} (expected one of {})",
+                    names.join(", ")
+                )
+            })
+    }
+}
+
 fn assert_same_len(a: usize, b: usize) {
     assert_eq!(a, b, "flat parameter vectors must have equal lengths");
 }
@@ -117,6 +161,15 @@ pub fn norms(x: &[f32], c: &[f32]) -> Norms {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn algorithm_names_round_trip() {
+        for a in Algorithm::ALL {
+            assert_eq!(a.name().parse::<Algorithm>(), Ok(a));
+        }
+        let err = "sgd".parse::<Algorithm>().unwrap_err();
+        assert!(err.contains("easgd-sync"), "{err}");
+    }
 
     #[test]
     fn norms_agree_with_the_plain_formulas() {
