@@ -168,11 +168,6 @@ impl Shared {
         self.stop.borrow().is_some()
     }
 
-    /// The run's settings as configured.
-    pub fn settings(&self) -> &RunSettings {
-        &self.config.run
-    }
-
     /// The center and its server momentum, as a checkpoint would hold them.
     pub fn snapshot(&self) -> Snapshot {
         let center = self.center();
