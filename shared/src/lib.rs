@@ -8,11 +8,13 @@
 //! - [`protocol`]: the worker ↔ server frames and their binary encoding.
 //! - [`data`]: IDX and CIFAR-10 parsing, sharding, batching, normalisation.
 //! - [`train`]: one local training step and evaluation, identical on every worker.
+//! - [`local`]: a worker's side of a session (shard, τ steps, applying replies), native or browser.
 //! - [`stability`]: the paper's 1-D stability analysis (spectral radii).
 //! - [`rng`]: a small deterministic generator, so shards and shuffles are reproducible everywhere.
 
 pub mod algorithms;
 pub mod data;
+pub mod local;
 pub mod model;
 pub mod protocol;
 pub mod rng;

@@ -284,6 +284,36 @@ impl Rejection {
             Self::ShuttingDown => "shutting_down",
         }
     }
+
+    /// What a worker should do about this rejection (the same for every kind of worker).
+    pub fn remedy(&self) -> Remedy {
+        match self {
+            Self::ShuttingDown | Self::ServerFull { .. } => Remedy::Reconnect,
+            Self::OutOfLine { .. }
+            | Self::TooStale { .. }
+            | Self::NonFinite { .. }
+            | Self::UnknownSession(_)
+            | Self::Replayed { .. } => Remedy::Restart,
+            Self::ProtocolVersion { .. }
+            | Self::Malformed(_)
+            | Self::Unexpected(_)
+            | Self::Unauthorized
+            | Self::WrongLength { .. }
+            | Self::FrameTooLarge { .. } => Remedy::GiveUp,
+        }
+    }
+}
+
+/// A worker's answer to a [`Rejection`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Remedy {
+    /// The server is busy or going away: reconnect later, keeping xⁱ.
+    Reconnect,
+    /// The update was refused: start over from the center with a fresh session.
+    Restart,
+    /// Something no retry fixes (version, token, a bug): stop and say why.
+    GiveUp,
 }
 
 /// Why the server tells a worker to stop.

@@ -85,7 +85,7 @@ impl Trainer {
         }
     }
 
-    fn net(&self) -> &Net {
+    pub(crate) fn net(&self) -> &Net {
         self.net.as_ref().expect("trainer holds a network")
     }
 

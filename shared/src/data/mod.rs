@@ -12,7 +12,7 @@ pub mod shard;
 use thiserror::Error;
 
 pub use batch::{Batcher, Normalization};
-pub use shard::shard_indices;
+pub use shard::{decode_images, encode_images, shard_indices};
 
 /// A malformed or unsuitable data file. Every variant names the file.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]

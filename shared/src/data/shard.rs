@@ -1,6 +1,97 @@
-//! Disjoint shards of a training set: a seeded permutation cut into p near-equal parts.
+//! Disjoint shards of a training set: a seeded permutation cut into p near-equal
+//! parts, and the binary form a browser worker downloads its shard in.
 
+use super::{CLASSES, DataError, ImageSet};
 use crate::rng::SplitMix64;
+
+/// First bytes of an encoded image set.
+pub const IMAGES_MAGIC: &[u8; 4] = b"TSIM";
+const IMAGES_HEADER: usize = 4 + 4 * 4;
+
+/// Encodes `set` for the wire: `"TSIM"`, then count, channels, rows, cols as u32
+/// little-endian, then the labels (one byte each), then the pixels.
+pub fn encode_images(set: &ImageSet) -> Vec<u8> {
+    let mut out = Vec::with_capacity(IMAGES_HEADER + set.labels.len() + set.pixels.len());
+    out.extend_from_slice(IMAGES_MAGIC);
+    for v in [set.len(), set.channels, set.rows, set.cols] {
+        out.extend_from_slice(&(v as u32).to_le_bytes());
+    }
+    out.extend_from_slice(&set.labels);
+    out.extend_from_slice(&set.pixels);
+    out
+}
+
+/// Decodes [`encode_images`]' output, checking every length and label; `file`
+/// names the source in errors.
+pub fn decode_images(file: &str, bytes: &[u8]) -> Result<ImageSet, DataError> {
+    let truncated = |expected| DataError::Truncated {
+        file: file.into(),
+        expected,
+        actual: bytes.len(),
+    };
+    if bytes.len() < IMAGES_HEADER {
+        return Err(truncated(IMAGES_HEADER));
+    }
+    if &bytes[..4] != IMAGES_MAGIC {
+        return Err(DataError::BadMagic {
+            file: file.into(),
+            found: u32::from_be_bytes(bytes[..4].try_into().expect("4 bytes")),
+            expected: "\"TSIM\" (a tether image set)",
+        });
+    }
+    let field = |i: usize| {
+        let at = 4 + 4 * i;
+        u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize
+    };
+    let (count, channels, rows, cols) = (field(0), field(1), field(2), field(3));
+    if count == 0 {
+        return Err(DataError::Empty { file: file.into() });
+    }
+    let image = channels
+        .checked_mul(rows)
+        .and_then(|v| v.checked_mul(cols))
+        .filter(|&v| v > 0)
+        .ok_or_else(|| DataError::WrongImageSize {
+            file: file.into(),
+            found: format!("{channels}×{rows}×{cols}"),
+            expected: "a non-empty image".into(),
+        })?;
+    let expected = count
+        .checked_mul(image + 1)
+        .and_then(|v| v.checked_add(IMAGES_HEADER))
+        .ok_or_else(|| truncated(usize::MAX))?;
+    if bytes.len() < expected {
+        return Err(truncated(expected));
+    }
+    if bytes.len() > expected {
+        return Err(DataError::TrailingBytes {
+            file: file.into(),
+            expected,
+            extra: bytes.len() - expected,
+        });
+    }
+    let labels = bytes[IMAGES_HEADER..IMAGES_HEADER + count].to_vec();
+    if let Some((index, &label)) = labels
+        .iter()
+        .enumerate()
+        .find(|(_, l)| usize::from(**l) >= CLASSES)
+    {
+        return Err(DataError::BadLabel {
+            file: file.into(),
+            index,
+            label,
+            classes: CLASSES,
+        });
+    }
+    Ok(ImageSet {
+        source: file.into(),
+        channels,
+        rows,
+        cols,
+        pixels: bytes[IMAGES_HEADER + count..].to_vec(),
+        labels,
+    })
+}
 
 /// The item indices of `worker`'s shard when `n` items are split among `workers`.
 /// Shards are disjoint, cover all items, differ in size by at most one, and depend
@@ -22,6 +113,60 @@ pub fn shard_indices(n: usize, workers: usize, worker: usize, seed: u64) -> Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn tiny() -> ImageSet {
+        ImageSet {
+            source: "tiny".into(),
+            channels: 1,
+            rows: 2,
+            cols: 3,
+            pixels: (0..18).collect(),
+            labels: vec![0, 9, 4],
+        }
+    }
+
+    #[test]
+    fn image_sets_round_trip() {
+        let set = tiny();
+        let bytes = encode_images(&set);
+        let back = decode_images("tiny", &bytes).unwrap();
+        assert_eq!(back, set);
+    }
+
+    #[test]
+    fn damaged_image_sets_are_typed_errors() {
+        let bytes = encode_images(&tiny());
+        assert!(matches!(
+            decode_images("x", &bytes[..10]),
+            Err(DataError::Truncated { .. })
+        ));
+        assert!(matches!(
+            decode_images("x", &bytes[..bytes.len() - 1]),
+            Err(DataError::Truncated { .. })
+        ));
+        let mut long = bytes.clone();
+        long.push(0);
+        assert!(matches!(
+            decode_images("x", &long),
+            Err(DataError::TrailingBytes { extra: 1, .. })
+        ));
+        let mut magic = bytes.clone();
+        magic[0] = b'X';
+        assert!(matches!(
+            decode_images("x", &magic),
+            Err(DataError::BadMagic { .. })
+        ));
+        let mut label = bytes.clone();
+        label[IMAGES_HEADER + 1] = 10;
+        assert!(matches!(
+            decode_images("x", &label),
+            Err(DataError::BadLabel { index: 1, .. })
+        ));
+        let mut huge = bytes;
+        huge[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        huge[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(decode_images("x", &huge).is_err());
+    }
 
     #[test]
     fn shards_are_disjoint_cover_everything_and_are_balanced() {

@@ -47,6 +47,31 @@ pub fn to_flat(net: &Net) -> Vec<f32> {
     out
 }
 
+struct Gather(Vec<Tensor<1>>);
+
+impl ModuleVisitor for Gather {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let n = param.lazy_shape().num_elements();
+        self.0.push(param.val().reshape([n]));
+    }
+}
+
+/// [`to_flat`] without blocking: the parameters are concatenated on the device and
+/// read back once, asynchronously (the browser's WebGPU backend cannot read
+/// synchronously).
+pub async fn to_flat_async(net: &Net) -> Vec<f32> {
+    let mut gather = Gather(Vec::new());
+    net.visit(&mut gather);
+    let data = Tensor::cat(gather.0, 0)
+        .into_data_async()
+        .await
+        .expect("reading parameters back from the device");
+    // The models are f32 throughout; a dtype error here is a programming error.
+    data.convert::<f32>()
+        .try_into_vec::<f32>()
+        .expect("f32 parameters")
+}
+
 struct Load<'a> {
     flat: &'a [f32],
     offset: usize,

@@ -13,7 +13,7 @@ use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-pub use flat::{FlatError, load_flat, to_flat};
+pub use flat::{FlatError, load_flat, to_flat, to_flat_async};
 pub use paper::{PaperCnn, PaperCnnConfig};
 pub use small::{SmallCnn, SmallCnnConfig};
 

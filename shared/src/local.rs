@@ -1,0 +1,312 @@
+//! A worker's side of a run, the same for native and browser workers: the model
+//! and optimizer a welcome asks for, the shard's batches, τ local steps at a time,
+//! and applying the server's replies to xⁱ.
+//!
+//! Reading results back from the device is split from running the steps
+//! ([`LocalWorker::train`] returns a [`Pending`]) because the browser's WebGPU
+//! backend can only read asynchronously: natives call [`LocalWorker::finish`],
+//! the browser awaits [`LocalWorker::finish_async`].
+
+use std::sync::Arc;
+
+use burn::tensor::{Device, Tensor};
+use thiserror::Error;
+
+use crate::algorithms::elastic::apply_difference;
+use crate::algorithms::leader::leader_pull;
+use crate::data::{Batcher, ImageSet};
+use crate::model::{ModelKind, to_flat_async};
+use crate::protocol::{Apply, RunSpec, Shard};
+use crate::train::{LocalOptimizer, Trainer};
+
+/// Why a session could not start or a reply could not be applied.
+#[derive(Debug, Error, Clone, PartialEq)]
+pub enum LocalError {
+    /// The worker's data is not the run's.
+    #[error(
+        "the run trains on {expected} images but this worker's data has {found}; use the run's data"
+    )]
+    DataMismatch {
+        /// Images in the run's training set.
+        expected: u64,
+        /// Images this worker has.
+        found: u64,
+    },
+    /// A shard outside `0..count`, or an empty one.
+    #[error("invalid shard {index}/{count}")]
+    BadShard {
+        /// The shard's index.
+        index: u32,
+        /// The shard count.
+        count: u32,
+    },
+    /// A center or reply whose length is not the model's.
+    #[error("{what} has {found} values, the {model} model has {expected}")]
+    WrongLength {
+        /// What was wrong ("the center", "the reply").
+        what: &'static str,
+        /// The model's name.
+        model: &'static str,
+        /// Its parameter count.
+        expected: usize,
+        /// Values received.
+        found: usize,
+    },
+    /// Training was asked for before a session started.
+    #[error("no session started")]
+    NotStarted,
+}
+
+/// What τ local steps produced, once read back.
+#[derive(Clone, Debug)]
+pub struct Trained {
+    /// The parameters after the steps (xⁱ).
+    pub params: Vec<f32>,
+    /// Steps actually run (fewer when stopped early).
+    pub steps: u32,
+    /// Images processed.
+    pub samples: u64,
+    /// Mean training loss over the steps (NaN when no step ran).
+    pub loss: f32,
+}
+
+/// Steps run but not yet read back from the device.
+#[derive(Default)]
+pub struct Pending {
+    loss_sum: Option<Tensor<1>>,
+    steps: u32,
+    samples: u64,
+}
+
+/// The shard a session trains on: the images and which of them are this worker's.
+/// Natives hold the whole set and their shard's indices; a browser downloads only
+/// its shard and trains on all of it.
+#[derive(Clone)]
+pub struct ShardData {
+    /// The images.
+    pub set: Arc<ImageSet>,
+    /// Which items of `set` to train on.
+    pub indices: Vec<usize>,
+}
+
+struct Session {
+    batcher: Batcher,
+    data: ShardData,
+    order: Vec<usize>,
+    cursor: usize,
+    epoch: u64,
+    batch: usize,
+}
+
+/// One worker's model, optimizer and position in its shard.
+pub struct LocalWorker {
+    device: Device,
+    trainer: Option<(ModelKind, LocalOptimizer, Trainer)>,
+    session: Option<Session>,
+    params: Vec<f32>,
+    images: Vec<f32>,
+    labels: Vec<i64>,
+}
+
+impl LocalWorker {
+    /// A worker that will train on `device` (a plain device; autodiff is added).
+    pub fn new(device: Device) -> Self {
+        Self {
+            device,
+            trainer: None,
+            session: None,
+            params: Vec::new(),
+            images: Vec::new(),
+            labels: Vec::new(),
+        }
+    }
+
+    /// Prepares a session from a welcome: the model and optimizer of `spec`, the
+    /// batches of `data`, and `center` as xⁱ unless `keep` (an elastic rejoin that
+    /// keeps the worker's own parameters). `total_items` is the size of the
+    /// training set the shard was cut from.
+    pub fn start(
+        &mut self,
+        spec: &RunSpec,
+        shard: Shard,
+        data: ShardData,
+        total_items: u64,
+        center: Vec<f32>,
+        keep: bool,
+    ) -> Result<(), LocalError> {
+        if spec.train_items != total_items {
+            return Err(LocalError::DataMismatch {
+                expected: spec.train_items,
+                found: total_items,
+            });
+        }
+        if shard.count == 0 || shard.index >= shard.count || data.indices.is_empty() {
+            return Err(LocalError::BadShard {
+                index: shard.index,
+                count: shard.count,
+            });
+        }
+        let expected = spec.model.param_count();
+        if center.len() != expected {
+            return Err(LocalError::WrongLength {
+                what: "the center",
+                model: spec.model.name(),
+                expected,
+                found: center.len(),
+            });
+        }
+        let optimizer = LocalOptimizer {
+            lr: spec.hyper.lr,
+            momentum: spec.momentum,
+            nesterov: spec.nesterov,
+            weight_decay: spec.weight_decay,
+        };
+        let reuse = matches!(&self.trainer, Some((m, o, _)) if *m == spec.model && *o == optimizer);
+        if !reuse {
+            self.trainer = Some((
+                spec.model,
+                optimizer,
+                Trainer::new(spec.model, optimizer, &self.device),
+            ));
+        }
+        let (_, _, trainer) = self.trainer.as_mut().expect("set above");
+        if !(keep && reuse) {
+            trainer
+                .set_params(&center)
+                .expect("length checked against the model above");
+            self.params = center;
+        }
+        // Seeded by shard, so two workers on different shards shuffle differently.
+        let seed = shard.seed ^ u64::from(shard.index).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let batcher = Batcher::new(
+            data.indices.clone(),
+            spec.batch as usize,
+            seed,
+            spec.normalization,
+        );
+        self.session = Some(Session {
+            order: batcher.epoch_order(0),
+            batcher,
+            data,
+            cursor: 0,
+            epoch: 0,
+            batch: spec.batch as usize,
+        });
+        Ok(())
+    }
+
+    /// Runs up to `steps` local steps at learning rate `lr`, checking `stop` before
+    /// each. Nothing is read back from the device here.
+    pub fn train(
+        &mut self,
+        steps: u32,
+        lr: f64,
+        stop: impl FnMut() -> bool,
+    ) -> Result<Pending, LocalError> {
+        let mut pending = Pending::default();
+        self.train_into(&mut pending, steps, lr, stop)?;
+        Ok(pending)
+    }
+
+    /// [`Self::train`], adding to steps already pending (the browser runs a few
+    /// steps at a time so its Web Worker can answer messages in between).
+    pub fn train_into(
+        &mut self,
+        pending: &mut Pending,
+        steps: u32,
+        lr: f64,
+        mut stop: impl FnMut() -> bool,
+    ) -> Result<(), LocalError> {
+        let (Some((_, _, trainer)), Some(s)) = (self.trainer.as_mut(), self.session.as_mut())
+        else {
+            return Err(LocalError::NotStarted);
+        };
+        trainer.set_lr(lr);
+        let mut done = 0;
+        while done < steps && !stop() {
+            if s.cursor >= s.order.len() {
+                s.epoch += 1;
+                s.order = s.batcher.epoch_order(s.epoch);
+                s.cursor = 0;
+            }
+            let end = (s.cursor + s.batch).min(s.order.len());
+            let items = &s.order[s.cursor..end];
+            s.cursor = end;
+            s.batcher
+                .fill(&s.data.set, items, &mut self.images, &mut self.labels);
+            let loss = trainer.step(&self.images, &self.labels);
+            pending.loss_sum = Some(match pending.loss_sum.take() {
+                Some(sum) => sum + loss,
+                None => loss,
+            });
+            done += 1;
+            pending.steps += 1;
+            pending.samples += items.len() as u64;
+        }
+        Ok(())
+    }
+
+    /// Reads the loss and xⁱ back (blocking: native backends).
+    pub fn finish(&mut self, pending: Pending) -> Trained {
+        let loss = pending
+            .loss_sum
+            .map_or(f32::NAN, |s| s.into_scalar::<f32>() / pending.steps as f32);
+        if let Some((_, _, trainer)) = &self.trainer {
+            self.params = trainer.params();
+        }
+        self.trained(pending.steps, pending.samples, loss)
+    }
+
+    /// Reads the loss and xⁱ back without blocking (the browser's WebGPU backend).
+    pub async fn finish_async(&mut self, pending: Pending) -> Trained {
+        let loss = match pending.loss_sum {
+            Some(s) => match s.into_scalar_async::<f32>().await {
+                Ok(v) => v / pending.steps as f32,
+                Err(_) => f32::NAN,
+            },
+            None => f32::NAN,
+        };
+        if let Some((_, _, trainer)) = &self.trainer {
+            self.params = to_flat_async(trainer.net()).await;
+        }
+        self.trained(pending.steps, pending.samples, loss)
+    }
+
+    fn trained(&self, steps: u32, samples: u64, loss: f32) -> Trained {
+        Trained {
+            params: self.params.clone(),
+            steps,
+            samples,
+            loss,
+        }
+    }
+
+    /// Applies a reply's payload to xⁱ (`lambda`: LSGD's leader pull).
+    pub fn apply(
+        &mut self,
+        apply: Apply,
+        payload: Vec<f32>,
+        lambda: f32,
+    ) -> Result<(), LocalError> {
+        let Some((kind, _, trainer)) = self.trainer.as_mut() else {
+            return Err(LocalError::NotStarted);
+        };
+        if payload.len() != self.params.len() {
+            return Err(LocalError::WrongLength {
+                what: "the reply",
+                model: kind.name(),
+                expected: self.params.len(),
+                found: payload.len(),
+            });
+        }
+        match apply {
+            Apply::Subtract => apply_difference(&mut self.params, &payload),
+            Apply::Replace => self.params = payload,
+            Apply::PullToward => leader_pull(&mut self.params, &payload, lambda),
+        }
+        trainer
+            .set_params(&self.params)
+            .expect("length checked against the model above");
+        Ok(())
+    }
+}
