@@ -49,6 +49,10 @@ pub struct DemoArgs {
     /// Write the results here as JSON (test_accuracy, bytes, per-worker figures).
     #[arg(long)]
     pub report: Option<std::path::PathBuf>,
+    /// Token for the dashboard's operator controls [default: a fresh random one,
+    /// printed at start].
+    #[arg(long, env = "TETHER_ADMIN_TOKEN")]
+    pub admin_token: Option<String>,
 }
 
 impl Default for DemoArgs {
@@ -64,6 +68,7 @@ impl Default for DemoArgs {
             data: None,
             run_dir: None,
             report: None,
+            admin_token: None,
         }
     }
 }
@@ -141,7 +146,10 @@ pub async fn run_local(local: Local) -> Result<Outcome> {
             settings.model.name(),
             local.epochs
         );
-        println!("  dashboard: http://{addr}/   status: http://{addr}/api/status");
+        println!("  dashboard: http://{addr}/   (press Join there to lend the tab)");
+        if let Some(token) = &state.config.admin_token {
+            println!("  operator token for the dashboard's controls: {token}");
+        }
         println!("  join from elsewhere: tether work --server ws://{addr}");
     }
     let (finish_tx, finish_rx) = oneshot::channel::<()>();
@@ -218,6 +226,16 @@ pub async fn run_local(local: Local) -> Result<Outcome> {
     })
 }
 
+/// 128 random bits in hex, from the clock and the process id (an operator token
+/// for one demo run on the loopback interface, not a long-lived secret).
+fn random_token() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let mut rng = tether_shared::rng::SplitMix64::new(nanos ^ u64::from(std::process::id()) << 32);
+    format!("{:016x}{:016x}", rng.next_u64(), rng.next_u64())
+}
+
 pub fn run_demo(args: DemoArgs) -> Result<()> {
     if !(args.epochs.is_finite() && args.epochs > 0.0) {
         anyhow::bail!("--epochs must be a positive number, got {}", args.epochs);
@@ -230,6 +248,7 @@ pub fn run_demo(args: DemoArgs) -> Result<()> {
     config.run_dir = args.run_dir.clone();
     config.eval_every = Some(Duration::from_secs(args.eval_every));
     config.eval_limit = Some(args.eval_limit as usize);
+    config.admin_token = Some(args.admin_token.clone().unwrap_or_else(random_token));
     config.validate()?;
     let local = Local {
         config,

@@ -168,9 +168,13 @@ pub struct ServeArgs {
     /// Token for operator actions (sent as a header by the dashboard).
     #[arg(long, env = "TETHER_ADMIN_TOKEN")]
     pub admin_token: Option<String>,
-    /// Token every worker must present.
+    /// Token every worker must present (browsers: typed into the join form).
     #[arg(long, env = "TETHER_WORKER_TOKEN")]
     pub worker_token: Option<String>,
+    /// An origin besides this server's own whose pages may join browser workers
+    /// (repeatable), e.g. `https://lab.example.org` behind a proxy.
+    #[arg(long = "allow-origin")]
+    pub allow_origins: Vec<String>,
     /// Cap on connected workers.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_workers: u32,
@@ -234,6 +238,7 @@ impl ServeArgs {
         config.keep_checkpoints = self.keep_checkpoints as usize;
         config.admin_token = self.admin_token.clone();
         config.worker_token = self.worker_token.clone();
+        config.allowed_origins = self.allow_origins.clone();
         config.max_workers = self.max_workers;
         config.idle_timeout = Duration::from_secs(self.idle_timeout);
         config.barrier_timeout = Duration::from_secs(self.barrier_timeout);

@@ -170,6 +170,12 @@ impl Center {
         self.hyper
     }
 
+    /// Changes τ, α, η from the next exchange on (the operator's runtime change;
+    /// validated by the caller). Workers get the new values with their next reply.
+    pub fn set_hyper(&mut self, hyper: Hyper) {
+        self.hyper = hyper;
+    }
+
     /// The LSGD leader's worker session and loss, if any.
     pub fn leader(&self) -> Option<(u64, f32)> {
         self.leader.leader()

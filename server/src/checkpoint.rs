@@ -141,6 +141,34 @@ fn stem(version: u64) -> String {
 /// Returns the manifest's path.
 pub fn write(dir: &Path, snap: &Snapshot, keep: usize) -> Result<PathBuf, CheckpointError> {
     fs::create_dir_all(dir).map_err(io(dir))?;
+    let bytes = encode(snap).map_err(|e| CheckpointError::Io {
+        path: dir.to_path_buf(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    let file = format!("{}.safetensors", stem(snap.version));
+    write_atomic(dir, &file, &bytes)?;
+    let manifest = Manifest {
+        format: FORMAT,
+        run_id: snap.run_id.clone(),
+        algorithm: snap.algorithm,
+        model: snap.model,
+        version: snap.version,
+        samples: snap.samples,
+        file,
+        bytes: bytes.len() as u64,
+        sha256: hex(&Sha256::digest(&bytes)),
+        written_unix: unix_now(),
+    };
+    let name = format!("{}.json", stem(snap.version));
+    let json = serde_json::to_vec_pretty(&manifest).expect("manifest serialises");
+    write_atomic(dir, &name, &json)?;
+    prune(dir, keep)?;
+    Ok(dir.join(name))
+}
+
+/// The safetensors bytes of a snapshot: tensor `center` (and `velocity` when the
+/// algorithm keeps server momentum), with run id, version and model as metadata.
+pub fn encode(snap: &Snapshot) -> Result<Vec<u8>, safetensors::SafeTensorError> {
     let center = f32_bytes(&snap.params);
     let velocity = f32_bytes(&snap.velocity);
     let mut tensors = vec![(
@@ -161,30 +189,7 @@ pub fn write(dir: &Path, snap: &Snapshot, keep: usize) -> Result<PathBuf, Checkp
     ]
     .into_iter()
     .collect();
-    let bytes =
-        safetensors::serialize(tensors, Some(metadata)).map_err(|e| CheckpointError::Io {
-            path: dir.to_path_buf(),
-            source: std::io::Error::other(e.to_string()),
-        })?;
-    let file = format!("{}.safetensors", stem(snap.version));
-    write_atomic(dir, &file, &bytes)?;
-    let manifest = Manifest {
-        format: FORMAT,
-        run_id: snap.run_id.clone(),
-        algorithm: snap.algorithm,
-        model: snap.model,
-        version: snap.version,
-        samples: snap.samples,
-        file,
-        bytes: bytes.len() as u64,
-        sha256: hex(&Sha256::digest(&bytes)),
-        written_unix: unix_now(),
-    };
-    let name = format!("{}.json", stem(snap.version));
-    let json = serde_json::to_vec_pretty(&manifest).expect("manifest serialises");
-    write_atomic(dir, &name, &json)?;
-    prune(dir, keep)?;
-    Ok(dir.join(name))
+    safetensors::serialize(tensors, Some(metadata))
 }
 
 /// Manifests in `dir`, newest version first.

@@ -168,8 +168,12 @@ pub struct ServerConfig {
     pub checkpoint_every: Option<Duration>,
     /// Checkpoints kept on disk.
     pub keep_checkpoints: usize,
-    /// Token for operator actions (dashboard controls, next issue).
+    /// Token for operator actions (the dashboard's controls send it as
+    /// `Authorization: Bearer …`); none: the controls are off.
     pub admin_token: Option<String>,
+    /// Origins besides the server's own whose pages may join browser workers
+    /// (e.g. `https://lab.example.org` behind a proxy).
+    pub allowed_origins: Vec<String>,
     /// Token every worker's hello must carry, if set.
     pub worker_token: Option<String>,
     /// Cap on concurrently connected workers.
@@ -203,6 +207,7 @@ impl ServerConfig {
             checkpoint_every: Some(Duration::from_secs(60)),
             keep_checkpoints: 5,
             admin_token: None,
+            allowed_origins: Vec::new(),
             worker_token: None,
             max_workers: 64,
             handshake_timeout: Duration::from_secs(10),

@@ -6,24 +6,28 @@
 //! [`Server::new`] prepares a run (data, resume) and [`Server::serve`] runs it on a
 //! listener until the shutdown future resolves; [`run`] does both.
 
+pub mod admin;
 pub mod center;
 pub mod checkpoint;
 pub mod config;
+pub mod events;
 pub mod metrics;
 pub mod state;
+pub mod web;
 pub mod workers;
 pub mod ws;
 
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{State, WebSocketUpgrade};
-use axum::http::header;
+use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Json, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use serde::Serialize;
 use tether_shared::data::Normalization;
 use tether_shared::model::{INPUT_SHAPE, to_flat};
@@ -57,24 +61,46 @@ pub enum ServerError {
     Io(#[from] std::io::Error),
 }
 
-/// The router: `/ws` for workers, `/api/status`, `/metrics`, and `/`.
+/// The router: the dashboard at `/` and `/volunteer` (assets under `/web/`),
+/// `/ws` for workers, `/api/events` (the dashboard's live feed), `/api/status`,
+/// `/api/join` and `/api/shard` for browser workers, `/api/admin/*` for the
+/// operator, and `/metrics`.
 pub fn app(state: AppState) -> Router {
     Router::new()
-        .route("/", get(index))
+        .route("/", get(web::dashboard))
+        .route("/volunteer", get(web::volunteer))
+        .route("/web/{*path}", get(web::file))
         .route("/ws", get(ws_upgrade))
+        .route("/api/events", get(events::feed))
         .route("/api/status", get(status))
+        .route("/api/join", post(web::join))
+        .route("/api/shard", get(web::shard))
+        .route("/api/admin/hyper", post(admin::set_hyper))
+        .route("/api/admin/pause", post(admin::pause))
+        .route("/api/admin/resume", post(admin::resume))
+        .route("/api/admin/checkpoint", post(admin::checkpoint_now))
+        .route("/api/admin/center.safetensors", get(admin::download_center))
         .route("/metrics", get(metrics))
         .with_state(state)
 }
 
-async fn ws_upgrade(State(state): State<AppState>, ws: WebSocketUpgrade) -> Response {
+async fn ws_upgrade(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    // A browser may only connect from an allowed origin; it then also needs a ticket.
+    let browser = match web::check_origin(&state, &headers) {
+        Ok(browser) => browser,
+        Err(refused) => return refused,
+    };
     // Frames up to twice the protocol limit are read and refused with a typed
     // rejection (the connection survives); beyond that the socket layer drops the
     // connection without reading further. Either way memory stays bounded by the model.
     let hard_cap = 2 * protocol::max_frame_bytes(state.spec.model.param_count());
     ws.max_message_size(hard_cap)
         .max_frame_size(hard_cap)
-        .on_upgrade(move |socket| ws::connection(state, socket))
+        .on_upgrade(move |socket| ws::connection(state, socket, browser))
 }
 
 async fn status(State(state): State<AppState>) -> Json<Status> {
@@ -90,25 +116,6 @@ async fn metrics(State(state): State<AppState>) -> Response {
         state.metrics.render(workers, version, accuracy),
     )
         .into_response()
-}
-
-async fn index(State(state): State<AppState>) -> Response {
-    let s = state.status();
-    let acc = s.evaluation.map_or("not yet evaluated".to_string(), |e| {
-        format!("{:.2} %", e.accuracy * 100.0)
-    });
-    let body = format!(
-        "tether run {}\n{}, {} model, τ {}, α {}, η {}\ncenter version {}, accuracy {acc}\n{} workers connected\n\nJSON: /api/status   Prometheus: /metrics   workers: ws://<this host>/ws\n",
-        s.run_id,
-        s.settings.algorithm.name(),
-        s.settings.model.name(),
-        s.hyper.tau,
-        s.hyper.alpha,
-        s.hyper.lr,
-        s.center_version,
-        s.workers.len(),
-    );
-    ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response()
 }
 
 /// What a server reports when it stops.
@@ -217,7 +224,7 @@ impl Server {
             config.max_update_ratio,
         );
         tracing::info!(run = %spec.run_id, data = %data_dir.display(), dir = %run_dir.display(), "run ready");
-        let state = AppState::new(config, spec, run_dir, test, center);
+        let state = AppState::new(config, spec, run_dir, (Arc::new(data.train), test), center);
         state.metrics.samples.store(samples, Ordering::Relaxed);
         if version > 0 {
             *state.last_checkpoint.lock().expect("fresh lock") =
@@ -241,6 +248,7 @@ impl Server {
         let state = self.state;
         let evaluator = spawn_evaluator(state.clone());
         let checkpointer = tokio::spawn(checkpoint_loop(state.clone()));
+        let sampler = tokio::spawn(events::sampler(state.clone()));
         let signal_state = state.clone();
         axum::serve(listener, app(state.clone()))
             .with_graceful_shutdown(async move {
@@ -257,6 +265,7 @@ impl Server {
             tracing::warn!(open = state.connections(), "drain timed out");
         }
         checkpointer.abort();
+        sampler.abort();
         let _ = evaluator.await;
         let checkpoint = write_checkpoint(&state, true).await?;
         let m = &state.metrics;

@@ -1,11 +1,12 @@
 //! Everything one server holds: the run, the center behind its lock, the worker
 //! registry, metrics, the evaluation history, and the shutdown signal.
 
+use std::collections::{HashMap, VecDeque};
 use std::ops::Deref;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tether_shared::data::ImageSet;
@@ -18,6 +19,7 @@ use tokio::sync::watch;
 use crate::center::Center;
 use crate::checkpoint::Snapshot;
 use crate::config::{RunSettings, ServerConfig};
+use crate::events::Timeline;
 use crate::metrics::Metrics;
 use crate::workers::{WorkerStatus, Workers, unix_now};
 
@@ -35,6 +37,36 @@ pub struct EvalPoint {
     /// Mean test cross-entropy.
     pub loss: f64,
 }
+
+/// An operator's runtime change of τ, α, η.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct HyperChange {
+    /// Seconds since the server started.
+    pub time_s: f64,
+    /// The values before.
+    pub before: Hyper,
+    /// The values after.
+    pub after: Hyper,
+}
+
+/// A refused frame, for the dashboard's list of recent rejections.
+#[derive(Clone, Debug, Serialize)]
+pub struct RejectRecord {
+    /// Seconds since the server started.
+    pub time_s: f64,
+    /// The worker's id (`None` before the handshake finished).
+    pub worker: Option<u32>,
+    /// Stable code.
+    pub code: &'static str,
+    /// In words.
+    pub reason: String,
+}
+
+/// Rejections kept for the dashboard.
+const RECENT_REJECTS: usize = 50;
+
+/// How long a browser's join ticket is good for.
+pub const TICKET_LIFETIME: Duration = Duration::from_secs(300);
 
 /// The shared state of one server; cheap to clone (an `Arc`).
 #[derive(Clone)]
@@ -56,6 +88,10 @@ pub struct Shared {
     pub spec: RunSpec,
     /// Where checkpoints go.
     pub run_dir: PathBuf,
+    /// The training set (browser workers download their shards of it).
+    pub train: Arc<ImageSet>,
+    /// Identifies the training data in shard URLs, so browsers cache per data set.
+    pub data_id: String,
     /// The test set the evaluator scores the center on.
     pub test: ImageSet,
     /// The center: the single writer of x̃.
@@ -70,6 +106,13 @@ pub struct Shared {
     pub last_checkpoint: Mutex<Option<(u64, PathBuf)>>,
     /// When the server started.
     pub started: Instant,
+    /// Runtime changes of τ, α, η, oldest first.
+    pub changes: Mutex<Vec<HyperChange>>,
+    /// Once-a-second samples for the dashboard.
+    pub timeline: Timeline,
+    rejects: Mutex<VecDeque<RejectRecord>>,
+    tickets: Mutex<HashMap<String, Instant>>,
+    paused: watch::Sender<bool>,
     stop: watch::Sender<Option<StopReason>>,
     connections: watch::Sender<usize>,
     sessions: Mutex<SplitMix64>,
@@ -96,17 +139,25 @@ impl AppState {
         config: ServerConfig,
         spec: RunSpec,
         run_dir: PathBuf,
-        test: ImageSet,
+        (train, test): (Arc<ImageSet>, ImageSet),
         center: Center,
     ) -> Self {
         let seed = (unix_now() * 1e9) as u64 ^ u64::from(std::process::id()).rotate_left(32);
         let (stop, _) = watch::channel(None);
         let (connections, _) = watch::channel(0);
+        let (paused, _) = watch::channel(false);
         Self(Arc::new(Shared {
             config,
             spec,
             run_dir,
+            data_id: data_id(&train),
+            train,
             test,
+            changes: Mutex::new(Vec::new()),
+            timeline: Timeline::default(),
+            rejects: Mutex::new(VecDeque::new()),
+            tickets: Mutex::new(HashMap::new()),
+            paused,
             center: Mutex::new(center),
             workers: Mutex::new(Workers::default()),
             metrics: Metrics::default(),
@@ -118,6 +169,15 @@ impl AppState {
             sessions: Mutex::new(SplitMix64::new(seed)),
         }))
     }
+}
+
+/// A short fingerprint of a training set (FNV-1a over labels and pixels).
+fn data_id(set: &ImageSet) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in set.labels.iter().chain(&set.pixels) {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{:016x}", h ^ set.len() as u64)
 }
 
 impl Shared {
@@ -151,6 +211,89 @@ impl Shared {
     pub async fn connections_closed(&self) {
         let mut rx = self.connections.subscribe();
         let _ = rx.wait_for(|n| *n == 0).await;
+    }
+
+    /// Seconds since the server started.
+    pub fn now_s(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    /// Changes τ, α, η (validated by the caller); logged and kept for the charts.
+    pub fn set_hyper(&self, after: Hyper) -> HyperChange {
+        let before = {
+            let mut c = self.center();
+            let before = c.hyper();
+            c.set_hyper(after);
+            before
+        };
+        let change = HyperChange {
+            time_s: self.now_s(),
+            before,
+            after,
+        };
+        tracing::info!(?before, ?after, "hyper-parameters changed by the operator");
+        lock(&self.changes).push(change);
+        change
+    }
+
+    /// Keeps a rejection for the dashboard (the newest [`RECENT_REJECTS`]).
+    pub fn record_reject(&self, worker: Option<u32>, code: &'static str, reason: String) {
+        let mut r = lock(&self.rejects);
+        if r.len() == RECENT_REJECTS {
+            r.pop_front();
+        }
+        r.push_back(RejectRecord {
+            time_s: self.now_s(),
+            worker,
+            code,
+            reason,
+        });
+    }
+
+    /// Recent rejections, oldest first.
+    pub fn recent_rejects(&self) -> Vec<RejectRecord> {
+        lock(&self.rejects).iter().cloned().collect()
+    }
+
+    /// Issues a browser join ticket, good for [`TICKET_LIFETIME`].
+    pub fn issue_ticket(&self) -> String {
+        let ticket = {
+            let mut rng = lock(&self.sessions);
+            format!("{:016x}{:016x}", rng.next_u64(), rng.next_u64())
+        };
+        let mut tickets = lock(&self.tickets);
+        tickets.retain(|_, issued| issued.elapsed() < TICKET_LIFETIME);
+        tickets.insert(ticket.clone(), Instant::now());
+        ticket
+    }
+
+    /// Whether `ticket` was issued here and has not expired.
+    pub fn ticket_valid(&self, ticket: &str) -> bool {
+        lock(&self.tickets)
+            .get(ticket)
+            .is_some_and(|issued| issued.elapsed() < TICKET_LIFETIME)
+    }
+
+    /// Pauses (true) or resumes (false) training: syncs wait while paused.
+    pub fn set_paused(&self, paused: bool) {
+        if self.paused.send_replace(paused) != paused {
+            tracing::info!(
+                paused,
+                "training {}",
+                if paused { "paused" } else { "resumed" }
+            );
+        }
+    }
+
+    /// Whether training is paused.
+    pub fn paused(&self) -> bool {
+        *self.paused.borrow()
+    }
+
+    /// Waits until training is not paused.
+    pub async fn unpaused(&self) {
+        let mut rx = self.paused.subscribe();
+        let _ = rx.wait_for(|p| !*p).await;
     }
 
     /// Tells every connection to stop its worker.
@@ -254,6 +397,11 @@ impl Shared {
                 .map(|(v, p)| (v, p.display().to_string())),
             run_dir: self.run_dir.display().to_string(),
             stopping: self.stopping(),
+            paused: self.paused(),
+            admin: self.config.admin_token.is_some(),
+            needs_token: self.config.worker_token.is_some(),
+            changes: lock(&self.changes).clone(),
+            recent_rejects: self.recent_rejects(),
             workers,
         }
     }
@@ -300,6 +448,16 @@ pub struct Status {
     pub run_dir: String,
     /// Whether the server is shutting down.
     pub stopping: bool,
+    /// Whether the operator paused training.
+    pub paused: bool,
+    /// Whether operator controls are enabled (an admin token is set).
+    pub admin: bool,
+    /// Whether joining needs the worker token.
+    pub needs_token: bool,
+    /// Runtime changes of τ, α, η.
+    pub changes: Vec<HyperChange>,
+    /// The most recent rejections.
+    pub recent_rejects: Vec<RejectRecord>,
     /// Connected workers.
     pub workers: Vec<WorkerStatus>,
 }

@@ -32,6 +32,8 @@ pub struct Worker {
     pub rejects: u64,
     /// Training images it reported.
     pub samples: u64,
+    /// Training images in its last sync (τ × batch: shows a runtime τ change arrived).
+    pub last_samples: u64,
     /// Its last reported training speed.
     pub samples_per_s: f64,
     /// Its last reported mean loss.
@@ -67,6 +69,8 @@ pub struct WorkerStatus {
     pub rejects: u64,
     /// Training images reported.
     pub samples: u64,
+    /// Training images in its last sync.
+    pub last_samples: u64,
     /// Last reported images per second.
     pub samples_per_s: f64,
     /// Last reported mean training loss.
@@ -130,6 +134,7 @@ impl Workers {
             syncs: 0,
             rejects: 0,
             samples: 0,
+            last_samples: 0,
             samples_per_s: 0.0,
             loss: f64::NAN,
             staleness: 0,
@@ -167,6 +172,7 @@ impl Workers {
                 syncs: w.syncs,
                 rejects: w.rejects,
                 samples: w.samples,
+                last_samples: w.last_samples,
                 samples_per_s: w.samples_per_s,
                 loss: w.loss,
                 last_seen_s: now.duration_since(w.last_seen).as_secs_f64(),

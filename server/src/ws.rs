@@ -11,7 +11,7 @@ use axum::extract::ws::{Message as WsMessage, WebSocket};
 use tether_shared::algorithms::Algorithm;
 use tether_shared::protocol::{
     self, Apply, Frame, Hello, Message, PROTOCOL_VERSION, Rejection, Reply, StopReason, Sync,
-    Welcome,
+    Welcome, WorkerKind,
 };
 
 use crate::center::{Outcome, Update};
@@ -20,10 +20,11 @@ use crate::state::AppState;
 
 /// Serves one worker until it leaves, goes silent, breaks the protocol beyond
 /// repair, or the server stops.
-pub async fn connection(state: AppState, mut socket: WebSocket) {
+/// `browser`: the upgrade came from a web page (its Origin was checked).
+pub async fn connection(state: AppState, mut socket: WebSocket, browser: bool) {
     let _guard = state.connection_guard();
     let mut stop = state.stop_signal();
-    let Some(mut conn) = handshake(&state, &mut socket).await else {
+    let Some(mut conn) = handshake(&state, &mut socket, browser).await else {
         let _ = socket.send(WsMessage::Close(None)).await;
         return;
     };
@@ -92,7 +93,7 @@ enum Step {
     Broken,
 }
 
-async fn handshake(state: &AppState, socket: &mut WebSocket) -> Option<Conn> {
+async fn handshake(state: &AppState, socket: &mut WebSocket, browser: bool) -> Option<Conn> {
     let mut conn = Conn {
         session: 0,
         worker_id: u32::MAX,
@@ -135,7 +136,7 @@ async fn handshake(state: &AppState, socket: &mut WebSocket) -> Option<Conn> {
             return None;
         }
     };
-    if let Err(why) = admit(state, &hello) {
+    if let Err(why) = admit(state, &hello, browser) {
         reject(state, &mut conn, socket, None, why).await;
         return None;
     }
@@ -188,15 +189,25 @@ async fn handshake(state: &AppState, socket: &mut WebSocket) -> Option<Conn> {
     Some(conn)
 }
 
-/// Checks a hello against the run before the worker is registered.
-fn admit(state: &AppState, hello: &Hello) -> Result<(), Rejection> {
+/// Checks a hello against the run before the worker is registered. A browser
+/// (a web page's connection, or a hello that says so) needs a live join ticket;
+/// other workers need the worker token when the run has one.
+fn admit(state: &AppState, hello: &Hello, browser: bool) -> Result<(), Rejection> {
     if hello.protocol != PROTOCOL_VERSION {
         return Err(Rejection::ProtocolVersion {
             expected: PROTOCOL_VERSION,
             got: hello.protocol,
         });
     }
-    if let Some(token) = &state.config.worker_token
+    if browser || hello.kind == WorkerKind::Browser {
+        if !hello
+            .token
+            .as_deref()
+            .is_some_and(|t| state.ticket_valid(t))
+        {
+            return Err(Rejection::Unauthorized);
+        }
+    } else if let Some(token) = &state.config.worker_token
         && hello.token.as_deref() != Some(token.as_str())
     {
         return Err(Rejection::Unauthorized);
@@ -320,6 +331,14 @@ async fn exchange(
             .collect(),
         _ => values,
     };
+    // Paused by the operator: hold this sync (the worker waits for its reply) and
+    // apply it once training resumes.
+    if state.paused() {
+        tokio::select! {
+            _ = state.unpaused() => {}
+            _ = stop.wait_for(Option::is_some) => return Err(Rejection::ShuttingDown),
+        }
+    }
     let update = Update {
         session: conn.session,
         worker_id: conn.worker_id,
@@ -364,6 +383,7 @@ fn record_sync(state: &AppState, conn: &Conn, sync: &Sync, version: u64, norm: f
     if let Some(w) = state.workers().get_mut(conn.session) {
         w.syncs += 1;
         w.samples += sync.samples;
+        w.last_samples = sync.samples;
         w.samples_per_s = f64::from(sync.samples_per_s);
         w.loss = f64::from(sync.loss);
         w.wait_s = f64::from(sync.wait_s);
@@ -426,6 +446,8 @@ async fn reject(
         "rejected: {reason}"
     );
     state.metrics.reject(reason.code());
+    let worker = (conn.worker_id != u32::MAX).then_some(conn.worker_id);
+    state.record_reject(worker, reason.code(), reason.to_string());
     if let Some(w) = state.workers().get_mut(conn.session) {
         w.rejects += 1;
     }

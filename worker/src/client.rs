@@ -11,7 +11,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde::Serialize;
 use tether_shared::data::ImageSet;
 use tether_shared::protocol::{
-    self, Frame, Hello, Message, PROTOCOL_VERSION, Rejection, StopReason, Sync, WorkerKind,
+    self, Frame, Hello, Message, PROTOCOL_VERSION, Remedy, StopReason, Sync, WorkerKind,
 };
 use thiserror::Error;
 use tokio::sync::{mpsc, watch};
@@ -309,11 +309,9 @@ async fn session(
             message: Message::Reject { reason, .. },
             ..
         })) => {
-            return match reason {
-                Rejection::ServerFull { .. } | Rejection::ShuttingDown => {
-                    Ok((End::Lost(reason.to_string()), None))
-                }
-                other => Err(WorkError::Refused(other.to_string())),
+            return match reason.remedy() {
+                Remedy::GiveUp => Err(WorkError::Refused(reason.to_string())),
+                _ => Ok((End::Lost(reason.to_string()), None)),
             };
         }
         Ok(Ok(other)) => {
@@ -455,14 +453,12 @@ async fn session(
                         Message::Reply(r) if r.seq == seq => break (r, frame.payload),
                         Message::Reject { reason, .. } => {
                             report.rejections += 1;
-                            break 'session match reason {
-                                Rejection::ShuttingDown => End::Lost(reason.to_string()),
-                                Rejection::OutOfLine { .. }
-                                | Rejection::TooStale { .. }
-                                | Rejection::NonFinite { .. }
-                                | Rejection::UnknownSession(_)
-                                | Rejection::Replayed { .. } => End::Restart(reason.to_string()),
-                                other => return Err(WorkError::Refused(other.to_string())),
+                            break 'session match reason.remedy() {
+                                Remedy::Reconnect => End::Lost(reason.to_string()),
+                                Remedy::Restart => End::Restart(reason.to_string()),
+                                Remedy::GiveUp => {
+                                    return Err(WorkError::Refused(reason.to_string()));
+                                }
                             };
                         }
                         Message::Stop(StopReason::Finished) => {

@@ -1,0 +1,214 @@
+//! The browser side of the server: the dashboard and volunteer pages (compiled into
+//! the binary from `web/`, so a fresh `cargo run` serves them with nothing fetched
+//! from the internet), join tickets for browser workers, and shard downloads.
+//!
+//! Browsers are held to their origin: `/api/join`, `/api/shard` and a browser's
+//! `/ws` upgrade must come from a page this server served (Origin matches Host) or
+//! from an origin the operator allowed.
+
+use axum::Json;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use tether_shared::data::{encode_images, shard_indices};
+
+use crate::state::{AppState, TICKET_LIFETIME};
+
+/// One embedded file: (path under `web/`, content type, bytes).
+type Asset = (&'static str, &'static str, &'static [u8]);
+
+macro_rules! assets {
+    ($($path:literal => $mime:literal),* $(,)?) => {
+        &[$(($path, $mime, include_bytes!(concat!("../../web/", $path)))),*]
+    };
+}
+
+/// Everything under `web/` that the pages load.
+const ASSETS: &[Asset] = assets![
+    "index.html" => "text/html; charset=utf-8",
+    "volunteer.html" => "text/html; charset=utf-8",
+    "style.css" => "text/css; charset=utf-8",
+    "app.js" => "text/javascript; charset=utf-8",
+    "volunteer.js" => "text/javascript; charset=utf-8",
+    "worker.js" => "text/javascript; charset=utf-8",
+    "vendor/uPlot.iife.min.js" => "text/javascript; charset=utf-8",
+    "vendor/uPlot.min.css" => "text/css; charset=utf-8",
+    "vendor/uPlot.LICENSE" => "text/plain; charset=utf-8",
+    "pkg/tether_client_wasm.js" => "text/javascript; charset=utf-8",
+    "pkg/tether_client_wasm_bg.wasm" => "application/wasm",
+];
+
+fn asset(path: &str) -> Response {
+    match ASSETS.iter().find(|(p, _, _)| *p == path) {
+        Some((_, mime, bytes)) => (
+            [
+                (header::CONTENT_TYPE, *mime),
+                // Assets change with the binary; revalidate rather than go stale.
+                (header::CACHE_CONTROL, "no-cache"),
+            ],
+            *bytes,
+        )
+            .into_response(),
+        None => (StatusCode::NOT_FOUND, "no such file").into_response(),
+    }
+}
+
+/// `GET /`: the dashboard.
+pub async fn dashboard() -> Response {
+    asset("index.html")
+}
+
+/// `GET /volunteer`: the page for lending a tab.
+pub async fn volunteer() -> Response {
+    asset("volunteer.html")
+}
+
+/// `GET /web/{*path}`: scripts, styles, the wasm.
+pub async fn file(axum::extract::Path(path): axum::extract::Path<String>) -> Response {
+    asset(&path)
+}
+
+/// A JSON error body with a status code.
+pub fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    #[derive(Serialize)]
+    struct Body {
+        error: String,
+    }
+    (
+        status,
+        Json(Body {
+            error: message.into(),
+        }),
+    )
+        .into_response()
+}
+
+/// Checks a browser request's Origin against the Host it was sent to and the
+/// operator's allowed origins. `Ok(true)`: a browser from an allowed origin;
+/// `Ok(false)`: no Origin header (not a browser: native workers, curl).
+#[allow(clippy::result_large_err)] // the error is the response itself, sent once
+pub fn check_origin(state: &AppState, headers: &HeaderMap) -> Result<bool, Response> {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return Ok(false);
+    };
+    let origin = origin.to_str().unwrap_or("");
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    let authority = origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"))
+        .unwrap_or("");
+    let allowed = (!host.is_empty() && authority == host)
+        || state.config.allowed_origins.iter().any(|o| o == origin);
+    if allowed {
+        Ok(true)
+    } else {
+        tracing::warn!(origin, host, "refused a browser from a foreign origin");
+        Err(error(
+            StatusCode::FORBIDDEN,
+            format!(
+                "origin {origin:?} is not allowed (serve the page from this server, or add it with --allow-origin)"
+            ),
+        ))
+    }
+}
+
+/// The answer to `POST /api/join`.
+#[derive(Serialize)]
+pub struct Ticket {
+    /// Goes in the browser worker's hello.
+    pub ticket: String,
+    /// Seconds it stays valid.
+    pub expires_in_s: u64,
+    /// Identifies the training data (part of shard URLs, for caching).
+    pub data: String,
+}
+
+/// Header a volunteer sends the worker token in, when the run has one.
+pub const TOKEN_HEADER: &str = "x-tether-token";
+
+/// `POST /api/join`: a short-lived ticket for a browser worker of this origin.
+pub async fn join(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    match check_origin(&state, &headers) {
+        Ok(true) => {}
+        Ok(false) => {
+            return error(
+                StatusCode::FORBIDDEN,
+                "join tickets are for browsers (no Origin header); native workers use `tether work`",
+            );
+        }
+        Err(refused) => return refused,
+    }
+    if let Some(token) = &state.config.worker_token {
+        let sent = headers.get(TOKEN_HEADER).and_then(|v| v.to_str().ok());
+        if sent != Some(token.as_str()) {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "this run needs its worker token to join",
+            );
+        }
+    }
+    if state.stopping() {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the server is shutting down",
+        );
+    }
+    Json(Ticket {
+        ticket: state.issue_ticket(),
+        expires_in_s: TICKET_LIFETIME.as_secs(),
+        data: state.data_id.clone(),
+    })
+    .into_response()
+}
+
+/// `GET /api/shard` parameters: the shard from a welcome, and the data id.
+#[derive(Deserialize)]
+pub struct ShardQuery {
+    index: u32,
+    count: u32,
+    seed: u64,
+    data: String,
+}
+
+/// `GET /api/shard`: a worker's shard of the training set, binary
+/// ([`encode_images`]), cacheable for good (the URL names the data and the cut).
+pub async fn shard(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<ShardQuery>,
+) -> Response {
+    if let Err(refused) = check_origin(&state, &headers) {
+        return refused;
+    }
+    if q.data != state.data_id {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("data {:?} is not this run's ({})", q.data, state.data_id),
+        );
+    }
+    if q.count == 0 || q.index >= q.count || q.count > 1_000_000 {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("invalid shard {}/{}", q.index, q.count),
+        );
+    }
+    let train = state.train.clone();
+    let bytes = tokio::task::spawn_blocking(move || {
+        let items = shard_indices(train.len(), q.count as usize, q.index as usize, q.seed);
+        encode_images(&train.subset(&items))
+    })
+    .await
+    .expect("shard encoding does not panic");
+    (
+        [
+            (header::CONTENT_TYPE, "application/octet-stream"),
+            (header::CACHE_CONTROL, "public, max-age=31536000, immutable"),
+        ],
+        bytes,
+    )
+        .into_response()
+}
