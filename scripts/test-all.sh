@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs what tether's tests need and runs them all: formatting, clippy with
-# warnings denied, every test (release build: the tests train real models), and a
-# wasm32 check of the shared crate. This is the README's test command; .ci/run calls it.
+# warnings denied, the check that the committed browser worker (web/pkg) is what
+# the sources build, and every test (release build: the tests train real models;
+# the browser tests drive Debian's Chromium). This is the README's test command;
+# .ci/run calls it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,6 +23,17 @@ if ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1; then
   export TETHER_REQUIRE_WGPU=1 # an adapter exists: the wgpu test must run, not skip
 fi
 
+# Debian's Chromium and playwright-core for the browser tests (never a downloaded browser).
+if [ ! -x /usr/bin/chromium ]; then
+  step "installing Debian's chromium for the browser tests"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null && SUDO="sudo"
+  { $SUDO apt-get update -qq && $SUDO DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1 \
+    || echo "warning: could not install chromium; the browser tests will fail" >&2
+fi
+step "playwright-core (npm ci in tests/browser)"
+(cd tests/browser && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error)
+export TETHER_REQUIRE_BROWSER=1
+
 step "toolchain components"
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 rustup target add wasm32-unknown-unknown >/dev/null
@@ -31,8 +44,8 @@ cargo fmt --all -- --check
 step "cargo clippy (warnings denied)"
 cargo clippy --workspace --all-targets --release --locked -- -D warnings
 
-step "tether-shared builds for wasm32-unknown-unknown"
-cargo check -p tether-shared --target wasm32-unknown-unknown --release --locked
+step "web/pkg is what the browser worker's sources build (cargo xtask web --check)"
+cargo xtask web --check
 
 step "cargo test (release)"
 log=$(mktemp)

@@ -191,6 +191,15 @@ pub mod net {
             Ok(Self { socket })
         }
 
+        /// Opens a WebSocket to `url` as a web page of `origin` would.
+        pub async fn connect_from(url: &str, origin: &str) -> Result<Self> {
+            use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+            let mut request = url.into_client_request()?;
+            request.headers_mut().insert("origin", origin.parse()?);
+            let (socket, _) = tokio_tungstenite::connect_async(request).await?;
+            Ok(Self { socket })
+        }
+
         /// Sends raw bytes as one binary frame.
         pub async fn send_bytes(&mut self, bytes: Vec<u8>) -> Result<()> {
             self.socket.send(WsMessage::Binary(bytes.into())).await?;
@@ -210,12 +219,17 @@ pub mod net {
 
         /// The next protocol frame (10 s at most); an error when the socket closes.
         pub async fn recv(&mut self) -> Result<Frame> {
+            Ok(protocol::decode(&self.recv_raw().await?)?)
+        }
+
+        /// The next binary frame's bytes, undecoded (10 s at most).
+        pub async fn recv_raw(&mut self) -> Result<Vec<u8>> {
             loop {
                 let next = tokio::time::timeout(Duration::from_secs(10), self.socket.next())
                     .await
                     .context("no frame within 10 s")?;
                 match next {
-                    Some(Ok(WsMessage::Binary(b))) => return Ok(protocol::decode(&b)?),
+                    Some(Ok(WsMessage::Binary(b))) => return Ok(b.to_vec()),
                     Some(Ok(WsMessage::Close(c))) => bail!("closed: {c:?}"),
                     Some(Ok(_)) => continue,
                     Some(Err(e)) => bail!("socket error: {e}"),
@@ -235,6 +249,82 @@ pub mod net {
                 } => Ok((c, w, payload)),
                 other => bail!("expected a welcome, got {:?}", other.message),
             }
+        }
+    }
+
+    /// An HTTP response: status, head (lower-cased), body.
+    pub struct Response {
+        /// Status code.
+        pub status: u16,
+        /// Status line and headers, lower-cased.
+        pub head: String,
+        /// The body.
+        pub body: Vec<u8>,
+    }
+
+    impl Response {
+        /// The body as text.
+        pub fn text(&self) -> String {
+            String::from_utf8_lossy(&self.body).into_owned()
+        }
+
+        /// The body as JSON.
+        pub fn json(&self) -> Result<serde_json::Value> {
+            serde_json::from_slice(&self.body).with_context(|| format!("not JSON: {}", self.text()))
+        }
+    }
+
+    /// Any HTTP/1.1 request with extra `headers` and a body.
+    pub async fn http(
+        addr: SocketAddr,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Result<Response> {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        let mut request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+            body.len()
+        );
+        for (k, v) in headers {
+            request.push_str(&format!("{k}: {v}\r\n"));
+        }
+        request.push_str("\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        stream.write_all(body).await?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await?;
+        let end = response
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .context("no HTTP header end")?;
+        let head = String::from_utf8_lossy(&response[..end]).to_lowercase();
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .context("no status code")?;
+        let mut body = response[end + 4..].to_vec();
+        if head.contains("transfer-encoding: chunked") {
+            body = dechunk(&body)?;
+        }
+        Ok(Response { status, head, body })
+    }
+
+    fn dechunk(mut data: &[u8]) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        loop {
+            let line = data
+                .windows(2)
+                .position(|w| w == b"\r\n")
+                .context("bad chunk")?;
+            let size = usize::from_str_radix(std::str::from_utf8(&data[..line])?.trim(), 16)?;
+            if size == 0 {
+                return Ok(out);
+            }
+            out.extend_from_slice(&data[line + 2..line + 2 + size]);
+            data = &data[line + 4 + size..];
         }
     }
 

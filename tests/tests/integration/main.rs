@@ -1,7 +1,9 @@
 //! tether's one integration-test binary: the real `tether` binary, real servers on
 //! port 0 with real sockets, real training on the shipped data.
 
+mod browser;
 mod cli;
 mod lifecycle;
 mod protocol;
 mod training;
+mod web;

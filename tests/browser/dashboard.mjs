@@ -1,0 +1,136 @@
+// Opens a real tether server's dashboard in Debian's Chromium, presses Join, and
+// checks that the tab becomes a training browser worker: ≥ N syncs, the center
+// moves, the charts have data, the page logs no errors. Optionally changes τ from
+// the operator controls and waits for a native worker to train with it. Writes a
+// JSON report and screenshots; exits non-zero with the reason on any failure.
+//
+// node dashboard.mjs --base http://127.0.0.1:PORT --backend webgpu|cpu --out DIR
+//   [--min-syncs 5] [--timeout 240] [--admin-token T --tau N --batch B]
+import { chromium } from 'playwright-core';
+import { mkdirSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+
+const args = Object.fromEntries(process.argv.slice(2).reduce((acc, a, i, all) => {
+  if (a.startsWith('--')) acc.push([a.slice(2), all[i + 1]]);
+  return acc;
+}, []));
+const base = args.base;
+const backend = args.backend || 'cpu';
+const out = args.out || '.';
+const minSyncs = Number(args['min-syncs'] || 5);
+const timeoutMs = Number(args.timeout || 240) * 1000;
+mkdirSync(out, { recursive: true });
+
+const report = { backend, errors: [], steps: [] };
+const log = (msg) => { report.steps.push(msg); console.log(`[${backend}] ${msg}`); };
+const status = async () => (await fetch(`${base}/api/status`)).json();
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+async function until(what, fn, limit = timeoutMs) {
+  const t0 = Date.now();
+  for (;;) {
+    const v = await fn();
+    if (v) return v;
+    if (Date.now() - t0 > limit) throw new Error(`timed out after ${limit / 1000} s waiting for ${what}`);
+    await sleep(250);
+  }
+}
+
+// Chromium exposes WebGPU headless only with this flag (a SwiftShader adapter).
+const flags = ['--no-first-run', '--disable-background-networking', '--disable-component-update',
+  '--disable-sync', '--disable-quic'];
+if (backend === 'webgpu') flags.push('--enable-unsafe-webgpu');
+const browser = await chromium.launch({ executablePath: process.env.CHROMIUM || '/usr/bin/chromium', args: flags });
+let exitCode = 0;
+try {
+  const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
+  page.on('console', (m) => { if (m.type() === 'error') report.errors.push(`console: ${m.text()}`); });
+  page.on('pageerror', (e) => report.errors.push(`page error: ${e.message}`));
+  page.on('requestfailed', (r) => {
+    // The feed socket closing when the page goes away is not an error.
+    if (!r.url().includes('/api/events')) report.errors.push(`request failed: ${r.url()} ${r.failure()?.errorText}`);
+  });
+  page.on('worker', (w) => log(`web worker started: ${w.url()}`));
+
+  const before = await status();
+  const t0 = Date.now();
+  await page.goto(base, { waitUntil: 'load' });
+  await page.waitForFunction(() => window.tetherDashboard && Object.keys(window.tetherDashboard.chartPoints()).length === 6);
+  report.first_chart_ms = Date.now() - t0;
+  log(`dashboard up, charts drawn after ${report.first_chart_ms} ms`);
+
+  await page.click('#join');
+  log('pressed Join');
+  const joined = await until(`a browser worker with ${minSyncs} syncs`, async () => {
+    const s = await status();
+    const w = s.workers.find((w) => w.kind === 'browser');
+    if (report.errors.length) throw new Error(`page errors: ${report.errors.join(' | ')}`);
+    const err = await page.evaluate(() => window.tetherVolunteer && window.tetherVolunteer.error);
+    if (err) throw new Error(`browser worker stopped: ${err}`);
+    return w && w.syncs >= minSyncs ? { s, w } : null;
+  });
+  report.browser_worker = joined.w;
+  report.center_version_before = before.center_version;
+  report.center_version_after = joined.s.center_version;
+  log(`browser worker #${joined.w.id} (${joined.w.backend}: ${joined.w.device}) has ${joined.w.syncs} syncs at ${joined.w.samples_per_s.toFixed(1)} samples/s`);
+  if (joined.w.backend !== backend) throw new Error(`expected the ${backend} backend, the worker reports ${joined.w.backend}`);
+  if (!(joined.s.center_version > before.center_version)) throw new Error('the center version did not advance');
+  const shown = await page.locator('#workers tbody tr[data-kind="browser"] td:nth-child(3)').first().textContent();
+  if (shown.trim() !== backend) throw new Error(`the workers table shows backend ${shown}`);
+  // Speed side by side with the native workers of the same run (same model, batch).
+  const natives = joined.s.workers.filter((w) => w.kind === 'native' && w.syncs > 0);
+  report.native_samples_per_s = natives.map((w) => w.samples_per_s);
+  if (natives.length) {
+    const native = natives.reduce((a, w) => a + w.samples_per_s, 0) / natives.length;
+    report.browser_vs_native = joined.w.samples_per_s / native;
+    log(`browser ${joined.w.samples_per_s.toFixed(1)} vs native ${native.toFixed(1)} samples/s: ratio ${report.browser_vs_native.toFixed(3)}`);
+  }
+
+  // Charts must hold data (at least two ticks and, where evaluated, an accuracy point).
+  await page.waitForFunction(() => {
+    const p = window.tetherDashboard.chartPoints();
+    return p['chart-speed'] > 2 && p['chart-distance'] > 2 && p['chart-bytes'] > 2 && p['chart-syncs'] > 2;
+  }, null, { timeout: 30000 });
+  report.chart_points = await page.evaluate(() => window.tetherDashboard.chartPoints());
+  log(`chart points: ${JSON.stringify(report.chart_points)}`);
+
+  if (args['admin-token']) {
+    const tau = Number(args.tau);
+    await page.fill('#admin-token', args['admin-token']);
+    await page.fill('#set-tau', String(tau));
+    await page.click('#apply-hyper');
+    await page.waitForFunction(() => document.querySelector('#admin-result').textContent.startsWith('changed'), null, { timeout: 10000 });
+    log(`changed τ to ${tau} from the controls`);
+    const want = tau * Number(args.batch);
+    const native = await until(`a native worker syncing with τ ${tau}`, async () => {
+      const s = await status();
+      return s.workers.find((w) => w.kind === 'native' && w.last_samples === want);
+    }, 120000);
+    report.tau_change = { tau, native_worker: native.id, last_samples: native.last_samples };
+    log(`native worker #${native.id} now syncs every ${native.last_samples} samples`);
+    if ((await status()).hyper.tau !== tau) throw new Error('the run card τ did not change');
+  }
+
+  await page.screenshot({ path: join(out, `dashboard-${backend}.png`), fullPage: true });
+  await page.setViewportSize({ width: 390, height: 844 });
+  await sleep(500);
+  const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+  report.phone_overflow_px = overflow;
+  await page.screenshot({ path: join(out, `dashboard-${backend}-phone.png`), fullPage: false });
+  if (overflow > 1) throw new Error(`the page is ${overflow}px wider than a phone screen`);
+
+  // Leave: the worker syncs once more, says goodbye, and the server drops it.
+  await page.click('#leave');
+  await until('the browser worker to leave', async () => !(await status()).workers.some((w) => w.kind === 'browser'), 60000);
+  log('left cleanly');
+  if (report.errors.length) throw new Error(`page errors: ${report.errors.join(' | ')}`);
+  report.ok = true;
+} catch (err) {
+  report.ok = false;
+  report.failure = String(err && err.message || err);
+  console.error(`[${backend}] FAILED: ${report.failure}`);
+  exitCode = 1;
+} finally {
+  writeFileSync(join(out, `report-${backend}.json`), JSON.stringify(report, null, 2));
+  await browser.close();
+}
+process.exit(exitCode);

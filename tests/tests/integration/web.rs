@@ -1,0 +1,380 @@
+//! The browser-facing server against real sockets: the pages and the wasm are
+//! served, browsers are held to their origin and need a join ticket, a browser
+//! worker's protocol code (run natively here) trains and moves the center, the
+//! operator's controls work only with the admin token, and the live feed pushes.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use burn::tensor::Device;
+use futures_util::StreamExt;
+use tether_client_wasm::volunteer::{Event, Volunteer};
+use tether_server::{RunSettings, ServerConfig};
+use tether_shared::algorithms::Algorithm;
+use tether_shared::protocol::{Message, Rejection, Sync, WorkerKind};
+use tether_tests::net::{RawClient, TestServer, hello, http};
+use tether_tests::scratch;
+
+const ADMIN: &str = "s3cret-admin";
+
+fn config(name: &str) -> Result<ServerConfig> {
+    let mut run = RunSettings::defaults(Algorithm::Easgd);
+    run.tau = 2;
+    run.batch = 16;
+    let mut c = ServerConfig::new(run);
+    c.eval_every = None;
+    c.checkpoint_every = None;
+    c.run_dir = Some(scratch(name)?);
+    Ok(c)
+}
+
+fn origin(server: &TestServer) -> String {
+    format!("http://{}", server.addr)
+}
+
+async fn ticket(server: &TestServer) -> Result<(String, String)> {
+    let r = http(
+        server.addr,
+        "POST",
+        "/api/join",
+        &[("Origin", &origin(server))],
+        b"",
+    )
+    .await?;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let j = r.json()?;
+    Ok((
+        j["ticket"].as_str().context("ticket")?.to_string(),
+        j["data"].as_str().context("data")?.to_string(),
+    ))
+}
+
+#[tokio::test]
+async fn pages_scripts_and_the_wasm_are_served() -> Result<()> {
+    let server = TestServer::start(config("web-assets")?).await?;
+    let page = http(server.addr, "GET", "/", &[], b"").await?;
+    assert_eq!(page.status, 200);
+    assert!(page.head.contains("text/html"));
+    assert!(page.text().contains("/web/app.js"), "{}", page.text());
+    let volunteer = http(server.addr, "GET", "/volunteer", &[], b"").await?;
+    assert!(volunteer.text().contains("mountVolunteer"));
+    for path in [
+        "/web/app.js",
+        "/web/worker.js",
+        "/web/vendor/uPlot.iife.min.js",
+    ] {
+        let r = http(server.addr, "GET", path, &[], b"").await?;
+        assert_eq!(r.status, 200, "{path}");
+        assert!(r.head.contains("text/javascript"), "{path}: {}", r.head);
+    }
+    let wasm = http(
+        server.addr,
+        "GET",
+        "/web/pkg/tether_client_wasm_bg.wasm",
+        &[],
+        b"",
+    )
+    .await?;
+    assert_eq!(wasm.status, 200);
+    assert!(wasm.head.contains("application/wasm"));
+    assert_eq!(&wasm.body[..4], b"\0asm");
+    let missing = http(server.addr, "GET", "/web/../Cargo.toml", &[], b"").await?;
+    assert_eq!(missing.status, 404);
+    server.stop().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn browsers_need_their_own_origin_and_a_ticket() -> Result<()> {
+    let mut c = config("web-origin")?;
+    c.allowed_origins = vec!["https://lab.example.org".into()];
+    let server = TestServer::start(c).await?;
+    // No Origin: not a browser, no ticket.
+    let r = http(server.addr, "POST", "/api/join", &[], b"").await?;
+    assert_eq!(r.status, 403, "{}", r.text());
+    // A foreign page.
+    let r = http(
+        server.addr,
+        "POST",
+        "/api/join",
+        &[("Origin", "http://evil.example")],
+        b"",
+    )
+    .await?;
+    assert_eq!(r.status, 403);
+    assert!(r.text().contains("not allowed"), "{}", r.text());
+    // An origin the operator allowed.
+    let r = http(
+        server.addr,
+        "POST",
+        "/api/join",
+        &[("Origin", "https://lab.example.org")],
+        b"",
+    )
+    .await?;
+    assert_eq!(r.status, 200, "{}", r.text());
+    // A foreign page cannot open the worker socket at all.
+    assert!(
+        RawClient::connect_from(&server.ws_url(), "http://evil.example")
+            .await
+            .is_err()
+    );
+    // A page of this server without a ticket, or with a made-up one, is refused.
+    for token in [None, Some("0123456789abcdef".to_string())] {
+        let mut client = RawClient::connect_from(&server.ws_url(), &origin(&server)).await?;
+        let mut h = hello();
+        h.kind = WorkerKind::Browser;
+        h.token = token;
+        client.send(&Message::Hello(h), &[]).await?;
+        match client.recv().await?.message {
+            Message::Reject { reason, .. } => assert_eq!(reason, Rejection::Unauthorized),
+            other => panic!("expected unauthorized, got {other:?}"),
+        }
+    }
+    assert_eq!(server.state.workers().len(), 0);
+    // Shards: a wrong data id or an impossible shard are refused.
+    let (_, data) = ticket(&server).await?;
+    let r = http(
+        server.addr,
+        "GET",
+        "/api/shard?index=0&count=2&seed=1&data=nope",
+        &[],
+        b"",
+    )
+    .await?;
+    assert_eq!(r.status, 404);
+    let bad = format!("/api/shard?index=2&count=2&seed=1&data={data}");
+    assert_eq!(http(server.addr, "GET", &bad, &[], b"").await?.status, 400);
+    server.stop().await?;
+    Ok(())
+}
+
+/// The browser worker's own code (the wasm crate, built natively on the CPU
+/// backend) joins with a ticket, downloads its shard over HTTP, trains, and its
+/// syncs move the center.
+#[tokio::test]
+async fn a_browser_worker_joins_downloads_its_shard_and_moves_the_center() -> Result<()> {
+    let server = TestServer::start(config("web-volunteer")?).await?;
+    let (ticket, data) = ticket(&server).await?;
+    let mut client = RawClient::connect_from(&server.ws_url(), &origin(&server)).await?;
+    let mut volunteer = Volunteer::new(Device::flex(), "cpu", "cpu (native test)");
+    client.send_bytes(volunteer.hello(&ticket)).await?;
+    let welcome = volunteer.receive(&client.recv_raw().await?)?;
+    let Event::Welcome {
+        shard_index,
+        shard_count,
+        shard_seed,
+        ..
+    } = welcome
+    else {
+        panic!("expected a welcome, got {welcome:?}");
+    };
+    let path =
+        format!("/api/shard?index={shard_index}&count={shard_count}&seed={shard_seed}&data={data}");
+    let shard = http(
+        server.addr,
+        "GET",
+        &path,
+        &[("Origin", &origin(&server))],
+        b"",
+    )
+    .await?;
+    assert_eq!(shard.status, 200, "{}", shard.text());
+    assert!(
+        shard.head.contains("immutable"),
+        "cacheable: {}",
+        shard.head
+    );
+    volunteer.start(&shard.body)?;
+    let before = server.state.center().version();
+    for round in 1..=3u64 {
+        volunteer.step(volunteer.tau())?;
+        let trained = volunteer.read_back().await;
+        assert_eq!(trained.steps, 2);
+        assert!(trained.loss.is_finite());
+        client
+            .send_bytes(volunteer.sync_frame(trained, 0.5)?)
+            .await?;
+        match volunteer.receive(&client.recv_raw().await?)? {
+            Event::Synced { center_version, .. } => assert_eq!(center_version, before + round),
+            other => panic!("expected a reply, got {other:?}"),
+        }
+    }
+    let status = server.state.status();
+    let w = &status.workers[0];
+    assert_eq!(
+        (w.kind, w.backend.as_str(), w.syncs),
+        (WorkerKind::Browser, "cpu", 3)
+    );
+    assert_eq!(w.last_samples, 32);
+    client.send_bytes(volunteer.leave()).await?;
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !server.state.workers().is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .context("the browser worker's leave was not honoured")?;
+    server.stop().await?;
+    Ok(())
+}
+
+fn sync(session: u64, seq: u64, seen: u64) -> Message {
+    Message::Sync(Sync {
+        session,
+        seq,
+        center_version: seen,
+        steps: seq,
+        samples: 32,
+        loss: 1.0,
+        samples_per_s: 100.0,
+        wait_s: 0.0,
+    })
+}
+
+#[tokio::test]
+async fn operator_controls_need_the_admin_token_and_take_effect() -> Result<()> {
+    // Off without a token.
+    let off = TestServer::start(config("web-admin-off")?).await?;
+    let r = http(off.addr, "POST", "/api/admin/pause", &[], b"").await?;
+    assert_eq!(r.status, 403);
+    off.stop().await?;
+
+    let mut c = config("web-admin")?;
+    c.admin_token = Some(ADMIN.into());
+    let server = TestServer::start(c).await?;
+    let auth = format!("Bearer {ADMIN}");
+    let admin = [
+        ("Authorization", auth.as_str()),
+        ("Content-Type", "application/json"),
+    ];
+    let wrong = [
+        ("Authorization", "Bearer nope"),
+        ("Content-Type", "application/json"),
+    ];
+    let r = http(
+        server.addr,
+        "POST",
+        "/api/admin/hyper",
+        &wrong,
+        br#"{"tau":5}"#,
+    )
+    .await?;
+    assert_eq!(r.status, 401);
+    // Invalid values change nothing.
+    let before = server.state.center().hyper();
+    for body in [
+        &br#"{"tau":0}"#[..],
+        br#"{"alpha":1.5}"#,
+        br#"{"lr":-1}"#,
+        br#"{"tau":"x"}"#,
+        br#"{"beta":1}"#,
+    ] {
+        let r = http(server.addr, "POST", "/api/admin/hyper", &admin, body).await?;
+        assert_eq!(
+            r.status,
+            400,
+            "{}: {}",
+            String::from_utf8_lossy(body),
+            r.text()
+        );
+    }
+    assert_eq!(server.state.center().hyper(), before);
+    // A valid change reaches the next reply.
+    let (mut client, welcome, center) = RawClient::join(&server.ws_url(), hello()).await?;
+    let r = http(
+        server.addr,
+        "POST",
+        "/api/admin/hyper",
+        &admin,
+        br#"{"tau":7,"lr":0.02}"#,
+    )
+    .await?;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()?["after"]["tau"], 7);
+    client
+        .send(&sync(welcome.session, 1, welcome.center_version), &center)
+        .await?;
+    match client.recv().await?.message {
+        Message::Reply(reply) => {
+            assert_eq!((reply.hyper.tau, reply.hyper.lr), (7, 0.02));
+            assert_eq!(reply.hyper.alpha, before.alpha);
+        }
+        other => panic!("expected a reply, got {other:?}"),
+    }
+    assert_eq!(server.state.status().changes.len(), 1);
+    // Paused: a sync waits; resumed: it is answered.
+    let r = http(server.addr, "POST", "/api/admin/pause", &admin, b"").await?;
+    assert_eq!(r.status, 200);
+    assert!(server.state.status().paused);
+    let version = server.state.center().version();
+    client
+        .send(&sync(welcome.session, 2, version), &center)
+        .await?;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(800), client.recv())
+            .await
+            .is_err(),
+        "a paused server answered a sync"
+    );
+    assert_eq!(server.state.center().version(), version);
+    http(server.addr, "POST", "/api/admin/resume", &admin, b"").await?;
+    assert!(matches!(client.recv().await?.message, Message::Reply(_)));
+    // Checkpoint now, and the center as safetensors.
+    let r = http(server.addr, "POST", "/api/admin/checkpoint", &admin, b"").await?;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let manifest = r.json()?["manifest"]
+        .as_str()
+        .context("manifest")?
+        .to_string();
+    assert!(std::path::Path::new(&manifest).exists());
+    let r = http(
+        server.addr,
+        "GET",
+        "/api/admin/center.safetensors",
+        &admin,
+        b"",
+    )
+    .await?;
+    assert_eq!(r.status, 200);
+    assert!(r.head.contains("attachment"));
+    let tensors = safetensors::SafeTensors::deserialize(&r.body)?;
+    let bytes = tensors.tensor("center")?.data().to_vec();
+    let expected: Vec<u8> = server
+        .state
+        .center()
+        .params()
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    assert_eq!(bytes, expected);
+    server.stop().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_live_feed_pushes_the_timeline_then_ticks() -> Result<()> {
+    let server = TestServer::start(config("web-feed")?).await?;
+    let url = format!("ws://{}/api/events", server.addr);
+    let (mut feed, _) = tokio_tungstenite::connect_async(url).await?;
+    let mut next = async || -> Result<serde_json::Value> {
+        let msg = tokio::time::timeout(Duration::from_secs(5), feed.next())
+            .await
+            .context("no event within 5 s")?
+            .context("feed ended")??;
+        Ok(serde_json::from_str(msg.to_text()?)?)
+    };
+    let hello = next().await?;
+    assert_eq!(hello["type"], "hello");
+    assert_eq!(hello["status"]["run_id"], server.state.spec.run_id.as_str());
+    let tick = next().await?;
+    assert_eq!(tick["type"], "tick");
+    assert!(tick["tick"]["time_s"].as_f64().is_some());
+    assert!(
+        tick["status"]["history"]
+            .as_array()
+            .is_some_and(Vec::is_empty)
+    );
+    server.stop().await?;
+    Ok(())
+}
