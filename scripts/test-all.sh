@@ -9,15 +9,32 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
+# Installs Debian packages: waits for a dpkg lock held by someone else (a fresh
+# machine may be running its own apt) and retries, and shows apt's own words if
+# it still fails.
+apt_install() {
+  local sudo="" log attempt
+  [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null && sudo="sudo"
+  log=$(mktemp)
+  for attempt in 1 2 3; do
+    if { $sudo apt-get -o DPkg::Lock::Timeout=300 update -qq &&
+         $sudo DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq "$@"; } >"$log" 2>&1; then
+      rm -f "$log"
+      return 0
+    fi
+    echo "apt-get install $* failed (attempt $attempt of 3):" >&2
+    tail -n 5 "$log" >&2
+    sleep 10
+  done
+  rm -f "$log"
+  return 1
+}
+
 # A software Vulkan adapter (lavapipe), so the wgpu backend is tested without a GPU.
 if ! ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1; then
   step "installing mesa-vulkan-drivers (lavapipe) for the wgpu tests"
-  SUDO=""; [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null && SUDO="sudo"
-  if { $SUDO apt-get update -qq && $SUDO DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mesa-vulkan-drivers; } >/dev/null 2>&1; then
-    echo "lavapipe installed"
-  else
-    echo "warning: could not install mesa-vulkan-drivers; the wgpu test will be skipped" >&2
-  fi
+  apt_install mesa-vulkan-drivers && echo "lavapipe installed" \
+    || echo "warning: could not install mesa-vulkan-drivers; the wgpu test will be skipped" >&2
 fi
 if ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1; then
   export TETHER_REQUIRE_WGPU=1 # an adapter exists: the wgpu test must run, not skip
@@ -26,9 +43,7 @@ fi
 # Debian's Chromium and playwright-core for the browser tests (never a downloaded browser).
 if [ ! -x /usr/bin/chromium ]; then
   step "installing Debian's chromium for the browser tests"
-  SUDO=""; [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null && SUDO="sudo"
-  { $SUDO apt-get update -qq && $SUDO DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1 \
-    || echo "warning: could not install chromium; the browser tests will fail" >&2
+  apt_install chromium || echo "warning: could not install chromium; the browser tests will fail" >&2
 fi
 step "playwright-core (npm ci in tests/browser)"
 (cd tests/browser && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error)
