@@ -6,67 +6,152 @@
 //! `/ws` upgrade must come from a page this server served (Origin matches Host) or
 //! from an origin the operator allowed.
 
+use std::io::Read;
+use std::sync::OnceLock;
+
 use axum::Json;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use tether_shared::data::{encode_images, shard_indices};
 
 use crate::state::{AppState, TICKET_LIFETIME};
 
-/// One embedded file: (path under `web/`, content type, bytes).
-type Asset = (&'static str, &'static str, &'static [u8]);
+/// One embedded file: its path under `web/`, content type, bytes, and whether
+/// the bytes are gzipped (the wasm is committed and embedded that way).
+struct Asset {
+    path: &'static str,
+    mime: &'static str,
+    bytes: &'static [u8],
+    gzipped: bool,
+}
 
 macro_rules! assets {
-    ($($path:literal => $mime:literal),* $(,)?) => {
-        &[$(($path, $mime, include_bytes!(concat!("../../web/", $path)))),*]
+    ($($path:literal => $mime:literal $(, from $gz:literal)?);* $(;)?) => {
+        &[$(assets!(@one $path, $mime $(, $gz)?)),*]
+    };
+    (@one $path:literal, $mime:literal) => {
+        Asset { path: $path, mime: $mime, gzipped: false,
+                bytes: include_bytes!(concat!("../../web/", $path)) }
+    };
+    (@one $path:literal, $mime:literal, $gz:literal) => {
+        Asset { path: $path, mime: $mime, gzipped: true,
+                bytes: include_bytes!(concat!("../../web/", $gz)) }
     };
 }
 
 /// Everything under `web/` that the pages load.
 const ASSETS: &[Asset] = assets![
-    "index.html" => "text/html; charset=utf-8",
-    "volunteer.html" => "text/html; charset=utf-8",
-    "style.css" => "text/css; charset=utf-8",
-    "app.js" => "text/javascript; charset=utf-8",
-    "volunteer.js" => "text/javascript; charset=utf-8",
-    "worker.js" => "text/javascript; charset=utf-8",
-    "vendor/uPlot.iife.min.js" => "text/javascript; charset=utf-8",
-    "vendor/uPlot.min.css" => "text/css; charset=utf-8",
-    "vendor/uPlot.LICENSE" => "text/plain; charset=utf-8",
-    "pkg/tether_client_wasm.js" => "text/javascript; charset=utf-8",
-    "pkg/tether_client_wasm_bg.wasm" => "application/wasm",
+    "index.html" => "text/html; charset=utf-8";
+    "volunteer.html" => "text/html; charset=utf-8";
+    "style.css" => "text/css; charset=utf-8";
+    "app.js" => "text/javascript; charset=utf-8";
+    "volunteer.js" => "text/javascript; charset=utf-8";
+    "worker.js" => "text/javascript; charset=utf-8";
+    "vendor/uPlot.iife.min.js" => "text/javascript; charset=utf-8";
+    "vendor/uPlot.min.css" => "text/css; charset=utf-8";
+    "vendor/uPlot.LICENSE" => "text/plain; charset=utf-8";
+    "pkg/tether_client_wasm.js" => "text/javascript; charset=utf-8";
+    "pkg/tether_client_wasm_bg.wasm" => "application/wasm", from "pkg/tether_client_wasm_bg.wasm.gz";
 ];
 
-fn asset(path: &str) -> Response {
-    match ASSETS.iter().find(|(p, _, _)| *p == path) {
-        Some((_, mime, bytes)) => (
-            [
-                (header::CONTENT_TYPE, *mime),
-                // Assets change with the binary; revalidate rather than go stale.
-                (header::CACHE_CONTROL, "no-cache"),
-            ],
-            *bytes,
-        )
-            .into_response(),
-        None => (StatusCode::NOT_FOUND, "no such file").into_response(),
+/// Each asset's ETag (a hash of its bytes), computed on first use, so a browser
+/// revalidates the 4 MB wasm with a 304 instead of downloading it again.
+fn etag(index: usize) -> &'static str {
+    static ETAGS: OnceLock<Vec<String>> = OnceLock::new();
+    &ETAGS.get_or_init(|| {
+        ASSETS
+            .iter()
+            .map(|a| {
+                let digest = Sha256::digest(a.bytes);
+                let hex: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
+                format!("\"{hex}\"")
+            })
+            .collect()
+    })[index]
+}
+
+/// A gzipped asset inflated, for a client that does not accept gzip (made once).
+fn inflated(index: usize) -> &'static [u8] {
+    static INFLATED: [OnceLock<Vec<u8>>; ASSETS.len()] = [const { OnceLock::new() }; ASSETS.len()];
+    INFLATED[index].get_or_init(|| {
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(ASSETS[index].bytes)
+            .read_to_end(&mut out)
+            .expect("embedded gzip assets are valid (cargo xtask web wrote them)");
+        out
+    })
+}
+
+/// Whether `Accept-Encoding` admits gzip (a `gzip` or `*` entry without `q=0`).
+fn accepts_gzip(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|entry| {
+            let mut parts = entry.split(';').map(str::trim);
+            let coding = parts.next().unwrap_or("");
+            let refused = parts.any(|p| {
+                p.strip_prefix("q=")
+                    .and_then(|q| q.parse::<f32>().ok())
+                    .is_some_and(|q| q == 0.0)
+            });
+            (coding.eq_ignore_ascii_case("gzip") || coding == "*") && !refused
+        })
+}
+
+async fn asset(path: &str, headers: &HeaderMap) -> Response {
+    let Some(index) = ASSETS.iter().position(|a| a.path == path) else {
+        return (StatusCode::NOT_FOUND, "no such file").into_response();
+    };
+    let asset = &ASSETS[index];
+    let etag = etag(index);
+    let common = [
+        (header::CONTENT_TYPE, asset.mime),
+        // Assets change with the binary: revalidate (cheap, by ETag), never go stale.
+        (header::CACHE_CONTROL, "no-cache"),
+        (header::ETAG, etag),
+        (header::VARY, "accept-encoding"),
+    ];
+    let fresh = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
+    if fresh {
+        return (StatusCode::NOT_MODIFIED, common).into_response();
+    }
+    if !asset.gzipped {
+        return (common, asset.bytes).into_response();
+    }
+    if accepts_gzip(headers) {
+        return (common, [(header::CONTENT_ENCODING, "gzip")], asset.bytes).into_response();
+    }
+    match tokio::task::spawn_blocking(move || inflated(index)).await {
+        Ok(bytes) => (common, bytes).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
 
 /// `GET /`: the dashboard.
-pub async fn dashboard() -> Response {
-    asset("index.html")
+pub async fn dashboard(headers: HeaderMap) -> Response {
+    asset("index.html", &headers).await
 }
 
 /// `GET /volunteer`: the page for lending a tab.
-pub async fn volunteer() -> Response {
-    asset("volunteer.html")
+pub async fn volunteer(headers: HeaderMap) -> Response {
+    asset("volunteer.html", &headers).await
 }
 
 /// `GET /web/{*path}`: scripts, styles, the wasm.
-pub async fn file(axum::extract::Path(path): axum::extract::Path<String>) -> Response {
-    asset(&path)
+pub async fn file(
+    axum::extract::Path(path): axum::extract::Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    asset(&path, &headers).await
 }
 
 /// A JSON error body with a status code.

@@ -24,15 +24,20 @@ fn main() -> Result<()> {
     }
 }
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the workspace")
-        .to_path_buf()
+/// The workspace this command was run in: the nearest directory above the current
+/// one that holds `xtask/Cargo.toml`. Found at run time, not from the compile-time
+/// `CARGO_MANIFEST_DIR`: clones that share a target directory share this binary,
+/// and it must work on the clone it is run in.
+fn root() -> Result<PathBuf> {
+    let cwd = std::env::current_dir().context("reading the current directory")?;
+    cwd.ancestors()
+        .find(|dir| dir.join("xtask").join("Cargo.toml").is_file())
+        .map(Path::to_path_buf)
+        .with_context(|| format!("{} is not inside a tether checkout", cwd.display()))
 }
 
 fn web(check: bool) -> Result<()> {
-    let root = root();
+    let root = root()?;
     check_bindgen_pin(&root)?;
     let wasm = build_wasm(&root)?;
     let staging = root.join("target").join("xtask-web");
@@ -49,31 +54,31 @@ fn web(check: bool) -> Result<()> {
         .generate(&staging)
         .context("running wasm-bindgen")?;
     let out = root.join("web").join("pkg");
-    let files = [format!("{STEM}.js"), format!("{STEM}_bg.wasm")];
+    let js = std::fs::read(staging.join(format!("{STEM}.js"))).context("reading the glue")?;
+    let wasm = std::fs::read(staging.join(format!("{STEM}_bg.wasm"))).context("reading the wasm")?;
+    // The wasm is committed and embedded gzipped: a seventh of the bytes in the
+    // repository, the binary and on the wire (browsers take it as is; the server
+    // inflates it for the rare client that does not accept gzip).
+    let gz = gzip(&wasm)?;
+    println!("{STEM}_bg.wasm: {} bytes, {} gzipped", wasm.len(), gz.len());
+    let files = [(format!("{STEM}.js"), js), (format!("{STEM}_bg.wasm.gz"), gz)];
     let mut stale = Vec::new();
-    for name in &files {
-        let fresh = std::fs::read(staging.join(name)).with_context(|| format!("reading {name}"))?;
+    for (name, fresh) in &files {
         let target = out.join(name);
-        let committed = std::fs::read(&target).unwrap_or_default();
-        if name.ends_with(".wasm") {
-            println!(
-                "{name}: {} bytes, {} gzipped",
-                fresh.len(),
-                gzipped_len(&fresh)?
-            );
-        }
-        if fresh != committed {
+        if std::fs::read(&target).ok().as_ref() != Some(fresh) {
             stale.push(name.clone());
             if !check {
                 std::fs::create_dir_all(&out)?;
-                std::fs::write(&target, &fresh)
+                std::fs::write(&target, fresh)
                     .with_context(|| format!("writing {}", target.display()))?;
             }
         }
     }
     match (check, stale.is_empty()) {
         (true, false) => bail!(
-            "web/pkg is out of date ({}): run `cargo xtask web` and commit web/pkg",
+            "web/pkg is out of date ({}): run `cargo xtask web` and commit web/pkg \
+             (any edit to shared/ or client-wasm/ changes the wasm, even one that only \
+             moves lines: panic messages carry line numbers)",
             stale.join(", ")
         ),
         (true, true) => println!("web/pkg is up to date"),
@@ -130,9 +135,11 @@ fn build_wasm(root: &Path) -> Result<PathBuf> {
         .join(format!("{STEM}.wasm")))
 }
 
-fn gzipped_len(bytes: &[u8]) -> Result<usize> {
+/// Gzip at the best level. Deterministic: the header has no name and mtime 0,
+/// and flate2 is pinned by xtask's own lock file.
+fn gzip(bytes: &[u8]) -> Result<Vec<u8>> {
     use std::io::Write;
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
     gz.write_all(bytes)?;
-    Ok(gz.finish()?.len())
+    Ok(gz.finish()?)
 }

@@ -3,6 +3,7 @@
 //! worker's protocol code (run natively here) trains and moves the center, the
 //! operator's controls work only with the admin token, and the live feed pushes.
 
+use std::io::Read;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -67,17 +68,51 @@ async fn pages_scripts_and_the_wasm_are_served() -> Result<()> {
         assert_eq!(r.status, 200, "{path}");
         assert!(r.head.contains("text/javascript"), "{path}: {}", r.head);
     }
-    let wasm = http(
+    // The wasm goes out gzipped to browsers (they all accept it), inflated to a
+    // client that refuses gzip, and as a 304 to one that already has it.
+    let path = "/web/pkg/tether_client_wasm_bg.wasm";
+    let gz = http(
         server.addr,
         "GET",
-        "/web/pkg/tether_client_wasm_bg.wasm",
-        &[],
+        path,
+        &[("Accept-Encoding", "gzip, deflate, br")],
         b"",
     )
     .await?;
-    assert_eq!(wasm.status, 200);
-    assert!(wasm.head.contains("application/wasm"));
-    assert_eq!(&wasm.body[..4], b"\0asm");
+    assert_eq!(gz.status, 200);
+    assert!(gz.head.contains("application/wasm"), "{}", gz.head);
+    assert!(gz.head.contains("content-encoding: gzip"), "{}", gz.head);
+    let mut inflated = Vec::new();
+    flate2::read::GzDecoder::new(&gz.body[..]).read_to_end(&mut inflated)?;
+    assert_eq!(&inflated[..4], b"\0asm");
+    assert!(
+        gz.body.len() * 3 < inflated.len(),
+        "the wasm compresses well"
+    );
+    for refusing in [&[][..], &[("Accept-Encoding", "gzip;q=0, identity")][..]] {
+        let plain = http(server.addr, "GET", path, refusing, b"").await?;
+        assert_eq!(plain.status, 200);
+        assert!(!plain.head.contains("content-encoding"), "{}", plain.head);
+        assert!(plain.body == inflated, "the same wasm, uncompressed");
+    }
+    let etag = gz
+        .head
+        .lines()
+        .find_map(|l| l.strip_prefix("etag: "))
+        .context("the wasm has an ETag")?
+        .to_string();
+    let again = http(server.addr, "GET", path, &[("If-None-Match", &etag)], b"").await?;
+    assert_eq!(again.status, 304);
+    assert!(again.body.is_empty());
+    let other = http(
+        server.addr,
+        "GET",
+        "/web/app.js",
+        &[("If-None-Match", &etag)],
+        b"",
+    )
+    .await?;
+    assert_eq!(other.status, 200, "another file's ETag does not match");
     let missing = http(server.addr, "GET", "/web/../Cargo.toml", &[], b"").await?;
     assert_eq!(missing.status, 404);
     server.stop().await?;
