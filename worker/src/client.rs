@@ -377,7 +377,7 @@ async fn session(
         let mut training = Box::pin(compute.train(steps, hyper.lr, halt.clone()));
         let mut server_stop: Option<StopReason> = None;
         let mut lost: Option<String> = None;
-        let trained = loop {
+        let (trained, seconds) = loop {
             tokio::select! {
                 t = &mut training => break t.map_err(WorkError::Refused)?,
                 _ = heartbeat.tick() => {
@@ -402,7 +402,7 @@ async fn session(
         };
         report.steps += u64::from(trained.steps);
         report.samples += trained.samples;
-        report.train_s += trained.seconds;
+        report.train_s += seconds;
         if trained.steps > 0 {
             report.last_loss = trained.loss;
         }
@@ -433,7 +433,7 @@ async fn session(
             } else {
                 f32::MAX
             },
-            samples_per_s: (trained.samples as f64 / trained.seconds.max(1e-9)) as f32,
+            samples_per_s: (trained.samples as f64 / seconds.max(1e-9)) as f32,
             wait_s: last_wait,
         });
         let bytes = protocol::encode(&header, &trained.params);

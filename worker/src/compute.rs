@@ -10,24 +10,12 @@ use std::time::Instant;
 
 use burn::tensor::Device;
 use tether_shared::data::{ImageSet, shard_indices};
-use tether_shared::local::{LocalWorker, ShardData};
+use tether_shared::local::{LocalWorker, ShardData, Trained};
 use tether_shared::protocol::{Apply, RunSpec, Shard};
 use tokio::sync::oneshot;
 
-/// What τ local steps produced, and how long they took.
-#[derive(Clone, Debug)]
-pub struct Trained {
-    /// The parameters after the steps (xⁱ).
-    pub params: Vec<f32>,
-    /// Steps actually run (fewer when stopped early).
-    pub steps: u32,
-    /// Images processed.
-    pub samples: u64,
-    /// Mean training loss over the steps (NaN when no step ran).
-    pub loss: f32,
-    /// Seconds the steps took.
-    pub seconds: f64,
-}
+/// What τ local steps produced, and the seconds they took (read-back included).
+pub type Timed = (Trained, f64);
 
 enum Job {
     Start {
@@ -41,7 +29,7 @@ enum Job {
         steps: u32,
         lr: f64,
         stop: Arc<AtomicBool>,
-        done: oneshot::Sender<Trained>,
+        done: oneshot::Sender<Timed>,
     },
     Apply {
         apply: Apply,
@@ -102,12 +90,7 @@ impl Compute {
     }
 
     /// Runs `steps` local steps at learning rate `lr` (fewer if `stop` is raised).
-    pub async fn train(
-        &self,
-        steps: u32,
-        lr: f64,
-        stop: Arc<AtomicBool>,
-    ) -> Result<Trained, String> {
+    pub async fn train(&self, steps: u32, lr: f64, stop: Arc<AtomicBool>) -> Result<Timed, String> {
         let (done, rx) = oneshot::channel();
         self.send(Job::Train {
             steps,
@@ -187,21 +170,15 @@ impl Local {
             .map_err(|e| e.to_string())
     }
 
-    fn train(&mut self, steps: u32, lr: f64, stop: &AtomicBool) -> Trained {
+    fn train(&mut self, steps: u32, lr: f64, stop: &AtomicBool) -> Timed {
         let t0 = Instant::now();
         let pending = self
             .worker
             .train(steps, lr, || stop.load(Ordering::Relaxed))
             .expect("started before training");
         // One read per τ steps: it waits for the device once, not every step.
-        let t = self.worker.finish(pending);
-        Trained {
-            params: t.params,
-            steps: t.steps,
-            samples: t.samples,
-            loss: t.loss,
-            seconds: t0.elapsed().as_secs_f64(),
-        }
+        let trained = self.worker.finish(pending);
+        (trained, t0.elapsed().as_secs_f64())
     }
 
     fn apply(&mut self, apply: Apply, payload: Vec<f32>, lambda: f32) -> Result<(), String> {
