@@ -18,7 +18,7 @@ apt_install() {
   log=$(mktemp)
   for attempt in 1 2 3; do
     if { $sudo apt-get -o DPkg::Lock::Timeout=300 update -qq &&
-         $sudo DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq "$@"; } >"$log" 2>&1; then
+         $sudo env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq "$@"; } >"$log" 2>&1; then
       rm -f "$log"
       return 0
     fi
