@@ -108,7 +108,9 @@ pub mod net {
     use anyhow::{Context, Result, bail};
     use futures_util::{SinkExt, StreamExt};
     use tether_server::{AppState, Server, ServerConfig, Summary};
-    use tether_shared::protocol::{self, Frame, Hello, Message, PROTOCOL_VERSION, WorkerKind};
+    use tether_shared::protocol::{
+        self, Frame, Hello, Message, PROTOCOL_VERSION, Sync, WorkerKind,
+    };
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::sync::oneshot;
     use tokio::task::JoinHandle;
@@ -178,6 +180,21 @@ pub mod net {
             token: None,
             previous_run: None,
         }
+    }
+
+    /// A sync of session `session`, number `seq`, that saw center version `seen`
+    /// (128 samples a step, plausible statistics).
+    pub fn sync(session: u64, seq: u64, seen: u64) -> Message {
+        Message::Sync(Sync {
+            session,
+            seq,
+            center_version: seen,
+            steps: seq,
+            samples: 128,
+            loss: 1.0,
+            samples_per_s: 100.0,
+            wait_s: 0.0,
+        })
     }
 
     impl RawClient {

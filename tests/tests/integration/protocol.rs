@@ -9,9 +9,9 @@ use tether_server::{RunSettings, ServerConfig};
 use tether_shared::algorithms::Algorithm;
 use tether_shared::algorithms::elastic::sync_round;
 use tether_shared::protocol::{
-    self, Apply, Frame, Message, PREFIX_BYTES, Rejection, Sync, max_frame_bytes,
+    self, Apply, Frame, Message, PREFIX_BYTES, Rejection, max_frame_bytes,
 };
-use tether_tests::net::{RawClient, TestServer, hello, http_get};
+use tether_tests::net::{RawClient, TestServer, hello, http_get, sync};
 use tether_tests::scratch;
 
 fn config(name: &str, run: RunSettings) -> Result<ServerConfig> {
@@ -20,19 +20,6 @@ fn config(name: &str, run: RunSettings) -> Result<ServerConfig> {
     c.checkpoint_every = None;
     c.run_dir = Some(scratch(name)?);
     Ok(c)
-}
-
-fn sync(session: u64, seq: u64, seen: u64) -> Message {
-    Message::Sync(Sync {
-        session,
-        seq,
-        center_version: seen,
-        steps: seq,
-        samples: 128,
-        loss: 1.0,
-        samples_per_s: 100.0,
-        wait_s: 0.0,
-    })
 }
 
 /// The center's bits and version.

@@ -12,8 +12,8 @@ use futures_util::StreamExt;
 use tether_client_wasm::volunteer::{Event, Volunteer};
 use tether_server::{RunSettings, ServerConfig};
 use tether_shared::algorithms::Algorithm;
-use tether_shared::protocol::{Message, Rejection, Sync, WorkerKind};
-use tether_tests::net::{RawClient, TestServer, hello, http};
+use tether_shared::protocol::{Message, Rejection, WorkerKind};
+use tether_tests::net::{RawClient, TestServer, hello, http, sync};
 use tether_tests::scratch;
 
 const ADMIN: &str = "s3cret-admin";
@@ -252,19 +252,6 @@ async fn a_browser_worker_joins_downloads_its_shard_and_moves_the_center() -> Re
     .context("the browser worker's leave was not honoured")?;
     server.stop().await?;
     Ok(())
-}
-
-fn sync(session: u64, seq: u64, seen: u64) -> Message {
-    Message::Sync(Sync {
-        session,
-        seq,
-        center_version: seen,
-        steps: seq,
-        samples: 32,
-        loss: 1.0,
-        samples_per_s: 100.0,
-        wait_s: 0.0,
-    })
 }
 
 #[tokio::test]
