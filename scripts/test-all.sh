@@ -55,9 +55,11 @@ rustup target add wasm32-unknown-unknown >/dev/null
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
+cargo fmt --manifest-path xtask/Cargo.toml -- --check # its own workspace
 
 step "cargo clippy (warnings denied)"
 cargo clippy --workspace --all-targets --release --locked -- -D warnings
+cargo clippy --manifest-path xtask/Cargo.toml --release --locked -- -D warnings
 
 step "web/pkg is what the browser worker's sources build (cargo xtask web --check)"
 cargo xtask web --check

@@ -17,7 +17,12 @@ const TARGET: &str = "wasm32-unknown-unknown";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+    match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
         ["web"] => web(false),
         ["web", "--check"] => web(true),
         _ => bail!("usage: cargo xtask web [--check]"),
@@ -55,13 +60,17 @@ fn web(check: bool) -> Result<()> {
         .context("running wasm-bindgen")?;
     let out = root.join("web").join("pkg");
     let js = std::fs::read(staging.join(format!("{STEM}.js"))).context("reading the glue")?;
-    let wasm = std::fs::read(staging.join(format!("{STEM}_bg.wasm"))).context("reading the wasm")?;
+    let wasm =
+        std::fs::read(staging.join(format!("{STEM}_bg.wasm"))).context("reading the wasm")?;
     // The wasm is committed and embedded gzipped: a seventh of the bytes in the
-    // repository, the binary and on the wire (browsers take it as is; the server
-    // inflates it for the rare client that does not accept gzip).
+    // binary and on the wire (browsers take it as is; the server inflates it for
+    // the rare client that does not accept gzip).
     let gz = gzip(&wasm)?;
     println!("{STEM}_bg.wasm: {} bytes, {} gzipped", wasm.len(), gz.len());
-    let files = [(format!("{STEM}.js"), js), (format!("{STEM}_bg.wasm.gz"), gz)];
+    let files = [
+        (format!("{STEM}.js"), js),
+        (format!("{STEM}_bg.wasm.gz"), gz),
+    ];
     let mut stale = Vec::new();
     for (name, fresh) in &files {
         let target = out.join(name);
@@ -111,7 +120,9 @@ fn build_wasm(root: &Path) -> Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let cargo_home = std::env::var("CARGO_HOME")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cargo"));
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cargo")
+        });
     let rustflags = format!(
         "-C target-feature=+simd128 --remap-path-prefix={}=/cargo",
         cargo_home.display()
@@ -122,7 +133,15 @@ fn build_wasm(root: &Path) -> Result<PathBuf> {
         .join("web");
     let status = Command::new(cargo)
         .current_dir(root)
-        .args(["build", "--locked", "--release", "-p", CRATE, "--target", TARGET])
+        .args([
+            "build",
+            "--locked",
+            "--release",
+            "-p",
+            CRATE,
+            "--target",
+            TARGET,
+        ])
         .env("CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUSTFLAGS", rustflags)
         .env("CARGO_PROFILE_RELEASE_DEBUG", "false")
         .env("CARGO_TARGET_DIR", &target_dir)
