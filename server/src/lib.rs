@@ -224,7 +224,7 @@ impl Server {
             config.max_update_ratio,
         );
         tracing::info!(run = %spec.run_id, data = %data_dir.display(), dir = %run_dir.display(), "run ready");
-        let state = AppState::new(config, spec, run_dir, (Arc::new(data.train), test), center);
+        let state = AppState::new(config, spec, run_dir, Arc::new(data.train), test, center);
         state.metrics.samples.store(samples, Ordering::Relaxed);
         if version > 0 {
             *state.last_checkpoint.lock().expect("fresh lock") =

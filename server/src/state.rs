@@ -139,7 +139,8 @@ impl AppState {
         config: ServerConfig,
         spec: RunSpec,
         run_dir: PathBuf,
-        (train, test): (Arc<ImageSet>, ImageSet),
+        train: Arc<ImageSet>,
+        test: ImageSet,
         center: Center,
     ) -> Self {
         let seed = (unix_now() * 1e9) as u64 ^ u64::from(std::process::id()).rotate_left(32);
