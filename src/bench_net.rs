@@ -14,6 +14,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde::Serialize;
 use tether_server::{RunSettings, ServerConfig};
 use tether_shared::algorithms::Algorithm;
+use tether_shared::codec::Encoding;
 use tether_shared::model::ModelKind;
 use tether_shared::protocol::{self, Frame, Hello, Message, PROTOCOL_VERSION, Sync, WorkerKind};
 use tether_worker::backend::BackendChoice;
@@ -126,6 +127,8 @@ async fn sync_client(url: String, until: Instant) -> Result<u64> {
         threads: 0,
         token: None,
         previous_run: None,
+        encodings: vec![Encoding::F32],
+        needs_shard: false,
     };
     ws.send(WsMessage::Binary(
         protocol::encode(&Message::Hello(hello), &[]).into(),
@@ -135,6 +138,7 @@ async fn sync_client(url: String, until: Instant) -> Result<u64> {
         Frame {
             message: Message::Welcome(w),
             payload,
+            ..
         } => (w, payload),
         other => bail!("expected a welcome, got {:?}", other.message),
     };

@@ -158,7 +158,7 @@ pub async fn run_local(local: Local) -> Result<Outcome> {
         StopReason::Finished
     }));
 
-    let (_, data) = tether_worker::dataset::load(data_dir.as_deref())?;
+    let (_, data) = tether_dataset::load(data_dir.as_deref())?;
     let train = Arc::new(data.train);
     let per_worker = (local.epochs * train.len() as f64 / f64::from(local.workers)).ceil();
     let steps = (per_worker / f64::from(settings.batch)).ceil().max(1.0) as u64;

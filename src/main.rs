@@ -311,7 +311,7 @@ fn run_bench_train(args: BenchTrainArgs) -> Result<()> {
     let selected =
         tether_worker::backend::select(args.backend.into(), args.threads.map(|t| t as usize))?;
     let threads = rayon_threads();
-    let (_, data) = tether_worker::dataset::load(args.data.as_deref())?;
+    let (_, data) = tether_dataset::load(args.data.as_deref())?;
     println!("device: {}", selected.description);
     let sgemm = bench::sgemm_gflops(&selected.device, 1024, 5);
     println!("sgemm 1024×1024 on this backend: {sgemm:.1} GFLOP/s (the ceiling below)");

@@ -10,8 +10,10 @@ use clap::Args;
 use clap::builder::TypedValueParser;
 use tether_server::checkpoint;
 use tether_server::config::{DEFAULT_BETA, has_elastic_force};
+use tether_server::tls;
 use tether_server::{RunSettings, ServerConfig};
 use tether_shared::algorithms::Algorithm;
+use tether_shared::codec::Encoding;
 use tether_shared::protocol::StopReason;
 use tether_worker::client::{self, WorkConfig};
 use tokio::sync::watch;
@@ -196,6 +198,23 @@ pub struct ServeArgs {
     /// Evaluate on only the first N test images.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub eval_limit: Option<u32>,
+    /// Payload encoding of every session: f32, f16, bf16 or q8 [default: q8; f16
+    /// for easgd-sync and average]. Workers that cannot use it get f32.
+    #[arg(long)]
+    pub encoding: Option<Encoding>,
+    /// Serve HTTPS/WSS with this PEM certificate chain (needs --tls-key).
+    #[arg(long, requires = "tls_key", conflicts_with = "tls_self_signed")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Serve HTTPS/WSS with a certificate generated for this host's names and
+    /// addresses, kept in ./runs/tls/ (workers trust it with --ca-cert).
+    #[arg(long)]
+    pub tls_self_signed: bool,
+    /// A name or address the self-signed certificate also covers (repeatable).
+    #[arg(long = "tls-name", requires = "tls_self_signed")]
+    pub tls_names: Vec<String>,
     /// Write the final summary here as JSON.
     #[arg(long)]
     pub report: Option<PathBuf>,
@@ -246,8 +265,28 @@ impl ServeArgs {
         config.max_update_ratio = self.max_update_ratio;
         config.eval_every = secs(self.eval_every);
         config.eval_limit = self.eval_limit.map(|n| n as usize);
+        config.encoding = self.encoding;
         config.validate()?;
         Ok(config)
+    }
+
+    /// The certificate to serve, if TLS was asked for.
+    fn certificate(&self) -> Result<Option<tls::Certificate>> {
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            return Ok(Some(tls::from_pem(cert, key)?));
+        }
+        if !self.tls_self_signed {
+            return Ok(None);
+        }
+        let bound = self
+            .host
+            .parse()
+            .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
+        let names = tls::host_names(bound, &self.tls_names);
+        Ok(Some(tls::self_signed(
+            &Path::new("runs").join("tls"),
+            &names,
+        )?))
     }
 }
 
@@ -275,7 +314,9 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 pub fn run_serve(args: ServeArgs) -> Result<()> {
-    let config = args.config()?;
+    let mut config = args.config()?;
+    let certificate = args.certificate().context("setting up TLS")?;
+    config.tls = certificate.as_ref().map(|c| c.config.clone());
     runtime()?.block_on(async move {
         let server = tether_server::Server::new(config).context("preparing the run")?;
         let addr = format!("{}:{}", args.host, args.port);
@@ -295,8 +336,42 @@ pub fn run_serve(args: ServeArgs) -> Result<()> {
             s.spec.algorithm.name(),
             s.spec.model.name()
         );
-        println!("  dashboard: http://{shown}/   status: http://{shown}/api/status");
-        println!("  workers:   tether work --server ws://{shown}");
+        let (http, ws) = if certificate.is_some() {
+            ("https", "wss")
+        } else {
+            ("http", "ws")
+        };
+        println!("  dashboard: {http}://{shown}/   status: {http}://{shown}/api/status");
+        match &certificate {
+            Some(c) => {
+                let ca = if c.names.is_empty() {
+                    String::new()
+                } else {
+                    format!(" --ca-cert {}", c.cert_path.display())
+                };
+                println!("  workers:   tether work --server {ws}://{shown}{ca}");
+                println!("  TLS:       {} (SHA-256 {})", c.cert_path.display(), c.fingerprint);
+                if !c.names.is_empty() {
+                    println!("             self-signed for {}", c.names.join(", "));
+                    println!(
+                        "             browsers: open the dashboard and accept the certificate after checking its fingerprint,"
+                    );
+                    println!(
+                        "             or import {} as a trusted authority; Chromium: --ignore-certificate-errors-spki-list={}",
+                        c.cert_path.display(),
+                        c.spki_sha256
+                    );
+                }
+            }
+            None => {
+                println!("  workers:   tether work --server {ws}://{shown}");
+                if !local.ip().is_loopback() {
+                    println!(
+                        "  note:      plain HTTP: browsers on other machines get no WebGPU (not a secure context); see --tls-self-signed"
+                    );
+                }
+            }
+        }
         println!("  run dir:   {}", s.run_dir.display());
         let summary = server
             .serve(listener, async {
@@ -320,9 +395,13 @@ pub fn run_serve(args: ServeArgs) -> Result<()> {
 
 #[derive(Args, Debug)]
 pub struct WorkArgs {
-    /// The server: ws://host:port.
+    /// The server: ws://host:port, or wss://host:port for TLS.
     #[arg(long, default_value = "ws://127.0.0.1:8080")]
     pub server: String,
+    /// Trust the certificates in this PEM file for wss:// (the server's
+    /// self-signed certificate, or a private CA), besides the system's roots.
+    #[arg(long)]
+    pub ca_cert: Option<PathBuf>,
     /// Compute device.
     #[arg(long, value_enum, default_value = "auto")]
     pub backend: BackendArg,
@@ -332,13 +411,25 @@ pub struct WorkArgs {
     /// The run's worker token.
     #[arg(long, env = "TETHER_WORKER_TOKEN")]
     pub token: Option<String>,
-    /// IDX data directory [default: the shipped Fashion-MNIST]; must be the run's data.
+    /// IDX data directory; must be the run's data [default: download this
+    /// worker's shard from the server, verified, and cached in the user's cache
+    /// directory ($TETHER_CACHE to move it)].
     #[arg(long)]
     pub data: Option<PathBuf>,
+    /// Payload encodings to offer the server, comma-separated (it picks one).
+    #[arg(long, value_delimiter = ',', default_value = "f32,f16,bf16,q8")]
+    pub encodings: Vec<Encoding>,
+    /// Wait for each sync's reply before training on (default: keep training
+    /// while a sync is in flight, where the algorithm allows it).
+    #[arg(long)]
+    pub no_overlap: bool,
+    /// Give up after this many seconds if the server was never reached.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub connect_timeout: u64,
     /// Stop after this many local steps (default: until the run ends or Ctrl-C).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub steps: Option<u64>,
-    /// Give up after the server has been unreachable this many seconds.
+    /// Give up after a server that was reached has been unreachable this many seconds.
     #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
     pub give_up_after: u64,
     /// Write what the worker did here as JSON.
@@ -348,13 +439,20 @@ pub struct WorkArgs {
 
 pub fn run_work(args: WorkArgs) -> Result<()> {
     let mut config = WorkConfig::new(args.server.clone());
+    config.ca_cert = args.ca_cert.clone();
+    config.encodings = args.encodings.clone();
+    if !config.encodings.contains(&Encoding::F32) {
+        config.encodings.push(Encoding::F32);
+    }
+    config.overlap = !args.no_overlap;
+    config.connect_timeout = Duration::from_secs(args.connect_timeout);
     config.backend = args.backend.into();
     config.threads = args.threads.map(|t| t as usize);
     config.token = args.token.clone();
     config.data = args.data.clone();
     config.max_steps = args.steps;
     config.give_up_after = Duration::from_secs(args.give_up_after);
-    config.url()?;
+    config.endpoint()?;
     runtime()?.block_on(async move {
         let (stop_tx, stop_rx) = watch::channel(false);
         tokio::spawn(async move {
@@ -364,12 +462,14 @@ pub fn run_work(args: WorkArgs) -> Result<()> {
         });
         let report = client::run(config, stop_rx).await.context("worker failed")?;
         println!(
-            "worker done ({}): {} steps, {} syncs, {:.0} samples/s, {:.2} % of wall time waiting on syncs, last loss {:.4}",
+            "worker done ({}): {} steps, {} syncs ({}{}), {:.0} samples/s, training {:.1} % of wall time, last loss {:.4}",
             report.stopped,
             report.steps,
             report.syncs,
+            report.encoding,
+            if report.overlap { ", overlapped" } else { "" },
             report.samples_per_s,
-            report.wait_fraction * 100.0,
+            report.compute_utilisation * 100.0,
             report.last_loss
         );
         write_report(args.report.as_deref(), &report)

@@ -115,12 +115,14 @@ function open(url) {
 }
 
 /// The shard, from the Cache API when this tab (or an earlier one) has it.
-async function fetchShard(url) {
+// The server hands a shard only to the connected worker it was assigned to,
+// named by its session.
+async function fetchShard(url, session) {
   const cache = self.caches ? await self.caches.open('tether-shards').catch(() => null) : null;
   let response = cache ? await cache.match(url) : undefined;
   const cached = !!response;
   if (!response) {
-    response = await fetch(url);
+    response = await fetch(url, { headers: { 'x-tether-session': session } });
     if (!response.ok) throw new Error(`shard download failed: ${response.status} ${await response.text()}`);
     if (cache) await cache.put(url, response.clone()).catch(() => {});
   }
@@ -157,7 +159,7 @@ async function session(token) {
     const url = `/api/shard?index=${welcome.shard_index}&count=${welcome.shard_count}` +
       `&seed=${welcome.shard_seed}&data=${data}`;
     post('status', { text: 'downloading the shard' });
-    const shard = await fetchShard(url);
+    const shard = await fetchShard(url, welcome.session);
     volunteer.start(shard.bytes);
     post('status', { text: `training on ${shard.bytes.length} bytes of shard${shard.cached ? ' (cached)' : ''}` });
     let lastSent = performance.now();

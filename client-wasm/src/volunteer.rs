@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use burn::tensor::Device;
 use serde::Serialize;
+use tether_shared::codec::{Encoding, Link, LinkError};
 use tether_shared::data::{ImageSet, decode_images};
 use tether_shared::local::{LocalWorker, Pending, ShardData, Trained};
 use tether_shared::protocol::{
@@ -27,6 +28,9 @@ pub enum VolunteerError {
     /// The session could not start or a reply could not be applied.
     #[error(transparent)]
     Local(#[from] tether_shared::local::LocalError),
+    /// A reply that does not fit the session (encoding, length).
+    #[error(transparent)]
+    Link(#[from] LinkError),
     /// A call out of order (training before the welcome, ...).
     #[error("{0}")]
     State(&'static str),
@@ -42,6 +46,10 @@ pub enum Event {
         run_id: String,
         /// The id the dashboard shows.
         worker_id: u32,
+        /// The session (decimal string): the shard download names it.
+        session: String,
+        /// The payload encoding of the session.
+        encoding: String,
         /// The algorithm's name.
         algorithm: String,
         /// The model's name.
@@ -115,6 +123,7 @@ pub struct Volunteer {
     pub device: String,
     joined: Option<Joined>,
     center: Vec<f32>,
+    link: Link,
     started: bool,
     pending: Pending,
     last_wait_s: f32,
@@ -131,6 +140,7 @@ impl Volunteer {
             device: description.into(),
             joined: None,
             center: Vec::new(),
+            link: Link::new(Encoding::F32, &[]),
             started: false,
             pending: Pending::default(),
             last_wait_s: 0.0,
@@ -150,6 +160,8 @@ impl Volunteer {
             threads: 1,
             token: Some(ticket.into()),
             previous_run: None,
+            encodings: Encoding::ALL.to_vec(),
+            needs_shard: false,
         };
         protocol::encode(&Message::Hello(hello), &[])
     }
@@ -159,9 +171,12 @@ impl Volunteer {
         let frame = protocol::decode(bytes)?;
         Ok(match frame.message {
             Message::Welcome(welcome) => {
+                let welcome_encoding = welcome.encoding;
                 let event = Event::Welcome {
                     run_id: welcome.run.run_id.clone(),
                     worker_id: welcome.worker_id,
+                    session: welcome.session.to_string(),
+                    encoding: welcome.encoding.name().into(),
                     algorithm: welcome.run.algorithm.name().into(),
                     model: welcome.run.model.name().into(),
                     shard_index: welcome.shard.index,
@@ -175,6 +190,7 @@ impl Volunteer {
                     hyper: welcome.run.hyper,
                     welcome,
                 });
+                self.link = Link::new(welcome_encoding, &frame.payload);
                 self.center = frame.payload;
                 self.started = false;
                 event
@@ -188,7 +204,10 @@ impl Volunteer {
                     return Err(VolunteerError::State("a reply to a sync never sent"));
                 }
                 let lambda = joined.welcome.run.leader_pull;
-                self.worker.apply(reply.apply, frame.payload, lambda)?;
+                let values = self
+                    .link
+                    .receive_reply(reply.apply, frame.encoding, frame.payload)?;
+                self.worker.apply(reply.apply, values, lambda, None)?;
                 joined.seen = reply.center_version;
                 joined.hyper = reply.hyper;
                 self.progress.syncs += 1;
@@ -292,7 +311,11 @@ impl Volunteer {
             samples_per_s: self.progress.samples_per_s as f32,
             wait_s: self.last_wait_s,
         };
-        Ok(protocol::encode(&Message::Sync(sync), &trained.params))
+        let values = self.link.params_payload(&trained.params);
+        let (bytes, decoded) =
+            protocol::encode_decoded(&Message::Sync(sync), values, self.link.encoding());
+        self.link.sent(&decoded);
+        Ok(bytes)
     }
 
     /// Records how long the last sync waited (seconds), reported with the next.

@@ -2,11 +2,13 @@
 //! continues the same run) and the operational limits (timeouts, caps, checkpoints).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tether_shared::algorithms::Algorithm;
 use tether_shared::algorithms::leader::LSGD_LAMBDA;
+use tether_shared::codec::Encoding;
 use tether_shared::model::ModelKind;
 use thiserror::Error;
 
@@ -194,6 +196,23 @@ pub struct ServerConfig {
     pub eval_limit: Option<usize>,
     /// Time workers get to say goodbye at shutdown.
     pub drain_timeout: Duration,
+    /// The payload encoding every session uses, when the operator forces one
+    /// (`None`: the algorithm's default, [`default_encoding`]).
+    pub encoding: Option<Encoding>,
+    /// Serve HTTPS/WSS with this configuration (`None`: plain HTTP).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+/// The payload encoding a run uses unless the operator says otherwise. Every
+/// algorithm's payloads are differences from a reference both ends hold (see
+/// `tether_shared::codec`), which 8-bit blocks carry within 0.4 % of their largest
+/// value and error feedback keeps from adding up. Synchronous rounds replace every
+/// member's parameters with the round's result, so they get f16's finer steps.
+pub fn default_encoding(algorithm: Algorithm) -> Encoding {
+    match algorithm {
+        Algorithm::EasgdSync | Algorithm::Average => Encoding::F16,
+        _ => Encoding::Q8,
+    }
 }
 
 impl ServerConfig {
@@ -218,6 +237,21 @@ impl ServerConfig {
             eval_every: Some(Duration::from_secs(15)),
             eval_limit: None,
             drain_timeout: Duration::from_secs(5),
+            encoding: None,
+            tls: None,
+        }
+    }
+
+    /// The encoding for a worker that accepts `accepted`: the forced or default
+    /// one if it can, else f32 (which every worker reads).
+    pub fn encoding_for(&self, accepted: &[Encoding]) -> Encoding {
+        let wanted = self
+            .encoding
+            .unwrap_or_else(|| default_encoding(self.run.algorithm));
+        if accepted.contains(&wanted) {
+            wanted
+        } else {
+            Encoding::F32
         }
     }
 

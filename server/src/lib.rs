@@ -13,6 +13,7 @@ pub mod config;
 pub mod events;
 pub mod metrics;
 pub mod state;
+pub mod tls;
 pub mod web;
 pub mod workers;
 pub mod ws;
@@ -39,7 +40,7 @@ use crate::center::Center;
 use crate::checkpoint::CheckpointError;
 pub use crate::config::{ConfigError, RunSettings, ServerConfig};
 pub use crate::state::{AppState, EvalPoint, Status};
-use tether_worker::dataset::{self, LoadError};
+use tether_dataset::{self as dataset, LoadError};
 
 /// Why a server could not start or stopped badly.
 #[derive(Debug, Error)]
@@ -250,13 +251,24 @@ impl Server {
         let checkpointer = tokio::spawn(checkpoint_loop(state.clone()));
         let sampler = tokio::spawn(events::sampler(state.clone()));
         let signal_state = state.clone();
-        axum::serve(listener, app(state.clone()))
-            .with_graceful_shutdown(async move {
-                let reason = shutdown.await;
-                tracing::info!(?reason, "stopping: telling workers");
-                signal_state.stop(reason);
-            })
-            .await?;
+        let graceful = async move {
+            let reason = shutdown.await;
+            tracing::info!(?reason, "stopping: telling workers");
+            signal_state.stop(reason);
+        };
+        match state.config.tls.clone() {
+            Some(tls) => {
+                let listener = tls::TlsListener::new(listener, tls)?;
+                axum::serve(listener, app(state.clone()))
+                    .with_graceful_shutdown(graceful)
+                    .await?;
+            }
+            None => {
+                axum::serve(listener, app(state.clone()))
+                    .with_graceful_shutdown(graceful)
+                    .await?;
+            }
+        }
         // Upgraded WebSocket connections outlive axum's graceful shutdown: wait for
         // them to say goodbye, but not forever.
         let drained =

@@ -9,10 +9,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tether_shared::data::ImageSet;
+use sha2::{Digest, Sha256};
+use tether_shared::data::{ImageSet, encode_images, shard_indices};
 use tether_shared::model::load_flat;
-use tether_shared::protocol::{Hyper, RunSpec, StopReason};
-use tether_shared::rng::SplitMix64;
+use tether_shared::protocol::{Hyper, RunSpec, Shard, ShardDownload, StopReason};
 use tether_shared::train::{Evaluation, evaluate};
 use tokio::sync::watch;
 
@@ -21,7 +21,7 @@ use crate::checkpoint::Snapshot;
 use crate::config::{RunSettings, ServerConfig};
 use crate::events::Timeline;
 use crate::metrics::Metrics;
-use crate::workers::{WorkerStatus, Workers, unix_now};
+use crate::workers::{WorkerStatus, Workers};
 
 /// One evaluation of the center on the test set.
 #[derive(Clone, Copy, Debug, Serialize)]
@@ -115,7 +115,26 @@ pub struct Shared {
     paused: watch::Sender<bool>,
     stop: watch::Sender<Option<StopReason>>,
     connections: watch::Sender<usize>,
-    sessions: Mutex<SplitMix64>,
+    shards: Mutex<HashMap<(u32, u32), Arc<ShardFile>>>,
+}
+
+/// A shard of the training set as workers download it (`GET /api/shard`).
+pub struct ShardFile {
+    /// The bytes ([`encode_images`]).
+    pub bytes: Vec<u8>,
+    /// Their SHA-256, announced in the welcome.
+    pub sha256: [u8; 32],
+}
+
+/// `N` bytes from the operating system's CSPRNG (sessions and tickets are
+/// bearer secrets: a session id also authorises its shard's download).
+pub fn secret_bytes<const N: usize>() -> [u8; N] {
+    let mut bytes = [0u8; N];
+    rustls::crypto::ring::default_provider()
+        .secure_random
+        .fill(&mut bytes)
+        .expect("the operating system's random source works");
+    bytes
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -143,7 +162,6 @@ impl AppState {
         test: ImageSet,
         center: Center,
     ) -> Self {
-        let seed = (unix_now() * 1e9) as u64 ^ u64::from(std::process::id()).rotate_left(32);
         let (stop, _) = watch::channel(None);
         let (connections, _) = watch::channel(0);
         let (paused, _) = watch::channel(false);
@@ -167,7 +185,7 @@ impl AppState {
             started: Instant::now(),
             stop,
             connections,
-            sessions: Mutex::new(SplitMix64::new(seed)),
+            shards: Mutex::new(HashMap::new()),
         }))
     }
 }
@@ -192,9 +210,43 @@ impl Shared {
         lock(&self.workers)
     }
 
-    /// A fresh, hard-to-guess session id (never 0).
+    /// A fresh session id from the OS's CSPRNG (never 0).
     pub fn new_session(&self) -> u64 {
-        lock(&self.sessions).next_u64().max(1)
+        u64::from_le_bytes(secret_bytes()).max(1)
+    }
+
+    /// Shard `shard` of the training set as a file, built once per shard (on a
+    /// blocking thread: it copies a share of the images and hashes them).
+    pub async fn shard_file(&self, shard: Shard) -> Arc<ShardFile> {
+        let key = (shard.count, shard.index);
+        if let Some(file) = lock(&self.shards).get(&key) {
+            return file.clone();
+        }
+        let train = self.train.clone();
+        let file = tokio::task::spawn_blocking(move || {
+            let items = shard_indices(
+                train.len(),
+                shard.count as usize,
+                shard.index as usize,
+                shard.seed,
+            );
+            let bytes = encode_images(&train.subset(&items));
+            let sha256 = Sha256::digest(&bytes).into();
+            Arc::new(ShardFile { bytes, sha256 })
+        })
+        .await
+        .expect("building a shard does not panic");
+        lock(&self.shards).entry(key).or_insert(file).clone()
+    }
+
+    /// What a worker that has no data needs to download `shard` and check it.
+    pub async fn shard_download(&self, shard: Shard) -> ShardDownload {
+        let file = self.shard_file(shard).await;
+        ShardDownload {
+            data: self.data_id.clone(),
+            bytes: file.bytes.len() as u64,
+            sha256: file.sha256,
+        }
     }
 
     /// Counts a connection until the guard drops.
@@ -258,10 +310,10 @@ impl Shared {
 
     /// Issues a browser join ticket, good for [`TICKET_LIFETIME`].
     pub fn issue_ticket(&self) -> String {
-        let ticket = {
-            let mut rng = lock(&self.sessions);
-            format!("{:016x}{:016x}", rng.next_u64(), rng.next_u64())
-        };
+        let ticket: String = secret_bytes::<16>()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         let mut tickets = lock(&self.tickets);
         tickets.retain(|_, issued| issued.elapsed() < TICKET_LIFETIME);
         tickets.insert(ticket.clone(), Instant::now());
@@ -370,6 +422,8 @@ impl Shared {
                 c.leader().map(|l| l.0),
             )
         };
+        // Sessions are secrets: the status names the leader by its worker id.
+        let leader = leader.and_then(|s| self.workers().get_mut(s).map(|w| w.id));
         let workers = self.workers().status();
         let m = &self.metrics;
         Status {
@@ -390,7 +444,7 @@ impl Shared {
                 .collect(),
             mean_sync_latency_s: m.mean_latency(),
             round_waiting: waiting,
-            leader_session: leader,
+            leader_worker: leader,
             evaluation: self.latest_eval(),
             history: lock(&self.evals).clone(),
             last_checkpoint: lock(&self.last_checkpoint)
@@ -437,8 +491,8 @@ pub struct Status {
     pub mean_sync_latency_s: f64,
     /// Workers waiting in the open synchronous round.
     pub round_waiting: usize,
-    /// LSGD: the leader's session.
-    pub leader_session: Option<u64>,
+    /// LSGD: the leader's worker id.
+    pub leader_worker: Option<u32>,
     /// The latest evaluation of the center.
     pub evaluation: Option<EvalPoint>,
     /// Every evaluation so far.

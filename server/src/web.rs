@@ -15,7 +15,6 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use tether_shared::data::{encode_images, shard_indices};
 
 use crate::state::{AppState, TICKET_LIFETIME};
 
@@ -259,8 +258,14 @@ pub struct ShardQuery {
     data: String,
 }
 
+/// Header a worker names its session in to download its shard.
+pub const SESSION_HEADER: &str = "x-tether-session";
+
 /// `GET /api/shard`: a worker's shard of the training set, binary
-/// ([`encode_images`]), cacheable for good (the URL names the data and the cut).
+/// ([`encode_images`](tether_shared::data::encode_images)), cacheable for good
+/// (the URL names the data and the cut). Only for a connected worker, and only its
+/// own shard: the session from its welcome goes in the `x-tether-session` header,
+/// so the training set is never an open download.
 pub async fn shard(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -269,31 +274,41 @@ pub async fn shard(
     if let Err(refused) = check_origin(&state, &headers) {
         return refused;
     }
+    let session = headers
+        .get(SESSION_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let Some(shard) = session.and_then(|s| state.workers().get_mut(s).map(|w| w.shard)) else {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "a shard is for the connected worker it was assigned to: send its session in x-tether-session",
+        );
+    };
     if q.data != state.data_id {
         return error(
             StatusCode::NOT_FOUND,
             format!("data {:?} is not this run's ({})", q.data, state.data_id),
         );
     }
-    if q.count == 0 || q.index >= q.count || q.count > 1_000_000 {
+    if (q.index, q.count, q.seed) != (shard.index, shard.count, shard.seed) {
         return error(
-            StatusCode::BAD_REQUEST,
-            format!("invalid shard {}/{}", q.index, q.count),
+            StatusCode::FORBIDDEN,
+            format!(
+                "this session's shard is {}/{}, not {}/{}",
+                shard.index, shard.count, q.index, q.count
+            ),
         );
     }
-    let train = state.train.clone();
-    let bytes = tokio::task::spawn_blocking(move || {
-        let items = shard_indices(train.len(), q.count as usize, q.index as usize, q.seed);
-        encode_images(&train.subset(&items))
-    })
-    .await
-    .expect("shard encoding does not panic");
+    let file = state.shard_file(shard).await;
     (
         [
             (header::CONTENT_TYPE, "application/octet-stream"),
-            (header::CACHE_CONTROL, "public, max-age=31536000, immutable"),
+            (
+                header::CACHE_CONTROL,
+                "private, max-age=31536000, immutable",
+            ),
         ],
-        bytes,
+        file.bytes.clone(),
     )
         .into_response()
 }

@@ -210,6 +210,8 @@ mod tests {
             threads: 1,
             token: None,
             previous_run: None,
+            encodings: vec![],
+            needs_shard: false,
         }
     }
 

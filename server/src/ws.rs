@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 
 use axum::extract::ws::{Message as WsMessage, WebSocket};
 use tether_shared::algorithms::Algorithm;
+use tether_shared::codec::{Encoding, Link, LinkError};
 use tether_shared::protocol::{
-    self, Apply, Frame, Hello, Message, PROTOCOL_VERSION, Rejection, Reply, StopReason, Sync,
-    Welcome, WorkerKind,
+    self, Apply, DecodeError, Frame, Hello, Message, PROTOCOL_VERSION, Rejection, Reply,
+    StopReason, Sync, Welcome, WorkerKind,
 };
 
 use crate::center::{Outcome, Update};
@@ -37,7 +38,8 @@ pub async fn connection(state: AppState, mut socket: WebSocket, browser: bool) {
         };
         let Some(received) = received else {
             let reason = stop.borrow().unwrap_or(StopReason::ShuttingDown);
-            let _ = send(&state, &mut conn, &mut socket, &Message::Stop(reason), &[]).await;
+            let stop = protocol::encode(&Message::Stop(reason), &[]);
+            let _ = send(&state, &mut conn, &mut socket, stop).await;
             break "server stopping";
         };
         let bytes = match received {
@@ -52,7 +54,9 @@ pub async fn connection(state: AppState, mut socket: WebSocket, browser: bool) {
             Ok(Some(Ok(WsMessage::Binary(bytes)))) => bytes,
             Ok(Some(Ok(WsMessage::Text(_)))) => {
                 let why = Rejection::Malformed("text frames are not part of the protocol".into());
-                reject(&state, &mut conn, &mut socket, None, why).await;
+                if let Step::Broken = reject(&state, &mut conn, &mut socket, None, why).await {
+                    break "socket error";
+                }
                 continue;
             }
             Ok(Some(Ok(_))) => {
@@ -82,9 +86,12 @@ struct Conn {
     session: u64,
     worker_id: u32,
     last_seq: u64,
-    /// What this worker last received as its parameters (DOWNPOUR: the push is
-    /// measured from it, computed here rather than trusted from the worker).
+    /// What this worker last received as its parameters, as it reconstructed them
+    /// (DOWNPOUR: the push is measured from it, computed here rather than trusted
+    /// from the worker).
     pulled: Vec<f32>,
+    /// The session's payload encoding and its error-feedback state.
+    link: Link,
 }
 
 enum Step {
@@ -99,6 +106,7 @@ async fn handshake(state: &AppState, socket: &mut WebSocket, browser: bool) -> O
         worker_id: u32::MAX,
         last_seq: 0,
         pulled: Vec::new(),
+        link: Link::new(Encoding::F32, &[]),
     };
     let first = tokio::time::timeout(state.config.handshake_timeout, socket.recv()).await;
     let bytes = match first {
@@ -121,6 +129,14 @@ async fn handshake(state: &AppState, socket: &mut WebSocket, browser: bool) -> O
         }) => h,
         Ok(other) => {
             let why = Rejection::Unexpected(format!("expected hello, got {:?}", other.message));
+            reject(state, &mut conn, socket, None, why).await;
+            return None;
+        }
+        Err(DecodeError::OtherVersion(got)) => {
+            let why = Rejection::ProtocolVersion {
+                expected: PROTOCOL_VERSION,
+                got,
+            };
             reject(state, &mut conn, socket, None, why).await;
             return None;
         }
@@ -170,6 +186,12 @@ async fn handshake(state: &AppState, socket: &mut WebSocket, browser: bool) -> O
         && has_elastic_force(state.spec.algorithm);
     let mut spec = state.spec.clone();
     spec.hyper = hyper;
+    let encoding = state.config.encoding_for(&hello.encodings);
+    let download = if hello.needs_shard {
+        Some(state.shard_download(shard).await)
+    } else {
+        None
+    };
     let welcome = Message::Welcome(Welcome {
         run: spec,
         session,
@@ -177,14 +199,23 @@ async fn handshake(state: &AppState, socket: &mut WebSocket, browser: bool) -> O
         shard,
         center_version: version,
         keep_params,
+        encoding,
+        download,
     });
-    if send(state, &mut conn, socket, &welcome, &center)
-        .await
-        .is_err()
+    // The center travels exactly (f32); both ends start the link from it.
+    if send(
+        state,
+        &mut conn,
+        socket,
+        protocol::encode(&welcome, &center),
+    )
+    .await
+    .is_err()
     {
         state.workers().leave(session);
         return None;
     }
+    conn.link = Link::new(encoding, &center);
     conn.pulled = center;
     Some(conn)
 }
@@ -250,7 +281,7 @@ async fn handle(
     match frame.message {
         Message::Sync(sync) => {
             let seq = sync.seq;
-            match exchange(state, conn, sync, frame.payload, stop).await {
+            match exchange(state, conn, sync, frame.encoding, frame.payload, stop).await {
                 Ok((apply, payload, version, norm)) => {
                     let reply = Message::Reply(Reply {
                         seq,
@@ -258,11 +289,16 @@ async fn handle(
                         apply,
                         hyper: state.center().hyper(),
                     });
-                    if send(state, conn, socket, &reply, &payload).await.is_err() {
+                    let values = conn.link.reply_payload(apply, &payload);
+                    let encoding = conn.link.encoding();
+                    let (bytes, decoded) =
+                        protocol::encode_decoded(&reply, values.clone(), encoding);
+                    let seen = conn.link.replied(apply, &values, &decoded);
+                    if send(state, conn, socket, bytes).await.is_err() {
                         return Step::Broken;
                     }
                     if apply == Apply::Replace {
-                        conn.pulled = payload;
+                        conn.pulled = seen;
                     }
                     state
                         .metrics
@@ -298,6 +334,7 @@ async fn exchange(
     state: &AppState,
     conn: &mut Conn,
     sync: Sync,
+    encoding: Encoding,
     values: Vec<f32>,
     stop: &mut tokio::sync::watch::Receiver<Option<StopReason>>,
 ) -> Result<(Apply, Vec<f32>, u64, f64), Rejection> {
@@ -317,6 +354,20 @@ async fn exchange(
             got: values.len() as u64,
         });
     }
+    // xⁱ as the worker meant it. The link moves its reference here, before the
+    // center has judged the update: after any rejection an honest worker leaves the
+    // session (restart or reconnect), and a dishonest one only confuses its own link.
+    // Every check below runs on these decoded values.
+    let values = conn
+        .link
+        .receive_params(encoding, values)
+        .map_err(|e| match e {
+            LinkError::WrongLength { expected, got } => Rejection::WrongLength {
+                expected: expected as u64,
+                got: got as u64,
+            },
+            e @ LinkError::WrongEncoding { .. } => Rejection::Malformed(e.to_string()),
+        })?;
     if !sync.loss.is_finite() || !sync.samples_per_s.is_finite() || !sync.wait_s.is_finite() {
         return Err(Rejection::Malformed(
             "non-finite figures in the sync header".into(),
@@ -409,10 +460,8 @@ async fn send(
     state: &AppState,
     conn: &mut Conn,
     socket: &mut WebSocket,
-    message: &Message,
-    payload: &[f32],
+    bytes: Vec<u8>,
 ) -> Result<(), axum::Error> {
-    let bytes = protocol::encode(message, payload);
     let n = bytes.len() as u64;
     // A worker that stops reading must not hold a connection task forever.
     let sent = tokio::time::timeout(
@@ -452,7 +501,7 @@ async fn reject(
         w.rejects += 1;
     }
     let message = Message::Reject { seq, reason };
-    match send(state, conn, socket, &message, &[]).await {
+    match send(state, conn, socket, protocol::encode(&message, &[])).await {
         Ok(()) => Step::Continue,
         Err(_) => Step::Broken,
     }

@@ -6,6 +6,7 @@
 //! - [`algorithms`]: the update rules of the EASGD family on flat `f32` slices.
 //! - [`model`]: the Burn networks and their flat parameter view.
 //! - [`protocol`]: the worker ↔ server frames and their binary encoding.
+//! - [`codec`]: payload encodings (f32, f16, bf16, 8-bit) and the error feedback that keeps them honest.
 //! - [`data`]: IDX and CIFAR-10 parsing, sharding, batching, normalisation.
 //! - [`train`]: one local training step and evaluation, identical on every worker.
 //! - [`local`]: a worker's side of a session (shard, τ steps, applying replies), native or browser.
@@ -13,6 +14,7 @@
 //! - [`rng`]: a small deterministic generator, so shards and shuffles are reproducible everywhere.
 
 pub mod algorithms;
+pub mod codec;
 pub mod data;
 pub mod local;
 pub mod model;

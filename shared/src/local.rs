@@ -104,6 +104,8 @@ pub struct LocalWorker {
     trainer: Option<(ModelKind, LocalOptimizer, Trainer)>,
     session: Option<Session>,
     params: Vec<f32>,
+    /// Steps ran since `params` was read back from the device.
+    stale: bool,
     images: Vec<f32>,
     labels: Vec<i64>,
 }
@@ -116,6 +118,7 @@ impl LocalWorker {
             trainer: None,
             session: None,
             params: Vec::new(),
+            stale: false,
             images: Vec::new(),
             labels: Vec::new(),
         }
@@ -175,7 +178,10 @@ impl LocalWorker {
                 .set_params(&center)
                 .expect("length checked against the model above");
             self.params = center;
+        } else if self.stale {
+            self.params = trainer.params();
         }
+        self.stale = false;
         // Seeded by shard, so two workers on different shards shuffle differently.
         let seed = shard.seed ^ u64::from(shard.index).wrapping_mul(0x9e37_79b9_7f4a_7c15);
         let batcher = Batcher::new(
@@ -240,6 +246,7 @@ impl LocalWorker {
                 None => loss,
             });
             done += 1;
+            self.stale = true;
             pending.steps += 1;
             pending.samples += items.len() as u64;
         }
@@ -254,6 +261,7 @@ impl LocalWorker {
         if let Some((_, _, trainer)) = &self.trainer {
             self.params = trainer.params();
         }
+        self.stale = false;
         self.trained(pending.steps, pending.samples, loss)
     }
 
@@ -269,6 +277,7 @@ impl LocalWorker {
         if let Some((_, _, trainer)) = &self.trainer {
             self.params = to_flat_async(trainer.net()).await;
         }
+        self.stale = false;
         self.trained(pending.steps, pending.samples, loss)
     }
 
@@ -281,12 +290,24 @@ impl LocalWorker {
         }
     }
 
+    /// The parameters as last read back or set (current unless steps ran since).
+    pub fn params(&self) -> &[f32] {
+        &self.params
+    }
+
     /// Applies a reply's payload to xⁱ (`lambda`: LSGD's leader pull).
+    ///
+    /// `sent` is the xⁱ the answered sync carried, when local steps may have run
+    /// since (an overlapped sync): the reply then acts on the current parameters —
+    /// read back from the device first (blocking: native backends only) — and a
+    /// replacement keeps the steps taken meanwhile, xⁱ ← payload + (xⁱ − sent), so
+    /// DOWNPOUR's next push still carries them.
     pub fn apply(
         &mut self,
         apply: Apply,
         payload: Vec<f32>,
         lambda: f32,
+        sent: Option<&[f32]>,
     ) -> Result<(), LocalError> {
         let Some((kind, _, trainer)) = self.trainer.as_mut() else {
             return Err(LocalError::NotStarted);
@@ -299,10 +320,19 @@ impl LocalWorker {
                 found: payload.len(),
             });
         }
-        match apply {
-            Apply::Subtract => apply_difference(&mut self.params, &payload),
-            Apply::Replace => self.params = payload,
-            Apply::PullToward => leader_pull(&mut self.params, &payload, lambda),
+        if self.stale {
+            self.params = trainer.params();
+            self.stale = false;
+        }
+        match (apply, sent) {
+            (Apply::Subtract, _) => apply_difference(&mut self.params, &payload),
+            (Apply::Replace, Some(sent)) if sent.len() == payload.len() => {
+                for ((x, v), s) in self.params.iter_mut().zip(&payload).zip(sent) {
+                    *x = v + (*x - s);
+                }
+            }
+            (Apply::Replace, _) => self.params = payload,
+            (Apply::PullToward, _) => leader_pull(&mut self.params, &payload, lambda),
         }
         trainer
             .set_params(&self.params)

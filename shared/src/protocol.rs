@@ -4,24 +4,27 @@
 //! A frame is one binary WebSocket message:
 //!
 //! ```text
-//! [u32 LE header length H][u32 LE payload length P (f32 values)][H bytes: postcard header][4·P bytes: f32 LE]
+//! [u32 LE header length H][u32 LE value count P][H bytes: postcard header][payload]
+//! payload, when P > 0: [u8 encoding][P values in that encoding]
 //! ```
 //!
 //! The header is a [`Message`] in postcard (serde); the payload is the tensor the
 //! message carries (a center, a worker's parameters, an elastic difference) as raw
-//! little-endian `f32`, never as serialised numbers. Decoding checks every length
-//! before it reads, copies the payload once, and returns a typed [`DecodeError`] for
-//! any input; it never panics (a property test feeds it random bytes).
+//! little-endian `f32`, `f16`, `bf16` or 8-bit blocks ([`crate::codec`]), never as
+//! serialised numbers. Decoding checks every length before it reads, copies the
+//! payload once, and returns a typed [`DecodeError`] for any input; it never panics
+//! (a property test feeds it random bytes).
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::algorithms::Algorithm;
+use crate::codec::{self, Encoding};
 use crate::data::Normalization;
 use crate::model::ModelKind;
 
 /// Version of this protocol. A hello with another version is rejected.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Bytes before the header: its length and the payload's length.
 pub const PREFIX_BYTES: usize = 8;
@@ -30,10 +33,10 @@ pub const PREFIX_BYTES: usize = 8;
 /// keeps a hostile length field from costing anything.
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 
-/// The largest frame a run accepts: one full parameter vector plus a header. Servers
-/// set their WebSocket limit from this rather than from the library default.
+/// The largest frame a run accepts: one full parameter vector in f32 plus a header.
+/// Servers set their WebSocket limit from this rather than from the library default.
 pub fn max_frame_bytes(param_count: usize) -> usize {
-    PREFIX_BYTES + MAX_HEADER_BYTES + 4 * param_count
+    PREFIX_BYTES + MAX_HEADER_BYTES + 1 + 4 * param_count
 }
 
 /// What kind of machine a worker is.
@@ -64,6 +67,11 @@ pub struct Hello {
     /// The run this worker trained for before, when it rejoins after a disconnect:
     /// if it matches, an elastic worker keeps its own parameters.
     pub previous_run: Option<String>,
+    /// The payload encodings this worker can send and read (f32 always works).
+    pub encodings: Vec<Encoding>,
+    /// Whether the worker has the training set itself; if not, it downloads its
+    /// shard, whose length and digest the welcome announces.
+    pub needs_shard: bool,
 }
 
 /// The hyper-parameters a worker needs, sent in the welcome and in every reply so a
@@ -133,6 +141,21 @@ pub struct Welcome {
     /// Whether the worker should keep its own parameters (a rejoin to the same run
     /// with an elastic algorithm) instead of starting from the center.
     pub keep_params: bool,
+    /// The encoding of every payload after this one (the welcome's center is f32).
+    pub encoding: Encoding,
+    /// The shard's download (`GET /api/shard`), when the hello asked for it.
+    pub download: Option<ShardDownload>,
+}
+
+/// How to fetch and check a shard: what the download must be, byte for byte.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardDownload {
+    /// Names the training data (part of the shard URL).
+    pub data: String,
+    /// Length of the shard file in bytes.
+    pub bytes: u64,
+    /// Its SHA-256.
+    pub sha256: [u8; 32],
 }
 
 /// A worker's synchronisation. Payload: its parameters xⁱ (elastic, averaging,
@@ -369,8 +392,10 @@ impl Message {
 pub struct Frame {
     /// The header.
     pub message: Message,
-    /// The tensor (empty for messages without one).
+    /// The tensor, decoded to f32 (empty for messages without one).
     pub payload: Vec<f32>,
+    /// How the payload travelled (f32 when there was none).
+    pub encoding: Encoding,
 }
 
 /// A frame that cannot be decoded. Every variant says what was wrong.
@@ -399,6 +424,12 @@ pub enum DecodeError {
     /// A message without a tensor came with one.
     #[error("{0} carries no tensor, but the frame has {1} values")]
     UnexpectedPayload(&'static str, u32),
+    /// The payload's encoding byte names no encoding.
+    #[error("unknown payload encoding {0}")]
+    UnknownEncoding(u8),
+    /// A hello of another protocol version (its header does not decode as ours).
+    #[error("protocol version {0} is not supported (this side speaks {PROTOCOL_VERSION})")]
+    OtherVersion(u32),
 }
 
 impl Message {
@@ -416,13 +447,23 @@ impl Message {
     }
 }
 
-/// Encodes a frame. `payload` must be empty for messages without a tensor.
+/// Encodes a frame with an f32 payload. `payload` must be empty for messages
+/// without a tensor.
 ///
 /// # Panics
 /// If the header exceeds [`MAX_HEADER_BYTES`] (headers are fixed-size structs plus
 /// short strings, so this is a programming error).
 pub fn encode(message: &Message, payload: &[f32]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(PREFIX_BYTES + 128 + 4 * payload.len());
+    encode_as(message, payload, Encoding::F32)
+}
+
+/// Encodes a frame with its payload in `encoding`.
+///
+/// # Panics
+/// As [`encode`].
+pub fn encode_as(message: &Message, payload: &[f32], encoding: Encoding) -> Vec<u8> {
+    let payload_bytes = encoding.encoded_len(payload.len()) as usize;
+    let mut out = Vec::with_capacity(PREFIX_BYTES + 128 + 1 + payload_bytes);
     out.extend_from_slice(&[0; PREFIX_BYTES]);
     let mut out = postcard::to_extend(message, out).expect("a Vec grows as needed");
     let header_len = out.len() - PREFIX_BYTES;
@@ -433,46 +474,79 @@ pub fn encode(message: &Message, payload: &[f32]) -> Vec<u8> {
     out[0..4].copy_from_slice(&(header_len as u32).to_le_bytes());
     let count = u32::try_from(payload.len()).expect("payload under 4 Gi values");
     out[4..8].copy_from_slice(&count.to_le_bytes());
-    if cfg!(target_endian = "little") {
-        out.extend_from_slice(bytemuck::cast_slice(payload));
-    } else {
-        out.extend(payload.iter().flat_map(|v| v.to_le_bytes()));
+    if count > 0 {
+        out.push(encoding.code());
+        codec::encode_into(encoding, payload, &mut out);
     }
     out
 }
 
-/// Decodes a frame, copying the payload once into a `Vec<f32>`.
-pub fn decode(bytes: &[u8]) -> Result<Frame, DecodeError> {
-    let (header, payload) = split(bytes)?;
-    let message = decode_header(header)?;
-    let count = payload.len() / 4;
-    if count > 0 && !message.has_payload() {
-        return Err(DecodeError::UnexpectedPayload(message.name(), count as u32));
+/// Encodes a frame with its payload in `encoding`, and returns the payload as the
+/// receiver will decode it (the values themselves for f32): a lossy sender keeps
+/// its error feedback from exactly what the other end sees.
+pub fn encode_decoded(
+    message: &Message,
+    payload: Vec<f32>,
+    encoding: Encoding,
+) -> (Vec<u8>, Vec<f32>) {
+    let bytes = encode_as(message, &payload, encoding);
+    if !encoding.is_lossy() || payload.is_empty() {
+        return (bytes, payload);
     }
-    // One copy: the bytes need not be aligned for f32, so they are copied, not cast.
-    let payload = if cfg!(target_endian = "little") {
-        bytemuck::pod_collect_to_vec::<u8, f32>(payload)
-    } else {
-        payload
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect()
-    };
-    Ok(Frame { message, payload })
+    let start = bytes.len() - encoding.encoded_len(payload.len()) as usize;
+    let decoded = codec::decode(encoding, &bytes[start..], payload.len());
+    (bytes, decoded)
+}
+
+/// Decodes a frame, decoding the payload once into a `Vec<f32>`.
+pub fn decode(bytes: &[u8]) -> Result<Frame, DecodeError> {
+    let (header, count, encoding, payload) = split(bytes)?;
+    let message = decode_header(header)?;
+    if count > 0 && !message.has_payload() {
+        return Err(DecodeError::UnexpectedPayload(message.name(), count));
+    }
+    let payload = codec::decode(encoding, payload, count as usize);
+    Ok(Frame {
+        message,
+        payload,
+        encoding,
+    })
 }
 
 fn decode_header(header: &[u8]) -> Result<Message, DecodeError> {
-    let (message, rest) = postcard::take_from_bytes::<Message>(header)
-        .map_err(|e| DecodeError::BadHeader(e.to_string()))?;
+    let (message, rest) = match postcard::take_from_bytes::<Message>(header) {
+        Ok(decoded) => decoded,
+        Err(e) => {
+            return Err(match hello_version(header) {
+                Some(v) if v != PROTOCOL_VERSION => DecodeError::OtherVersion(v),
+                _ => DecodeError::BadHeader(e.to_string()),
+            });
+        }
+    };
     if !rest.is_empty() {
         return Err(DecodeError::TrailingHeader(rest.len()));
     }
     Ok(message)
 }
 
-/// Splits a frame into its header bytes and payload bytes after checking the
-/// prefix against the frame's size.
-fn split(bytes: &[u8]) -> Result<(&[u8], &[u8]), DecodeError> {
+/// The protocol version of a hello whose header does not decode: every version's
+/// hello starts with the variant tag 0 and the version as a postcard varint, so a
+/// worker of another version is told so rather than that its frame is malformed.
+fn hello_version(header: &[u8]) -> Option<u32> {
+    let (&tag, rest) = header.split_first()?;
+    if tag != 0 {
+        return None;
+    }
+    let (version, _) = postcard::take_from_bytes::<u32>(rest).ok()?;
+    Some(version)
+}
+
+/// A frame's header bytes, value count, payload encoding and payload bytes.
+type Parts<'a> = (&'a [u8], u32, Encoding, &'a [u8]);
+
+/// Splits a frame into its header bytes, value count, encoding and payload bytes
+/// after checking the prefix (and the encoding byte) against the frame's size.
+fn split(bytes: &[u8]) -> Result<Parts<'_>, DecodeError> {
     let Some((prefix, rest)) = bytes.split_first_chunk::<PREFIX_BYTES>() else {
         return Err(DecodeError::TooShort(bytes.len()));
     };
@@ -481,14 +555,28 @@ fn split(bytes: &[u8]) -> Result<(&[u8], &[u8]), DecodeError> {
     if header_len as usize > MAX_HEADER_BYTES {
         return Err(DecodeError::HeaderTooLong(header_len));
     }
-    let expected = PREFIX_BYTES as u64 + u64::from(header_len) + 4 * u64::from(count);
-    if expected != bytes.len() as u64 {
-        return Err(DecodeError::LengthMismatch {
-            expected,
-            actual: bytes.len() as u64,
-        });
+    let header_end = PREFIX_BYTES as u64 + u64::from(header_len);
+    let mismatch = |expected| DecodeError::LengthMismatch {
+        expected,
+        actual: bytes.len() as u64,
+    };
+    if count == 0 {
+        if header_end != bytes.len() as u64 {
+            return Err(mismatch(header_end));
+        }
+        return Ok((rest, 0, Encoding::F32, &[]));
     }
-    Ok(rest.split_at(header_len as usize))
+    // The encoding byte follows the header; without it no length can be checked.
+    let Some(&code) = bytes.get(header_end as usize) else {
+        return Err(mismatch(header_end + 1));
+    };
+    let encoding = Encoding::from_code(code).ok_or(DecodeError::UnknownEncoding(code))?;
+    let expected = header_end + 1 + encoding.encoded_len(count as usize);
+    if expected != bytes.len() as u64 {
+        return Err(mismatch(expected));
+    }
+    let (header, payload) = rest.split_at(header_len as usize);
+    Ok((header, count, encoding, &payload[1..]))
 }
 
 /// The index of the first NaN or infinity, if any.
@@ -509,6 +597,8 @@ mod tests {
             threads: 2,
             token: Some("secret".into()),
             previous_run: None,
+            encodings: Encoding::ALL.to_vec(),
+            needs_shard: false,
         })
     }
 
@@ -543,7 +633,50 @@ mod tests {
         let bytes = encode(&sync(), &[1.0, 2.0]);
         let header_len = u32::from_le_bytes(bytes[0..4].try_into().unwrap()) as usize;
         let tail = &bytes[PREFIX_BYTES + header_len..];
-        assert_eq!(tail, [1.0f32.to_le_bytes(), 2.0f32.to_le_bytes()].concat());
+        assert_eq!(tail[0], Encoding::F32.code());
+        assert_eq!(
+            &tail[1..],
+            [1.0f32.to_le_bytes(), 2.0f32.to_le_bytes()].concat()
+        );
+    }
+
+    #[test]
+    fn every_encoding_travels_in_a_frame() {
+        let payload: Vec<f32> = (0..200).map(|i| (i as f32 - 100.0) / 7.0).collect();
+        for encoding in Encoding::ALL {
+            let bytes = encode_as(&sync(), &payload, encoding);
+            let frame = decode(&bytes).unwrap();
+            assert_eq!(frame.encoding, encoding);
+            assert_eq!(frame.payload.len(), payload.len());
+            let err = payload
+                .iter()
+                .zip(&frame.payload)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(err < 0.06, "{encoding}: {err}");
+        }
+        // An unknown encoding byte, and a q8 frame cut by one byte.
+        let mut bad = encode_as(&sync(), &payload, Encoding::Q8);
+        let header_len = u32::from_le_bytes(bad[0..4].try_into().unwrap()) as usize;
+        bad[PREFIX_BYTES + header_len] = 77;
+        assert_eq!(decode(&bad), Err(DecodeError::UnknownEncoding(77)));
+        let q8 = encode_as(&sync(), &payload, Encoding::Q8);
+        assert!(matches!(
+            decode(&q8[..q8.len() - 1]),
+            Err(DecodeError::LengthMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn a_hello_of_another_version_is_named_as_such() {
+        // A version-1 hello: tag 0, version 1, then fields this version does not
+        // end with (its header runs out early).
+        let mut old = encode(&hello(), &[]);
+        old[PREFIX_BYTES + 1] = 1;
+        let header_len = u32::from_le_bytes(old[0..4].try_into().unwrap());
+        old.truncate(old.len() - 2);
+        old[0..4].copy_from_slice(&(header_len - 2).to_le_bytes());
+        assert_eq!(decode(&old), Err(DecodeError::OtherVersion(1)));
     }
 
     #[test]
@@ -551,7 +684,7 @@ mod tests {
         let good = encode(&sync(), &[1.0, 2.0, 3.0]);
         assert_eq!(decode(&[]), Err(DecodeError::TooShort(0)));
         assert_eq!(decode(&good[..7]), Err(DecodeError::TooShort(7)));
-        // Truncated payload, extra byte, payload not a multiple of four.
+        // Truncated payload, extra byte, payload not a whole number of values.
         assert!(matches!(
             decode(&good[..good.len() - 1]),
             Err(DecodeError::LengthMismatch { .. })
@@ -579,11 +712,11 @@ mod tests {
         let mut bad_tag = good.clone();
         bad_tag[PREFIX_BYTES] = 200;
         assert!(matches!(decode(&bad_tag), Err(DecodeError::BadHeader(_))));
-        // A header with a byte too many: move one payload byte into the header.
-        let mut trailing = good.clone();
+        // A header with bytes too many.
+        let mut trailing = encode(&hello(), &[]);
         let h = u32::from_le_bytes(trailing[0..4].try_into().unwrap());
         trailing[0..4].copy_from_slice(&(h + 4).to_le_bytes());
-        trailing[4..8].copy_from_slice(&2u32.to_le_bytes());
+        trailing.extend_from_slice(&[0; 4]);
         assert!(matches!(
             decode(&trailing),
             Err(DecodeError::TrailingHeader(4))
@@ -591,12 +724,19 @@ mod tests {
         // A header cut short inside a field.
         let mut cut = good.clone();
         cut[0..4].copy_from_slice(&2u32.to_le_bytes());
-        let count = (cut.len() - PREFIX_BYTES - 2) / 4;
-        cut.truncate(PREFIX_BYTES + 2 + 4 * count);
-        cut[4..8].copy_from_slice(&(count as u32).to_le_bytes());
-        assert!(decode(&cut).is_err());
+        cut[4..8].copy_from_slice(&0u32.to_le_bytes());
+        cut.truncate(PREFIX_BYTES + 2);
+        assert!(matches!(decode(&cut), Err(DecodeError::BadHeader(_))));
+        // A payload without its encoding byte.
+        let mut no_encoding = encode(&sync(), &[]);
+        no_encoding[4..8].copy_from_slice(&1u32.to_le_bytes());
+        assert!(matches!(
+            decode(&no_encoding),
+            Err(DecodeError::LengthMismatch { .. })
+        ));
         // A hello must not carry a tensor.
         let mut hello_with_payload = encode(&hello(), &[]);
+        hello_with_payload.push(Encoding::F32.code());
         hello_with_payload.extend_from_slice(&1.0f32.to_le_bytes());
         hello_with_payload[4..8].copy_from_slice(&1u32.to_le_bytes());
         assert_eq!(
@@ -614,7 +754,7 @@ mod tests {
 
     #[test]
     fn frame_limit_follows_the_model() {
-        assert_eq!(max_frame_bytes(100), PREFIX_BYTES + MAX_HEADER_BYTES + 400);
+        assert_eq!(max_frame_bytes(100), PREFIX_BYTES + MAX_HEADER_BYTES + 401);
         let bytes = encode(&sync(), &vec![0.0; 100]);
         assert!(bytes.len() <= max_frame_bytes(100));
     }

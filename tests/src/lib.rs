@@ -179,6 +179,9 @@ pub mod net {
             threads: 1,
             token: None,
             previous_run: None,
+            // Raw clients speak exact f32, so tests can compare bit for bit.
+            encodings: vec![tether_shared::codec::Encoding::F32],
+            needs_shard: false,
         }
     }
 
@@ -263,6 +266,7 @@ pub mod net {
                 Frame {
                     message: Message::Welcome(w),
                     payload,
+                    ..
                 } => Ok((c, w, payload)),
                 other => bail!("expected a welcome, got {:?}", other.message),
             }

@@ -1,46 +1,61 @@
-//! `tether work`: joins a run over a WebSocket, trains its shard τ steps at a time on
-//! the compute thread, synchronises, and keeps going across server restarts —
-//! reconnecting with backoff and rejoining with a fresh session.
+//! `tether work`: joins a run over `ws://` or `wss://`, gets its shard (from a local
+//! data set, or downloaded from the server, verified and cached), trains τ steps at a
+//! time on the compute thread, and synchronises — by default without stopping: the
+//! next τ steps start as soon as a sync is sent, and the reply is applied when it
+//! arrives. Keeps going across server restarts, reconnecting with backoff.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use serde::Serialize;
-use tether_shared::data::ImageSet;
+use tether_dataset::{self as dataset, Cached, LoadError, ShardCache, ShardKey};
+use tether_shared::codec::{Encoding, Link};
+use tether_shared::data::{ImageSet, decode_images, shard_indices};
+use tether_shared::local::ShardData;
 use tether_shared::protocol::{
-    self, Frame, Hello, Message, PROTOCOL_VERSION, Remedy, StopReason, Sync, WorkerKind,
+    self, Frame, Hello, Message, PROTOCOL_VERSION, Remedy, StopReason, Sync, Welcome, WorkerKind,
 };
 use thiserror::Error;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::backend::{self, BackendChoice, BackendError};
-use crate::compute::Compute;
-use crate::dataset::{self, LoadError};
+use crate::compute::{self, Compute, Mailbox};
+use crate::connect::{ConnectError, Endpoint, Socket};
 use crate::progress;
 
 /// Settings of `tether work`.
 #[derive(Clone, Debug)]
 pub struct WorkConfig {
-    /// The server, `ws://host:port` (`/ws` is added when missing).
+    /// The server, `ws://host:port` or `wss://host:port` (`/ws` is added when missing).
     pub server: String,
+    /// A PEM file of certificates to trust for `wss://` (a private CA, or the
+    /// server's self-signed certificate).
+    pub ca_cert: Option<PathBuf>,
     /// Compute device.
     pub backend: BackendChoice,
     /// CPU threads (`None`: one per core).
     pub threads: Option<usize>,
     /// The run's worker token, if it has one.
     pub token: Option<String>,
-    /// IDX data directory (`None`: the shipped Fashion-MNIST).
+    /// IDX data directory (`None`: download this worker's shard from the server).
     pub data: Option<PathBuf>,
     /// A training set already in memory (in-process workers share one copy).
     pub preloaded: Option<Arc<ImageSet>>,
+    /// Where downloaded shards are cached (`None`: not cached).
+    pub cache: Option<ShardCache>,
+    /// Payload encodings this worker offers (the server picks one).
+    pub encodings: Vec<Encoding>,
+    /// Keep training while a sync is in flight, where the algorithm allows it.
+    pub overlap: bool,
     /// Stop after this many local steps in total.
     pub max_steps: Option<u64>,
-    /// Give up when the server has been unreachable this long.
+    /// Give up when the server was never reached for this long.
+    pub connect_timeout: Duration,
+    /// Give up when a server that was reached has been unreachable this long.
     pub give_up_after: Duration,
     /// Draw a progress bar.
     pub progress: bool,
@@ -53,37 +68,26 @@ impl WorkConfig {
     pub fn new(server: impl Into<String>) -> Self {
         Self {
             server: server.into(),
+            ca_cert: None,
             backend: BackendChoice::Auto,
             threads: None,
             token: None,
             data: None,
             preloaded: None,
+            cache: dataset::cache_dir().map(ShardCache::new),
+            encodings: Encoding::ALL.to_vec(),
+            overlap: true,
             max_steps: None,
+            connect_timeout: Duration::from_secs(30),
             give_up_after: Duration::from_secs(600),
             progress: true,
             heartbeat: Duration::from_secs(10),
         }
     }
 
-    /// The WebSocket URL, with `/ws` added when the path is empty.
-    pub fn url(&self) -> Result<String, WorkError> {
-        let s = self.server.trim_end_matches('/');
-        let rest = s
-            .strip_prefix("ws://")
-            .or_else(|| s.strip_prefix("wss://"))
-            .ok_or_else(|| {
-                WorkError::Config(format!(
-                    "--server must start with ws:// or wss://, got {s:?}"
-                ))
-            })?;
-        if rest.is_empty() {
-            return Err(WorkError::Config(format!("--server {s:?} names no host")));
-        }
-        Ok(if rest.contains('/') {
-            s.to_string()
-        } else {
-            format!("{s}/ws")
-        })
+    /// The server's endpoint (checks the URL and reads `--ca-cert`).
+    pub fn endpoint(&self) -> Result<Endpoint, WorkError> {
+        Ok(Endpoint::new(&self.server, self.ca_cert.as_deref())?)
     }
 }
 
@@ -102,6 +106,9 @@ pub enum WorkError {
     /// The server refused this worker for good (version, token, data).
     #[error("the server refused this worker: {0}")]
     Refused(String),
+    /// The server cannot be reached in a way no retry fixes (URL, TLS, HTTP).
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
     /// The server stayed unreachable.
     #[error("gave up: server unreachable for {0:?} (last error: {1})")]
     Unreachable(Duration, String),
@@ -114,6 +121,12 @@ pub struct WorkReport {
     pub worker_ids: Vec<u32>,
     /// Compute device in words.
     pub device: String,
+    /// The payload encoding of the last session.
+    pub encoding: String,
+    /// Whether syncs overlapped training.
+    pub overlap: bool,
+    /// Where the shard came from: "local", "download" or "cache".
+    pub shard_source: String,
     /// Local steps.
     pub steps: u64,
     /// Training images processed.
@@ -134,6 +147,8 @@ pub struct WorkReport {
     pub samples_per_s: f64,
     /// `wait_s / wall_s`.
     pub wait_fraction: f64,
+    /// `train_s / wall_s`: how much of the time the device was busy training.
+    pub compute_utilisation: f64,
     /// Mean loss of the last τ steps.
     pub last_loss: f32,
     /// Bytes sent to the server.
@@ -154,8 +169,22 @@ enum End {
     Restart(String),
 }
 
-type Socket =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+/// Where a worker's training data comes from.
+enum Source {
+    /// The whole training set is here; the shard is cut from it.
+    Whole(Arc<ImageSet>),
+    /// Downloaded from the server; the last shard is kept for a rejoin.
+    Download(Option<(ShardKey, Arc<ImageSet>)>),
+}
+
+/// What a session needs besides its socket.
+struct Ctx<'a> {
+    endpoint: &'a Endpoint,
+    compute: &'a Compute,
+    config: &'a WorkConfig,
+    bar: &'a indicatif::ProgressBar,
+    started: Instant,
+}
 
 /// Joins the run at `config.server` and trains until `stop` turns true, the step
 /// budget is spent, the run finishes, or the server stays away too long.
@@ -163,24 +192,30 @@ pub async fn run(
     config: WorkConfig,
     mut stop: watch::Receiver<bool>,
 ) -> Result<WorkReport, WorkError> {
-    let url = config.url()?;
+    let endpoint = config.endpoint()?;
     if config.threads == Some(0) {
         return Err(WorkError::Config("--threads must be at least 1".into()));
     }
     if config.max_steps == Some(0) {
         return Err(WorkError::Config("--steps must be at least 1".into()));
     }
+    if !config.encodings.contains(&Encoding::F32) {
+        return Err(WorkError::Config(
+            "the encodings offered must include f32".into(),
+        ));
+    }
     let selected = backend::select(config.backend, config.threads)?;
-    let train = match &config.preloaded {
-        Some(set) => set.clone(),
-        None => Arc::new(dataset::load(config.data.as_deref())?.1.train),
+    let mut source = match (&config.preloaded, &config.data) {
+        (Some(set), _) => Source::Whole(set.clone()),
+        (None, Some(dir)) => Source::Whole(Arc::new(dataset::load(Some(dir))?.1.train)),
+        (None, None) => Source::Download(None),
     };
     let threads = if selected.backend == "cpu" {
         rayon::current_num_threads() as u32
     } else {
         0
     };
-    let compute = Compute::spawn(selected.device.clone(), train);
+    let compute = Compute::spawn(selected.device.clone());
     let bar = if config.progress {
         match config.max_steps {
             Some(n) => progress::bar(n, "training"),
@@ -195,10 +230,19 @@ pub async fn run(
         last_loss: f32::NAN,
         ..WorkReport::default()
     };
+    let ctx = Ctx {
+        endpoint: &endpoint,
+        compute: &compute,
+        config: &config,
+        bar: &bar,
+        started,
+    };
     let mut previous_run: Option<String> = None;
+    let mut ever_connected = false;
     let mut unreachable_since: Option<Instant> = None;
     let mut backoff = Duration::from_millis(250);
-    let hello = |previous_run: Option<String>| Hello {
+    let mut attempt = 0u32;
+    let hello = |previous_run: Option<String>, needs_shard: bool| Hello {
         protocol: PROTOCOL_VERSION,
         kind: WorkerKind::Native,
         backend: selected.backend.to_string(),
@@ -206,29 +250,48 @@ pub async fn run(
         threads,
         token: config.token.clone(),
         previous_run,
+        encodings: config.encodings.clone(),
+        needs_shard,
     };
+    let max_frame = protocol::max_frame_bytes(4 << 20);
     let stopped = loop {
         if *stop.borrow() {
             break "stopped".to_string();
         }
-        let ws_config = WebSocketConfig::default()
-            .max_message_size(Some(protocol::max_frame_bytes(4 << 20)))
-            .max_frame_size(Some(protocol::max_frame_bytes(4 << 20)));
+        attempt += 1;
+        let since = *unreachable_since.get_or_insert_with(Instant::now);
+        let limit = if ever_connected {
+            config.give_up_after
+        } else {
+            config.connect_timeout
+        };
+        let left = limit.saturating_sub(since.elapsed());
+        tracing::info!(
+            url = %endpoint.url,
+            attempt,
+            "connecting (giving up in {:.0} s)",
+            left.as_secs_f64()
+        );
         let connected = tokio::select! {
-            c = tokio_tungstenite::connect_async_with_config(url.as_str(), Some(ws_config), true) => c,
+            c = endpoint.websocket(max_frame) => c,
             _ = until_stopped(&mut stop) => break "stopped".to_string(),
         };
         let socket = match connected {
-            Ok((socket, _)) => socket,
+            Ok(socket) => socket,
+            Err(e) if !e.is_transient() => return Err(e.into()),
             Err(e) => {
-                let since = *unreachable_since.get_or_insert_with(Instant::now);
-                if since.elapsed() >= config.give_up_after {
-                    return Err(WorkError::Unreachable(config.give_up_after, e.to_string()));
+                if since.elapsed() >= limit {
+                    let what = if ever_connected {
+                        "lost the server"
+                    } else {
+                        "never reached the server"
+                    };
+                    return Err(WorkError::Unreachable(limit, format!("{what}: {e}")));
                 }
+                tracing::warn!(url = %endpoint.url, "cannot connect: {e}; retrying in {backoff:.1?}");
                 bar.set_message(format!(
                     "server unreachable ({e}); retrying in {backoff:.1?}"
                 ));
-                tracing::debug!("connect failed: {e}");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = until_stopped(&mut stop) => break "stopped".to_string(),
@@ -237,17 +300,18 @@ pub async fn run(
                 continue;
             }
         };
+        ever_connected = true;
         unreachable_since = None;
         backoff = Duration::from_millis(250);
+        attempt = 0;
+        let needs_shard = matches!(source, Source::Download(_));
         let end = session(
             socket,
-            hello(previous_run.clone()),
-            &compute,
-            &config,
+            hello(previous_run.clone(), needs_shard),
+            &ctx,
+            &mut source,
             &mut stop,
-            &bar,
             &mut report,
-            started,
         )
         .await;
         match end {
@@ -271,27 +335,166 @@ pub async fn run(
     report.wall_s = started.elapsed().as_secs_f64();
     report.samples_per_s = report.samples as f64 / report.wall_s.max(1e-9);
     report.wait_fraction = report.wait_s / report.wall_s.max(1e-9);
+    report.compute_utilisation = report.train_s / report.wall_s.max(1e-9);
     report.stopped = stopped;
     Ok(report)
 }
 
-/// One session: hello, welcome, then train-and-sync until it ends. Returns how it
-/// ended and the run id it belonged to.
-#[allow(clippy::too_many_arguments)]
+/// This session's shard: cut from the local set, or downloaded (checked against
+/// the welcome's length and SHA-256, and cached).
+async fn shard_data(
+    ctx: &Ctx<'_>,
+    source: &mut Source,
+    welcome: &Welcome,
+    report: &mut WorkReport,
+) -> Result<ShardData, End> {
+    let shard = welcome.shard;
+    if shard.count == 0 || shard.index >= shard.count {
+        return Err(End::Lost(format!(
+            "invalid shard {}/{}",
+            shard.index, shard.count
+        )));
+    }
+    let memo = match source {
+        Source::Whole(set) => {
+            report.shard_source = "local".into();
+            let indices = shard_indices(
+                set.len(),
+                shard.count as usize,
+                shard.index as usize,
+                shard.seed,
+            );
+            return Ok(ShardData {
+                set: set.clone(),
+                indices,
+            });
+        }
+        Source::Download(memo) => memo,
+    };
+    let Some(download) = &welcome.download else {
+        return Err(End::Lost("the server announced no shard download".into()));
+    };
+    let key = ShardKey {
+        data: download.data.clone(),
+        count: shard.count,
+        index: shard.index,
+        seed: shard.seed,
+    };
+    let whole = |set: Arc<ImageSet>| ShardData {
+        indices: (0..set.len()).collect(),
+        set,
+    };
+    if let Some((k, set)) = memo.as_ref()
+        && *k == key
+    {
+        return Ok(whole(set.clone()));
+    }
+    let cached = match &ctx.config.cache {
+        Some(cache) => cache.load(&key, download.bytes, &download.sha256),
+        None => Cached::Miss,
+    };
+    let bytes = match cached {
+        Cached::Hit(bytes) => {
+            tracing::info!(shard = %format!("{}/{}", shard.index, shard.count), "using the cached shard");
+            report.shard_source = "cache".into();
+            bytes
+        }
+        other => {
+            if other == Cached::Corrupt {
+                tracing::warn!(
+                    "the cached shard did not match the server's digest; downloading it again"
+                );
+            }
+            let mb = download.bytes as f64 / 1e6;
+            ctx.bar.set_message(format!(
+                "downloading shard {}/{} ({mb:.1} MB)",
+                shard.index, shard.count
+            ));
+            tracing::info!(
+                from = %ctx.endpoint.http_base(),
+                "downloading shard {}/{} ({mb:.1} MB)",
+                shard.index,
+                shard.count
+            );
+            // Announced by the server; refused beyond 8 GiB all the same.
+            if download.bytes > 8 << 30 {
+                return Err(End::Lost(format!(
+                    "a shard of {} bytes is implausible",
+                    download.bytes
+                )));
+            }
+            let path = format!(
+                "/api/shard?index={}&count={}&seed={}&data={}",
+                shard.index, shard.count, shard.seed, download.data
+            );
+            // At least 100 kB/s, and a minute for the rest.
+            let timeout = Duration::from_secs(60 + download.bytes / 100_000);
+            let bytes = ctx
+                .endpoint
+                .get(
+                    &path,
+                    &[(SESSION_HEADER, welcome.session.to_string())],
+                    download.bytes as usize,
+                    timeout,
+                )
+                .await
+                .map_err(|e| End::Lost(format!("shard download failed: {e}")))?;
+            if !dataset::verify(&bytes, download.bytes, &download.sha256) {
+                return Err(End::Lost(
+                    "the downloaded shard does not match its SHA-256".into(),
+                ));
+            }
+            if let Some(cache) = &ctx.config.cache {
+                match cache.store(&key, &bytes) {
+                    Ok(path) => tracing::info!(path = %path.display(), "shard verified and cached"),
+                    Err(e) => tracing::warn!("could not cache the shard: {e}"),
+                }
+            }
+            report.shard_source = "download".into();
+            bytes
+        }
+    };
+    let set = decode_images("downloaded shard", &bytes)
+        .map_err(|e| End::Lost(format!("the shard does not decode: {e}")))?;
+    let set = Arc::new(set);
+    *memo = Some((key, set.clone()));
+    Ok(whole(set))
+}
+
+/// Header the shard download names the session in (the server's `SESSION_HEADER`).
+const SESSION_HEADER: &str = "x-tether-session";
+
+/// A sync sent and not yet answered.
+struct InFlight {
+    seq: u64,
+    /// xⁱ as sent (a replacement arriving later keeps the steps taken since).
+    sent: Vec<f32>,
+    /// The reply, once it arrived (its values went to the compute thread's mailbox).
+    reply: Option<protocol::Reply>,
+}
+
+/// One session: hello, welcome, shard, then train-and-sync until it ends. Returns
+/// how it ended and the run id it belonged to.
 async fn session(
     mut socket: Socket,
     hello: Hello,
-    compute: &Compute,
-    config: &WorkConfig,
+    ctx: &Ctx<'_>,
+    source: &mut Source,
     stop: &mut watch::Receiver<bool>,
-    bar: &indicatif::ProgressBar,
     report: &mut WorkReport,
-    started: Instant,
 ) -> Result<(End, Option<String>), WorkError> {
+    let config = ctx.config;
     let send_frame = protocol::encode(&Message::Hello(hello), &[]);
     report.bytes_out += send_frame.len() as u64;
-    if let Err(e) = socket.send(WsMessage::Binary(send_frame.into())).await {
-        return Ok((End::Lost(e.to_string()), None));
+    let sent = tokio::time::timeout(
+        Duration::from_secs(30),
+        socket.send(WsMessage::Binary(send_frame.into())),
+    )
+    .await;
+    match sent {
+        Err(_) => return Ok((End::Lost("the hello was not sent within 30 s".into()), None)),
+        Ok(Err(e)) => return Ok((End::Lost(e.to_string()), None)),
+        Ok(Ok(())) => {}
     }
     let welcome = match tokio::time::timeout(
         Duration::from_secs(30),
@@ -304,6 +507,7 @@ async fn session(
         Ok(Ok(Frame {
             message: Message::Welcome(w),
             payload,
+            ..
         })) => (w, payload),
         Ok(Ok(Frame {
             message: Message::Reject { reason, .. },
@@ -324,22 +528,39 @@ async fn session(
     let (welcome, center) = welcome;
     let run_id = Some(welcome.run.run_id.clone());
     let spec = welcome.run.clone();
-    compute
-        .start(spec.clone(), welcome.shard, center, welcome.keep_params)
+    let data = match shard_data(ctx, source, &welcome, report).await {
+        Ok(d) => d,
+        Err(end) => return Ok((end, run_id)),
+    };
+    let mut link = Link::new(welcome.encoding, &center);
+    ctx.compute
+        .start(
+            spec.clone(),
+            welcome.shard,
+            data,
+            center,
+            welcome.keep_params,
+        )
         .await
         .map_err(WorkError::Refused)?;
     report.worker_ids.push(welcome.worker_id);
+    report.encoding = welcome.encoding.name().into();
+    let overlap = config.overlap && spec.algorithm.overlaps();
+    report.overlap = overlap;
     tracing::info!(
         worker = welcome.worker_id,
         run = %spec.run_id,
         algorithm = spec.algorithm.name(),
         shard = format!("{}/{}", welcome.shard.index, welcome.shard.count),
         kept_params = welcome.keep_params,
+        encoding = welcome.encoding.name(),
+        overlap,
         "joined"
     );
     let session_id = welcome.session;
-    let (mut sink, mut stream) = socket.split();
-    // The reader forwards the server's frames, so a stop arrives while a step runs.
+    let (sink, mut stream) = socket.split();
+    // The reader forwards the server's frames, so a stop or a reply arrives while a
+    // step runs.
     let (frames_tx, mut frames) = mpsc::channel::<Result<(Frame, u64), String>>(4);
     let reader = tokio::spawn(async move {
         while let Some(msg) = stream.next().await {
@@ -358,42 +579,80 @@ async fn session(
         }
         let _ = frames_tx.send(Err("connection ended".into())).await;
     });
+    // The writer sends in the background: a large sync on a slow link never holds
+    // up training. Every send has a time limit.
+    let (out, writer_failed, writer) = spawn_writer(sink);
+    let mut writer_failed = writer_failed;
     let mut hyper = spec.hyper;
     let mut seen = welcome.center_version;
     let mut seq = 0u64;
     let mut last_wait = 0.0f32;
     let halt = Arc::new(AtomicBool::new(false));
+    let mailbox: Mailbox = Arc::new(Mutex::new(None));
+    let mut in_flight: Option<InFlight> = None;
     let mut heartbeat = tokio::time::interval(config.heartbeat);
     heartbeat.tick().await;
+    let lambda = spec.leader_pull;
     let end = 'session: loop {
         let budget = config
             .max_steps
             .map_or(u64::MAX, |m| m.saturating_sub(report.steps));
-        if budget == 0 {
+        if budget == 0 && in_flight.is_none() {
             break End::Done("step budget spent".into());
         }
         let steps = u64::from(hyper.tau).min(budget) as u32;
         halt.store(false, Ordering::Relaxed);
-        let mut training = Box::pin(compute.train(steps, hyper.lr, halt.clone()));
+        let mut training =
+            Box::pin(
+                ctx.compute
+                    .train(steps, hyper.lr, halt.clone(), mailbox.clone()),
+            );
         let mut server_stop: Option<StopReason> = None;
         let mut lost: Option<String> = None;
+        let mut refused: Option<protocol::Rejection> = None;
         let (trained, seconds) = loop {
             tokio::select! {
                 t = &mut training => break t.map_err(WorkError::Refused)?,
                 _ = heartbeat.tick() => {
                     let hb = protocol::encode(&Message::Heartbeat { session: session_id }, &[]);
                     report.bytes_out += hb.len() as u64;
-                    if let Err(e) = sink.send(WsMessage::Binary(hb.into())).await {
-                        lost.get_or_insert(e.to_string());
-                    }
+                    let _ = out.try_send(hb);
                 }
-                f = frames.recv(), if lost.is_none() && server_stop.is_none() => match f {
-                    Some(Ok((Frame { message: Message::Stop(reason), .. }, n))) => {
+                why = &mut writer_failed, if lost.is_none() => {
+                    lost = Some(why.unwrap_or_else(|_| "writer ended".into()));
+                    halt.store(true, Ordering::Relaxed);
+                }
+                f = frames.recv(), if lost.is_none() && server_stop.is_none() && refused.is_none() => match f {
+                    Some(Ok((frame, n))) => {
                         report.bytes_in += n;
-                        server_stop = Some(reason);
-                        halt.store(true, Ordering::Relaxed);
+                        match frame.message {
+                            Message::Stop(reason) => {
+                                server_stop = Some(reason);
+                                halt.store(true, Ordering::Relaxed);
+                            }
+                            Message::Reply(r) if in_flight.as_ref().is_some_and(|f| f.seq == r.seq && f.reply.is_none()) => {
+                                let flight = in_flight.as_mut().expect("checked above");
+                                match link.receive_reply(r.apply, frame.encoding, frame.payload) {
+                                    Ok(values) => {
+                                        *mailbox.lock().unwrap_or_else(|e| e.into_inner()) = Some(compute::Reply {
+                                            apply: r.apply,
+                                            values,
+                                            lambda,
+                                            sent: std::mem::take(&mut flight.sent),
+                                        });
+                                        flight.reply = Some(r);
+                                    }
+                                    Err(e) => return Err(WorkError::Refused(format!("unusable reply: {e}"))),
+                                }
+                            }
+                            Message::Reject { reason, .. } => {
+                                report.rejections += 1;
+                                refused = Some(reason);
+                                halt.store(true, Ordering::Relaxed);
+                            }
+                            other => tracing::warn!("unexpected frame while training: {other:?}"),
+                        }
                     }
-                    Some(Ok((other, _))) => tracing::warn!("unexpected frame while training: {:?}", other.message),
                     Some(Err(why)) => lost = Some(why),
                     None => lost = Some("connection ended".into()),
                 },
@@ -406,21 +665,57 @@ async fn session(
         if trained.steps > 0 {
             report.last_loss = trained.loss;
         }
-        bar.inc(u64::from(trained.steps));
+        ctx.bar.inc(u64::from(trained.steps));
         match server_stop {
             Some(StopReason::Finished) => break End::Done("the run finished".into()),
             Some(StopReason::ShuttingDown) => break End::Lost("server shutting down".into()),
             None => {}
         }
+        if let Some(reason) = refused {
+            break match reason.remedy() {
+                Remedy::Reconnect => End::Lost(reason.to_string()),
+                Remedy::Restart => End::Restart(reason.to_string()),
+                Remedy::GiveUp => return Err(WorkError::Refused(reason.to_string())),
+            };
+        }
         if let Some(why) = lost {
             break End::Lost(why);
         }
-        let stopping = *stop.borrow();
+        let stopping = *stop.borrow() || budget <= u64::from(trained.steps);
+        // The previous sync: its reply was applied during the steps, or is applied now.
+        let t0 = Instant::now();
+        let mut params = trained.params;
+        if let Some(flight) = in_flight.take() {
+            let reply = match flight.reply {
+                Some(r) => r,
+                None => match wait_reply(&mut frames, flight.seq, report).await {
+                    Ok((r, frame)) => {
+                        let values = link
+                            .receive_reply(r.apply, frame.encoding, frame.payload)
+                            .map_err(|e| WorkError::Refused(format!("unusable reply: {e}")))?;
+                        *mailbox.lock().unwrap_or_else(|e| e.into_inner()) = Some(compute::Reply {
+                            apply: r.apply,
+                            values,
+                            lambda,
+                            sent: flight.sent,
+                        });
+                        r
+                    }
+                    Err(end) => break 'session end?,
+                },
+            };
+            let unapplied = mailbox.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(late) = unapplied {
+                params = ctx.compute.apply(late).await.map_err(WorkError::Refused)?;
+            }
+            seen = reply.center_version;
+            hyper = reply.hyper;
+            report.syncs += 1;
+        }
         if trained.steps == 0 {
             break End::Done("stopped".into());
         }
-        // Synchronise: send xⁱ, wait for the reply, apply it.
-        let t0 = Instant::now();
+        // Synchronise: send xⁱ (as the link encodes it).
         seq += 1;
         let header = Message::Sync(Sync {
             session: session_id,
@@ -436,64 +731,61 @@ async fn session(
             samples_per_s: (trained.samples as f64 / seconds.max(1e-9)) as f32,
             wait_s: last_wait,
         });
-        let bytes = protocol::encode(&header, &trained.params);
+        let values = link.params_payload(&params);
+        let (bytes, decoded) = protocol::encode_decoded(&header, values, link.encoding());
+        link.sent(&decoded);
         report.bytes_out += bytes.len() as u64;
-        if let Err(e) = sink.send(WsMessage::Binary(bytes.into())).await {
-            break End::Lost(e.to_string());
+        if out.send(bytes).await.is_err() {
+            break End::Lost("the connection's writer ended".into());
         }
-        let reply = loop {
-            let next = tokio::time::timeout(Duration::from_secs(300), frames.recv()).await;
-            match next {
-                Err(_) => break 'session End::Lost("no reply within 300 s".into()),
-                Ok(None) => break 'session End::Lost("connection ended".into()),
-                Ok(Some(Err(why))) => break 'session End::Lost(why),
-                Ok(Some(Ok((frame, n)))) => {
-                    report.bytes_in += n;
-                    match frame.message {
-                        Message::Reply(r) if r.seq == seq => break (r, frame.payload),
-                        Message::Reject { reason, .. } => {
-                            report.rejections += 1;
-                            break 'session match reason.remedy() {
-                                Remedy::Reconnect => End::Lost(reason.to_string()),
-                                Remedy::Restart => End::Restart(reason.to_string()),
-                                Remedy::GiveUp => {
-                                    return Err(WorkError::Refused(reason.to_string()));
-                                }
-                            };
-                        }
-                        Message::Stop(StopReason::Finished) => {
-                            break 'session End::Done("the run finished".into());
-                        }
-                        Message::Stop(StopReason::ShuttingDown) => {
-                            break 'session End::Lost("server shutting down".into());
-                        }
-                        other => tracing::warn!("unexpected frame while syncing: {other:?}"),
-                    }
-                }
-            }
+        let mut flight = InFlight {
+            seq,
+            sent: params,
+            reply: None,
         };
-        let (reply, payload) = reply;
-        compute
-            .apply(reply.apply, payload, spec.leader_pull)
-            .await
-            .map_err(WorkError::Refused)?;
-        seen = reply.center_version;
-        hyper = reply.hyper;
+        if !overlap || stopping {
+            // Wait for the answer before stepping on.
+            let (r, frame) = match wait_reply(&mut frames, seq, report).await {
+                Ok(x) => x,
+                Err(end) => break 'session end?,
+            };
+            let values = link
+                .receive_reply(r.apply, frame.encoding, frame.payload)
+                .map_err(|e| WorkError::Refused(format!("unusable reply: {e}")))?;
+            ctx.compute
+                .apply(compute::Reply {
+                    apply: r.apply,
+                    values,
+                    lambda,
+                    sent: Vec::new(),
+                })
+                .await
+                .map_err(WorkError::Refused)?;
+            seen = r.center_version;
+            hyper = r.hyper;
+            report.syncs += 1;
+        } else {
+            flight.sent.shrink_to_fit();
+            in_flight = Some(flight);
+        }
         let waited = t0.elapsed().as_secs_f64();
         last_wait = waited as f32;
         report.wait_s += waited;
-        report.syncs += 1;
-        let wall = started.elapsed().as_secs_f64();
-        bar.set_message(format!(
-            "worker {} · loss {:.4} · {} syncs · {:.0} samples/s · waiting {:.1} %",
+        let wall = ctx.started.elapsed().as_secs_f64();
+        ctx.bar.set_message(format!(
+            "worker {} · loss {:.4} · {} syncs · {:.0} samples/s · training {:.0} % of the time",
             welcome.worker_id,
             report.last_loss,
             report.syncs,
             report.samples as f64 / wall,
-            100.0 * report.wait_s / wall
+            100.0 * report.train_s / wall
         ));
         if stopping {
-            break End::Done("stopped".into());
+            break End::Done(if *stop.borrow() {
+                "stopped".into()
+            } else {
+                "step budget spent".into()
+            });
         }
     };
     if let End::Done(_) = &end {
@@ -504,11 +796,83 @@ async fn session(
             &[],
         );
         report.bytes_out += bye.len() as u64;
-        let _ = sink.send(WsMessage::Binary(bye.into())).await;
-        let _ = sink.send(WsMessage::Close(None)).await;
+        let _ = out.send(bye).await;
     }
+    drop(out);
+    // The writer flushes what is queued (the leave) and closes, within its limits.
+    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
     reader.abort();
     Ok((end, run_id))
+}
+
+/// Starts the task that sends this session's frames, each within 60 s. Returns the
+/// queue, a receiver that fires with the reason if a send fails, and the task.
+fn spawn_writer(
+    mut sink: futures_util::stream::SplitSink<Socket, WsMessage>,
+) -> (
+    mpsc::Sender<Vec<u8>>,
+    oneshot::Receiver<String>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (out, mut queue) = mpsc::channel::<Vec<u8>>(8);
+    let (failed_tx, failed) = oneshot::channel();
+    let task = tokio::spawn(async move {
+        while let Some(bytes) = queue.recv().await {
+            let sent = tokio::time::timeout(
+                Duration::from_secs(60),
+                sink.send(WsMessage::Binary(bytes.into())),
+            )
+            .await;
+            let why = match sent {
+                Ok(Ok(())) => continue,
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "a send did not finish within 60 s".into(),
+            };
+            let _ = failed_tx.send(why);
+            return;
+        }
+        let _ =
+            tokio::time::timeout(Duration::from_secs(5), sink.send(WsMessage::Close(None))).await;
+    });
+    (out, failed, task)
+}
+
+/// Waits for the reply to sync `seq` (300 s at most). A rejection, a stop or a lost
+/// connection ends the session: `Err(Ok(end))`, or `Err(Err(e))` when no retry helps.
+async fn wait_reply(
+    frames: &mut mpsc::Receiver<Result<(Frame, u64), String>>,
+    seq: u64,
+    report: &mut WorkReport,
+) -> Result<(protocol::Reply, Frame), Result<End, WorkError>> {
+    loop {
+        let next = tokio::time::timeout(Duration::from_secs(300), frames.recv()).await;
+        match next {
+            Err(_) => return Err(Ok(End::Lost("no reply within 300 s".into()))),
+            Ok(None) => return Err(Ok(End::Lost("connection ended".into()))),
+            Ok(Some(Err(why))) => return Err(Ok(End::Lost(why))),
+            Ok(Some(Ok((frame, n)))) => {
+                report.bytes_in += n;
+                match &frame.message {
+                    Message::Reply(r) if r.seq == seq => return Ok((*r, frame)),
+                    Message::Reject { reason, .. } => {
+                        report.rejections += 1;
+                        return Err(match reason.remedy() {
+                            Remedy::Reconnect => Ok(End::Lost(reason.to_string())),
+                            Remedy::Restart => Ok(End::Restart(reason.to_string())),
+                            Remedy::GiveUp => Err(WorkError::Refused(reason.to_string())),
+                        });
+                    }
+                    Message::Stop(StopReason::Finished) => {
+                        return Err(Ok(End::Done("the run finished".into())));
+                    }
+                    Message::Stop(StopReason::ShuttingDown) => {
+                        return Err(Ok(End::Lost("server shutting down".into())));
+                    }
+                    other => tracing::warn!("unexpected frame while syncing: {other:?}"),
+                }
+            }
+        }
+    }
 }
 
 /// Resolves once `stop` turns true (or its sender is gone for good).

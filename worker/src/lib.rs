@@ -1,4 +1,5 @@
-//! tether's native worker library: picks the compute device, loads data from disk,
+//! tether's native worker library: picks the compute device, reaches servers (TLS,
+//! shard downloads),
 //! runs the single-node trainer that every distributed run is compared with, and
 //! measures training and exchange speed.
 //!
@@ -8,6 +9,6 @@ pub mod backend;
 pub mod bench;
 pub mod client;
 pub mod compute;
-pub mod dataset;
+pub mod connect;
 pub mod progress;
 pub mod train;

@@ -13,8 +13,8 @@ use tether_shared::train::{LocalOptimizer, Trainer};
 use thiserror::Error;
 
 use crate::backend::{self, BackendChoice, BackendError};
-use crate::dataset::{self, LoadError};
 use crate::progress;
+use tether_dataset::{self as dataset, LoadError};
 
 /// Settings of a single-node training run.
 #[derive(Clone, Debug, Serialize)]

@@ -64,6 +64,16 @@ impl Algorithm {
             Self::Lsgd => "lsgd",
         }
     }
+
+    /// Whether a worker may keep training while its sync is in flight and apply
+    /// the reply to its current parameters (see ARCHITECTURE.md). The asynchronous
+    /// algorithms may: their replies are an elastic difference, a pull toward the
+    /// leader, or (DOWNPOUR) a center the worker rebases its in-flight steps onto.
+    /// Synchronous rounds may not: a round's result is meant to be every member's
+    /// parameters before anyone steps again.
+    pub fn overlaps(self) -> bool {
+        !matches!(self, Self::EasgdSync | Self::Average | Self::Diloco)
+    }
 }
 
 impl std::str::FromStr for Algorithm {

@@ -11,7 +11,7 @@ fn stderr(out: &std::process::Output) -> String {
 #[test]
 fn shipped_data_matches_the_checksums_in_its_readme() -> Result<()> {
     use sha2::{Digest, Sha256};
-    let dir = tether_worker::dataset::default_data_dir()?;
+    let dir = tether_dataset::default_data_dir()?;
     let readme = std::fs::read_to_string(dir.join("README.md"))?;
     let sums: Vec<(&str, &str)> = readme
         .lines()
@@ -120,7 +120,7 @@ fn bad_flags_fail_with_clear_errors() -> Result<()> {
 #[test]
 fn a_corrupt_data_file_is_named_in_the_error() -> Result<()> {
     let dir = scratch("corrupt-data")?;
-    let shipped = tether_worker::dataset::default_data_dir()?;
+    let shipped = tether_dataset::default_data_dir()?;
     for f in [
         "train-images-idx3-ubyte.gz",
         "t10k-images-idx3-ubyte.gz",
@@ -191,7 +191,7 @@ fn wgpu_backend_agrees_with_the_cpu_backend() -> Result<()> {
         Err(e) => return Err(e.into()),
     };
     eprintln!("wgpu device: {}", wgpu.description);
-    let (_, data) = tether_worker::dataset::load(None)?;
+    let (_, data) = tether_dataset::load(None)?;
     let norm = Normalization::of(&data.train);
     let batcher = Batcher::new((0..data.train.len()).collect(), 64, 0, norm);
     let cpu_device = Device::flex();

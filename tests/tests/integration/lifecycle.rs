@@ -91,6 +91,11 @@ impl Serve {
 
 fn work(addr: SocketAddr, steps: Option<u64>) -> Result<Child> {
     let mut cmd = Command::new(tether_bin()?);
+    // No --data: the worker downloads its shard, cached apart from the user's.
+    cmd.env(
+        "TETHER_CACHE",
+        std::env::temp_dir().join("tether-test-cache"),
+    );
     cmd.args(["work", "--backend", "cpu", "--threads", "1", "--server"])
         .arg(format!("ws://{addr}"));
     if let Some(n) = steps {
@@ -222,6 +227,7 @@ async fn a_worker_rides_out_a_server_restart_and_keeps_its_training() -> Result<
     let serve = Serve::start(&dir, &["--tau", "2", "--checkpoint-every", "1"])?;
     let port = serve.addr.port();
     let worker = Command::new(tether_bin()?)
+        .env("TETHER_CACHE", scratch_dir.join("cache"))
         .args([
             "work",
             "--backend",

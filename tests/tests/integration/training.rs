@@ -16,15 +16,8 @@ use tokio::sync::watch;
 
 fn train_set() -> Arc<ImageSet> {
     static SET: OnceLock<Arc<ImageSet>> = OnceLock::new();
-    SET.get_or_init(|| {
-        Arc::new(
-            tether_worker::dataset::load(None)
-                .expect("shipped data")
-                .1
-                .train,
-        )
-    })
-    .clone()
+    SET.get_or_init(|| Arc::new(tether_dataset::load(None).expect("shipped data").1.train))
+        .clone()
 }
 
 fn worker(server: &TestServer, steps: u64) -> WorkConfig {

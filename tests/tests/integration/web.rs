@@ -167,19 +167,14 @@ async fn browsers_need_their_own_origin_and_a_ticket() -> Result<()> {
         }
     }
     assert_eq!(server.state.workers().len(), 0);
-    // Shards: a wrong data id or an impossible shard are refused.
+    // Shards are no open download: without a live session, or with a made-up
+    // one, the training set is refused.
     let (_, data) = ticket(&server).await?;
-    let r = http(
-        server.addr,
-        "GET",
-        "/api/shard?index=0&count=2&seed=1&data=nope",
-        &[],
-        b"",
-    )
-    .await?;
-    assert_eq!(r.status, 404);
-    let bad = format!("/api/shard?index=2&count=2&seed=1&data={data}");
-    assert_eq!(http(server.addr, "GET", &bad, &[], b"").await?.status, 400);
+    let path = format!("/api/shard?index=0&count=2&seed=1&data={data}");
+    for headers in [vec![], vec![("x-tether-session", "12345")]] {
+        let r = http(server.addr, "GET", &path, &headers, b"").await?;
+        assert_eq!(r.status, 401, "{}", r.text());
+    }
     server.stop().await?;
     Ok(())
 }
@@ -199,6 +194,7 @@ async fn a_browser_worker_joins_downloads_its_shard_and_moves_the_center() -> Re
         shard_index,
         shard_count,
         shard_seed,
+        session,
         ..
     } = welcome
     else {
@@ -206,14 +202,27 @@ async fn a_browser_worker_joins_downloads_its_shard_and_moves_the_center() -> Re
     };
     let path =
         format!("/api/shard?index={shard_index}&count={shard_count}&seed={shard_seed}&data={data}");
-    let shard = http(
-        server.addr,
-        "GET",
-        &path,
-        &[("Origin", &origin(&server))],
-        b"",
-    )
-    .await?;
+    let from_page = [
+        ("Origin", origin(&server)),
+        ("x-tether-session", session.clone()),
+    ];
+    let from_page: Vec<(&str, &str)> = from_page.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    // Only this session's own shard, of this run's data.
+    let other = format!(
+        "/api/shard?index={}&count={shard_count}&seed={shard_seed}&data={data}",
+        (shard_index + 1) % shard_count
+    );
+    let r = http(server.addr, "GET", &other, &from_page, b"").await?;
+    assert_eq!(r.status, 403, "{}", r.text());
+    let wrong =
+        format!("/api/shard?index={shard_index}&count={shard_count}&seed={shard_seed}&data=nope");
+    assert_eq!(
+        http(server.addr, "GET", &wrong, &from_page, b"")
+            .await?
+            .status,
+        404
+    );
+    let shard = http(server.addr, "GET", &path, &from_page, b"").await?;
     assert_eq!(shard.status, 200, "{}", shard.text());
     assert!(
         shard.head.contains("immutable"),

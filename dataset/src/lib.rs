@@ -1,0 +1,303 @@
+//! Data sets on disk, for every native part of tether: reading IDX folders, finding
+//! the Fashion-MNIST that ships with tether, and the cache a native worker keeps the
+//! shards it downloads in (so a reconnect or a restart does not download again).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+use tether_shared::data::{DataError, Dataset, ImageSet, idx};
+use thiserror::Error;
+
+/// A data set that could not be read.
+#[derive(Debug, Error)]
+pub enum LoadError {
+    /// A file is missing (neither gzipped nor plain).
+    #[error(
+        "{dir}: no {file}(.gz) here; expected an IDX data set (train-/t10k- images and labels)"
+    )]
+    Missing {
+        /// The directory searched.
+        dir: PathBuf,
+        /// The file's base name.
+        file: &'static str,
+    },
+    /// A file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A file is malformed.
+    #[error(transparent)]
+    Data(#[from] DataError),
+    /// No `--data` was given and the shipped data set was not found.
+    #[error(
+        "the built-in Fashion-MNIST was not found (looked in {looked}); pass --data DIR or set TETHER_DATA"
+    )]
+    NoDefault {
+        /// The places searched.
+        looked: String,
+    },
+}
+
+const SHIPPED: &str = "data/fashion-mnist";
+
+/// Where the shipped Fashion-MNIST lies: `$TETHER_DATA`, then `data/fashion-mnist`
+/// beside the executable or any of its parent folders (a `target/release/tether`
+/// finds the repository's copy), then the source tree this binary was built from,
+/// then the working directory.
+pub fn default_data_dir() -> Result<PathBuf, LoadError> {
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    if let Some(dir) = std::env::var_os("TETHER_DATA") {
+        candidates.push(dir.into());
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        candidates.extend(exe.ancestors().skip(1).map(|a| a.join(SHIPPED)));
+    }
+    candidates.push(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join(SHIPPED),
+    );
+    candidates.push(PathBuf::from(SHIPPED));
+    for dir in &candidates {
+        if dir.join("train-labels-idx1-ubyte.gz").is_file()
+            || dir.join("train-labels-idx1-ubyte").is_file()
+        {
+            return Ok(dir.clone());
+        }
+    }
+    let looked = candidates
+        .iter()
+        .map(|c| c.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    Err(LoadError::NoDefault { looked })
+}
+
+fn read_either(dir: &Path, file: &'static str) -> Result<(String, Vec<u8>), LoadError> {
+    for name in [format!("{file}.gz"), file.to_string()] {
+        let path = dir.join(&name);
+        match std::fs::read(&path) {
+            Ok(bytes) => return Ok((path.display().to_string(), bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(source) => return Err(LoadError::Io { path, source }),
+        }
+    }
+    Err(LoadError::Missing {
+        dir: dir.to_path_buf(),
+        file,
+    })
+}
+
+fn read_pair(
+    dir: &Path,
+    images: &'static str,
+    labels: &'static str,
+) -> Result<ImageSet, LoadError> {
+    let (images_name, images_bytes) = read_either(dir, images)?;
+    let (labels_name, labels_bytes) = read_either(dir, labels)?;
+    Ok(idx::parse_image_set(
+        &images_name,
+        &images_bytes,
+        &labels_name,
+        &labels_bytes,
+    )?)
+}
+
+/// Reads the IDX data set in `dir`, or the shipped Fashion-MNIST when `dir` is `None`;
+/// returns the directory used with the data.
+pub fn load(dir: Option<&Path>) -> Result<(PathBuf, Dataset), LoadError> {
+    let dir = match dir {
+        Some(d) => d.to_path_buf(),
+        None => default_data_dir()?,
+    };
+    let data = load_idx_dir(&dir)?;
+    Ok((dir, data))
+}
+
+/// Reads an IDX data set (MNIST / Fashion-MNIST layout, gzipped or not) from `dir`.
+pub fn load_idx_dir(dir: &Path) -> Result<Dataset, LoadError> {
+    Ok(Dataset {
+        train: read_pair(dir, "train-images-idx3-ubyte", "train-labels-idx1-ubyte")?,
+        test: read_pair(dir, "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")?,
+    })
+}
+
+/// The folder downloaded shards are cached in: `$TETHER_CACHE`, else
+/// `$XDG_CACHE_HOME/tether`, else `~/.cache/tether` (`%LOCALAPPDATA%\tether` on
+/// Windows). `None` when none of these is known.
+pub fn cache_dir() -> Option<PathBuf> {
+    let var = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    var("TETHER_CACHE")
+        .or_else(|| var("XDG_CACHE_HOME").map(|d| d.join("tether")))
+        .or_else(|| var("HOME").map(|d| d.join(".cache").join("tether")))
+        .or_else(|| var("LOCALAPPDATA").map(|d| d.join("tether")))
+}
+
+/// Which shard of which data set, as a file name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ShardKey {
+    /// The server's id of its training data.
+    pub data: String,
+    /// Shards the set is cut into.
+    pub count: u32,
+    /// This shard.
+    pub index: u32,
+    /// The permutation's seed.
+    pub seed: u64,
+}
+
+impl ShardKey {
+    fn file_name(&self) -> String {
+        // The id comes from the server: keep only what is safe in a file name.
+        let data: String = self
+            .data
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+            .take(64)
+            .collect();
+        format!(
+            "{data}-{}of{}-{:016x}.tsim",
+            self.index, self.count, self.seed
+        )
+    }
+}
+
+/// What the cache had for a shard.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Cached {
+    /// The file is there and matches the announced length and SHA-256.
+    Hit(Vec<u8>),
+    /// No file.
+    Miss,
+    /// A file that did not match (damaged, or another download's): removed.
+    Corrupt,
+}
+
+/// Downloaded shards on disk, checked against the length and SHA-256 the server
+/// announces before they are used.
+#[derive(Clone, Debug)]
+pub struct ShardCache {
+    dir: PathBuf,
+}
+
+impl ShardCache {
+    /// A cache in `dir/shards` (created when the first shard is stored).
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into().join("shards"),
+        }
+    }
+
+    /// The file a shard is kept in.
+    pub fn path(&self, key: &ShardKey) -> PathBuf {
+        self.dir.join(key.file_name())
+    }
+
+    /// The cached shard if it is there and is `len` bytes with digest `sha256`; a
+    /// file that is not is removed.
+    pub fn load(&self, key: &ShardKey, len: u64, sha256: &[u8; 32]) -> Cached {
+        let path = self.path(key);
+        let Ok(bytes) = std::fs::read(&path) else {
+            return Cached::Miss;
+        };
+        if verify(&bytes, len, sha256) {
+            Cached::Hit(bytes)
+        } else {
+            let _ = std::fs::remove_file(&path);
+            Cached::Corrupt
+        }
+    }
+
+    /// Stores a verified shard: written to a temporary file, synced, then renamed,
+    /// so a crash never leaves a half-written shard under the real name.
+    pub fn store(&self, key: &ShardKey, bytes: &[u8]) -> Result<PathBuf, LoadError> {
+        let path = self.path(key);
+        let io = |source| LoadError::Io {
+            path: path.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&self.dir).map_err(io)?;
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        let written = std::fs::File::create(&tmp)
+            .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(io(e));
+        }
+        Ok(path)
+    }
+}
+
+/// Whether `bytes` are `len` long with SHA-256 `sha256`.
+pub fn verify(bytes: &[u8], len: u64, sha256: &[u8; 32]) -> bool {
+    bytes.len() as u64 == len && Sha256::digest(bytes).as_slice() == sha256
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_data_is_found_and_complete() {
+        let dir = default_data_dir().unwrap();
+        let data = load_idx_dir(&dir).unwrap();
+        assert_eq!((data.train.len(), data.test.len()), (60_000, 10_000));
+        assert!(data.train.expect_shape([1, 28, 28]).is_ok());
+    }
+
+    #[test]
+    fn the_shard_cache_keeps_verified_files_and_drops_damaged_ones() {
+        let dir = std::env::temp_dir().join(format!("tether-cache-{}", std::process::id()));
+        let cache = ShardCache::new(&dir);
+        let key = ShardKey {
+            data: "abc/../../x".into(),
+            count: 4,
+            index: 1,
+            seed: 7,
+        };
+        assert!(
+            cache.path(&key).starts_with(dir.join("shards")),
+            "no path escapes"
+        );
+        let bytes = b"TSIM shard bytes".to_vec();
+        let sha: [u8; 32] = Sha256::digest(&bytes).into();
+        assert_eq!(cache.load(&key, bytes.len() as u64, &sha), Cached::Miss);
+        cache.store(&key, &bytes).unwrap();
+        assert_eq!(
+            cache.load(&key, bytes.len() as u64, &sha),
+            Cached::Hit(bytes.clone())
+        );
+        // One flipped byte: detected, removed, then a miss.
+        let mut damaged = bytes.clone();
+        damaged[3] ^= 1;
+        std::fs::write(cache.path(&key), &damaged).unwrap();
+        assert_eq!(cache.load(&key, bytes.len() as u64, &sha), Cached::Corrupt);
+        assert_eq!(cache.load(&key, bytes.len() as u64, &sha), Cached::Miss);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_missing_directory_names_what_is_missing() {
+        let err = load_idx_dir(Path::new("/nonexistent/tether")).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                LoadError::Missing {
+                    file: "train-images-idx3-ubyte",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+}
