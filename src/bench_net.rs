@@ -1,6 +1,7 @@
-//! `tether bench server | sync | stats`: the distributed benchmarks, each against a
+//! `tether bench server | sync | stats | link`: the distributed benchmarks, each against a
 //! baseline measured in the same run — a raw WebSocket echo of the same bytes, the
-//! worker's own compute time, and the single-worker trainer at equal samples.
+//! worker's own compute time, the single-worker trainer at equal samples, and f32
+//! syncs without overlap on the same emulated link.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -368,6 +369,8 @@ pub fn run_bench_sync(args: BenchSyncArgs) -> Result<()> {
             backend: BackendChoice::Cpu,
             port: 0,
             chatty: false,
+            overlap: true,
+            link: None,
         };
         let out = rt.block_on(run_local(local))?;
         let r = &out.reports[0];
@@ -443,6 +446,8 @@ pub fn run_bench_stats(args: BenchStatsArgs) -> Result<()> {
                 backend: BackendChoice::Cpu,
                 port: 0,
                 chatty: false,
+                overlap: true,
+                link: None,
             };
             let out = rt.block_on(run_local(local))?;
             let acc = out.final_eval.accuracy;
@@ -467,6 +472,170 @@ pub fn run_bench_stats(args: BenchStatsArgs) -> Result<()> {
         &serde_json::json!({
             "command": "bench stats", "baseline_accuracy": baseline.test_accuracy, "baseline_epochs": args.epochs,
             "results": rows,
+        }),
+    )
+}
+
+#[derive(Args, Debug)]
+pub struct BenchLinkArgs {
+    /// Communication periods to measure (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = [16u32, 64])]
+    pub tau: Vec<u32>,
+    /// Payload encodings to measure (comma-separated; f32 is always measured, as the baseline).
+    #[arg(long, value_delimiter = ',', default_value = "f32,f16,bf16,q8")]
+    pub encoding: Vec<Encoding>,
+    /// The link's capacity each way, megabits per second.
+    #[arg(long, default_value_t = 20.0)]
+    pub mbit: f64,
+    /// The link's one-way delay, milliseconds.
+    #[arg(long, default_value_t = 50.0)]
+    pub delay_ms: f64,
+    /// Passes over the training set per run (every run sees the same samples).
+    #[arg(long, default_value_t = 0.5)]
+    pub epochs: f64,
+    /// Model trained.
+    #[arg(long, value_enum, default_value = "small")]
+    pub model: ModelArg,
+    /// Elastic force α: by default that of one worker of four (β 0.9 / 4). From 0.5
+    /// on syncs never overlap (`Algorithm::overlaps`).
+    #[arg(long, default_value_t = 0.225)]
+    pub alpha: f32,
+    /// Write the results here as JSON.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+}
+
+#[derive(Serialize)]
+struct LinkRow {
+    tau: u32,
+    link: String,
+    encoding: Encoding,
+    overlap: bool,
+    syncs: u64,
+    bytes_per_sync: f64,
+    fewer_bytes_than_f32: f64,
+    wall_s: f64,
+    steady_utilisation: f64,
+    compute_utilisation: f64,
+    test_accuracy: f64,
+    accuracy_vs_f32: f64,
+}
+
+/// One EAMSGD worker training the same samples through a slow link, per τ, encoding
+/// and overlap, against f32 without overlap on the same link (and on loopback, the
+/// compute-bound ceiling) in the same run.
+pub fn run_bench_link(args: BenchLinkArgs) -> Result<()> {
+    if !(args.mbit > 0.0 && args.delay_ms >= 0.0 && args.epochs > 0.0) {
+        bail!("--mbit and --epochs must be positive and --delay-ms not negative");
+    }
+    let mut encodings = vec![Encoding::F32];
+    encodings.extend(args.encoding.iter().filter(|e| **e != Encoding::F32));
+    let shape = crate::throttle::Shape::new(args.mbit, args.delay_ms);
+    let link_name = format!("{} Mbit/s, {} ms", args.mbit, args.delay_ms);
+    let model: ModelKind = args.model.into();
+    println!(
+        "one EAMSGD worker (α {}), {} model, {} epoch(s) per run; link {link_name} one way, each direction",
+        args.alpha,
+        model.name(),
+        args.epochs
+    );
+    println!(
+        "{:>4} {:>10} {:>5} {:>7} {:>5} {:>9} {:>7} {:>7} {:>7} {:>7} {:>8} {:>7}",
+        "τ",
+        "link",
+        "enc",
+        "overlap",
+        "syncs",
+        "KB/sync",
+        "fewer",
+        "wall s",
+        "steady",
+        "whole",
+        "accuracy",
+        "Δ pts"
+    );
+    let rt = runtime()?;
+    let mut rows: Vec<LinkRow> = Vec::new();
+    for &tau in &args.tau {
+        let mut runs = vec![(None, Encoding::F32, false)];
+        for &e in &encodings {
+            for overlap in [false, true] {
+                runs.push((Some(shape), e, overlap));
+            }
+        }
+        let mut f32_baseline: Option<(f64, f64)> = None;
+        for (link, encoding, overlap) in runs {
+            let mut settings = RunSettings::defaults(Algorithm::Eamsgd);
+            settings.tau = tau;
+            settings.model = model;
+            settings.expected_workers = 1;
+            settings.alpha = args.alpha;
+            let mut config = quiet_config(settings);
+            config.encoding = Some(encoding);
+            let local = Local {
+                config,
+                workers: 1,
+                epochs: args.epochs,
+                backend: BackendChoice::Cpu,
+                port: 0,
+                chatty: false,
+                overlap,
+                link,
+            };
+            let out = rt.block_on(run_local(local))?;
+            let r = &out.reports[0];
+            let per_sync = r.sync_bytes as f64 / r.syncs.max(1) as f64;
+            let acc = out.final_eval.accuracy;
+            // The same-τ f32 run on the link without overlap is the baseline.
+            if link.is_some() && encoding == Encoding::F32 && !overlap {
+                f32_baseline = Some((per_sync, acc));
+            }
+            let (base_bytes, base_acc) = f32_baseline.unwrap_or((per_sync, acc));
+            let row = LinkRow {
+                tau,
+                link: if link.is_some() {
+                    link_name.clone()
+                } else {
+                    "loopback".into()
+                },
+                encoding,
+                overlap: r.overlap,
+                syncs: r.syncs,
+                bytes_per_sync: per_sync,
+                fewer_bytes_than_f32: base_bytes / per_sync.max(1.0),
+                wall_s: r.wall_s,
+                steady_utilisation: r.steady_utilisation,
+                compute_utilisation: r.compute_utilisation,
+                test_accuracy: acc,
+                accuracy_vs_f32: (acc - base_acc) * 100.0,
+            };
+            println!(
+                "{:>4} {:>10} {:>5} {:>7} {:>5} {:>9.0} {:>6.2}× {:>7.1} {:>6.1}% {:>6.1}% {:>7.2}% {:>+7.2}",
+                tau,
+                if link.is_some() {
+                    "emulated"
+                } else {
+                    "loopback"
+                },
+                encoding.name(),
+                if row.overlap { "yes" } else { "no" },
+                row.syncs,
+                per_sync / 1e3,
+                row.fewer_bytes_than_f32,
+                row.wall_s,
+                row.steady_utilisation * 100.0,
+                row.compute_utilisation * 100.0,
+                acc * 100.0,
+                row.accuracy_vs_f32
+            );
+            rows.push(row);
+        }
+    }
+    write_report(
+        args.report.as_deref(),
+        &serde_json::json!({
+            "command": "bench link", "model": model.name(), "epochs": args.epochs,
+            "mbit_per_s": args.mbit, "delay_ms": args.delay_ms, "alpha": args.alpha, "results": rows,
         }),
     )
 }

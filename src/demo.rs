@@ -15,6 +15,7 @@ use tether_worker::client::{self, WorkConfig, WorkReport};
 use tokio::sync::{oneshot, watch};
 
 use crate::net::{RunFlags, interrupted, runtime};
+use crate::throttle::{self, Shape};
 use crate::{BackendArg, write_report};
 
 #[derive(Args, Debug)]
@@ -104,6 +105,10 @@ pub struct Local {
     pub port: u16,
     /// Print the URL and draw the overall progress bar.
     pub chatty: bool,
+    /// Workers keep training while a sync is in flight (where the algorithm allows).
+    pub overlap: bool,
+    /// Workers reach the server through an emulated link of this shape.
+    pub link: Option<Shape>,
 }
 
 /// What a local run produced.
@@ -158,6 +163,10 @@ pub async fn run_local(local: Local) -> Result<Outcome> {
         StopReason::Finished
     }));
 
+    let worker_addr = match local.link {
+        Some(shape) => throttle::proxy(addr, shape).await?.0,
+        None => addr,
+    };
     let (_, data) = tether_dataset::load(data_dir.as_deref())?;
     let train = Arc::new(data.train);
     let per_worker = (local.epochs * train.len() as f64 / f64::from(local.workers)).ceil();
@@ -165,8 +174,9 @@ pub async fn run_local(local: Local) -> Result<Outcome> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut workers = Vec::new();
     for _ in 0..local.workers {
-        let mut w = WorkConfig::new(format!("ws://{addr}/ws"));
+        let mut w = WorkConfig::new(format!("ws://{worker_addr}/ws"));
         w.backend = local.backend;
+        w.overlap = local.overlap;
         w.preloaded = Some(train.clone());
         w.max_steps = Some(steps);
         w.progress = false;
@@ -257,6 +267,8 @@ pub fn run_demo(args: DemoArgs) -> Result<()> {
         backend: args.backend.into(),
         port: args.port,
         chatty: true,
+        overlap: true,
+        link: None,
     };
     let out = runtime()?.block_on(run_local(local))?;
     let (final_eval, summary, reports) = (out.final_eval, out.summary, out.reports);

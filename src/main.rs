@@ -6,6 +6,7 @@ mod bench_net;
 mod demo;
 mod net;
 mod sim;
+mod throttle;
 
 use std::path::{Path, PathBuf};
 
@@ -164,6 +165,9 @@ enum BenchCommand {
     Sync(bench_net::BenchSyncArgs),
     /// Center accuracy per algorithm and τ against the single worker at equal samples.
     Stats(bench_net::BenchStatsArgs),
+    /// A worker on an emulated slow link: bytes per sync, compute utilisation and
+    /// accuracy per τ, encoding and overlap, against f32 without overlap.
+    Link(bench_net::BenchLinkArgs),
 }
 
 #[derive(Args, Debug)]
@@ -221,11 +225,15 @@ struct BenchElasticArgs {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    // Benchmarks print tables; the runs inside them log only what went wrong.
+    let default_filter = match cli.command {
+        Some(Command::Bench(_)) => "warn",
+        _ => "info,wgpu=warn,cubecl=warn,naga=warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-                tracing_subscriber::EnvFilter::new("info,wgpu=warn,cubecl=warn,naga=warn")
-            }),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -244,6 +252,7 @@ fn main() -> Result<()> {
         Command::Bench(BenchCommand::Server(args)) => bench_net::run_bench_server(args),
         Command::Bench(BenchCommand::Sync(args)) => bench_net::run_bench_sync(args),
         Command::Bench(BenchCommand::Stats(args)) => bench_net::run_bench_stats(args),
+        Command::Bench(BenchCommand::Link(args)) => bench_net::run_bench_link(args),
     }
 }
 

@@ -6,6 +6,11 @@
 //
 // node dashboard.mjs --base http://127.0.0.1:PORT --backend webgpu|cpu --out DIR
 //   [--min-syncs 5] [--timeout 240] [--admin-token T --tau N --batch B]
+//   [--spki BASE64 --label NAME]
+//
+// Over https://, --spki trusts the server's key in Chromium (its
+// --ignore-certificate-errors-spki-list), and the page must be a secure context;
+// Node's own status requests trust the certificate through NODE_EXTRA_CA_CERTS.
 import { chromium } from 'playwright-core';
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -16,13 +21,14 @@ const args = Object.fromEntries(process.argv.slice(2).reduce((acc, a, i, all) =>
 }, []));
 const base = args.base;
 const backend = args.backend || 'cpu';
+const label = args.label || backend;
 const out = args.out || '.';
 const minSyncs = Number(args['min-syncs'] || 5);
 const timeoutMs = Number(args.timeout || 240) * 1000;
 mkdirSync(out, { recursive: true });
 
-const report = { backend, errors: [], steps: [] };
-const log = (msg) => { report.steps.push(msg); console.log(`[${backend}] ${msg}`); };
+const report = { backend, label, errors: [], steps: [] };
+const log = (msg) => { report.steps.push(msg); console.log(`[${label}] ${msg}`); };
 const status = async () => (await fetch(`${base}/api/status`)).json();
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 async function until(what, fn, limit = timeoutMs) {
@@ -39,6 +45,7 @@ async function until(what, fn, limit = timeoutMs) {
 const flags = ['--no-first-run', '--disable-background-networking', '--disable-component-update',
   '--disable-sync', '--disable-quic'];
 if (backend === 'webgpu') flags.push('--enable-unsafe-webgpu');
+if (args.spki) flags.push(`--ignore-certificate-errors-spki-list=${args.spki}`);
 const browser = await chromium.launch({ executablePath: process.env.CHROMIUM || '/usr/bin/chromium', args: flags });
 let exitCode = 0;
 try {
@@ -57,6 +64,12 @@ try {
   await page.waitForFunction(() => window.tetherDashboard && Object.keys(window.tetherDashboard.chartPoints()).length === 6);
   report.first_chart_ms = Date.now() - t0;
   log(`dashboard up, charts drawn after ${report.first_chart_ms} ms`);
+  report.protocol = await page.evaluate(() => location.protocol);
+  report.secure_context = await page.evaluate(() => window.isSecureContext);
+  log(`loaded over ${report.protocol}, secure context: ${report.secure_context}`);
+  if (base.startsWith('https:') && !(report.protocol === 'https:' && report.secure_context)) {
+    throw new Error('the page over https:// is not a secure context');
+  }
 
   await page.click('#join');
   log('pressed Join');
@@ -110,12 +123,12 @@ try {
     if ((await status()).hyper.tau !== tau) throw new Error('the run card τ did not change');
   }
 
-  await page.screenshot({ path: join(out, `dashboard-${backend}.png`), fullPage: true });
+  await page.screenshot({ path: join(out, `dashboard-${label}.png`), fullPage: true });
   await page.setViewportSize({ width: 390, height: 844 });
   await sleep(500);
   const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
   report.phone_overflow_px = overflow;
-  await page.screenshot({ path: join(out, `dashboard-${backend}-phone.png`), fullPage: false });
+  await page.screenshot({ path: join(out, `dashboard-${label}-phone.png`), fullPage: false });
   if (overflow > 1) throw new Error(`the page is ${overflow}px wider than a phone screen`);
 
   // Leave: the worker syncs once more, says goodbye, and the server drops it.
@@ -127,10 +140,10 @@ try {
 } catch (err) {
   report.ok = false;
   report.failure = String(err && err.message || err);
-  console.error(`[${backend}] FAILED: ${report.failure}`);
+  console.error(`[${label}] FAILED: ${report.failure}`);
   exitCode = 1;
 } finally {
-  writeFileSync(join(out, `report-${backend}.json`), JSON.stringify(report, null, 2));
+  writeFileSync(join(out, `report-${label}.json`), JSON.stringify(report, null, 2));
   await browser.close();
 }
 process.exit(exitCode);

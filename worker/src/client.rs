@@ -123,7 +123,7 @@ pub struct WorkReport {
     pub device: String,
     /// The payload encoding of the last session.
     pub encoding: String,
-    /// Whether syncs overlapped training.
+    /// Whether syncs overlapped training (any of them).
     pub overlap: bool,
     /// Where the shard came from: "local", "download" or "cache".
     pub shard_source: String,
@@ -149,6 +149,12 @@ pub struct WorkReport {
     pub wait_fraction: f64,
     /// `train_s / wall_s`: how much of the time the device was busy training.
     pub compute_utilisation: f64,
+    /// `train_s` over the time from the first step's start to the last step's end:
+    /// the utilisation once joined, without the join and the final sync.
+    pub steady_utilisation: f64,
+    /// Bytes of syncs and their replies, both ways: the traffic that recurs every τ
+    /// steps (`bytes_out + bytes_in` also hold the join and heartbeats).
+    pub sync_bytes: u64,
     /// Mean loss of the last τ steps.
     pub last_loss: f32,
     /// Bytes sent to the server.
@@ -157,6 +163,9 @@ pub struct WorkReport {
     pub bytes_in: u64,
     /// Why it stopped.
     pub stopped: String,
+    /// Seconds since start at which the first step began and the last one ended.
+    #[serde(skip)]
+    training_span: Option<(f64, f64)>,
 }
 
 /// How a session ended.
@@ -336,6 +345,9 @@ pub async fn run(
     report.samples_per_s = report.samples as f64 / report.wall_s.max(1e-9);
     report.wait_fraction = report.wait_s / report.wall_s.max(1e-9);
     report.compute_utilisation = report.train_s / report.wall_s.max(1e-9);
+    report.steady_utilisation = report
+        .training_span
+        .map_or(0.0, |(from, to)| report.train_s / (to - from).max(1e-9));
     report.stopped = stopped;
     Ok(report)
 }
@@ -545,8 +557,9 @@ async fn session(
         .map_err(WorkError::Refused)?;
     report.worker_ids.push(welcome.worker_id);
     report.encoding = welcome.encoding.name().into();
-    let overlap = config.overlap && spec.algorithm.overlaps();
-    report.overlap = overlap;
+    // Decided again at every sync: the operator may change α during the run.
+    let overlaps = |hyper: &protocol::Hyper| config.overlap && spec.algorithm.overlaps(hyper.alpha);
+    let overlap = overlaps(&spec.hyper);
     tracing::info!(
         worker = welcome.worker_id,
         run = %spec.run_id,
@@ -602,6 +615,7 @@ async fn session(
         }
         let steps = u64::from(hyper.tau).min(budget) as u32;
         halt.store(false, Ordering::Relaxed);
+        let chunk_start = ctx.started.elapsed().as_secs_f64();
         let mut training =
             Box::pin(
                 ctx.compute
@@ -625,6 +639,9 @@ async fn session(
                 f = frames.recv(), if lost.is_none() && server_stop.is_none() && refused.is_none() => match f {
                     Some(Ok((frame, n))) => {
                         report.bytes_in += n;
+                        if matches!(frame.message, Message::Reply(_)) {
+                            report.sync_bytes += n;
+                        }
                         match frame.message {
                             Message::Stop(reason) => {
                                 server_stop = Some(reason);
@@ -664,6 +681,8 @@ async fn session(
         report.train_s += seconds;
         if trained.steps > 0 {
             report.last_loss = trained.loss;
+            let from = report.training_span.map_or(chunk_start, |(from, _)| from);
+            report.training_span = Some((from, ctx.started.elapsed().as_secs_f64()));
         }
         ctx.bar.inc(u64::from(trained.steps));
         match server_stop {
@@ -735,6 +754,7 @@ async fn session(
         let (bytes, decoded) = protocol::encode_decoded(&header, values, link.encoding());
         link.sent(&decoded);
         report.bytes_out += bytes.len() as u64;
+        report.sync_bytes += bytes.len() as u64;
         if out.send(bytes).await.is_err() {
             break End::Lost("the connection's writer ended".into());
         }
@@ -743,6 +763,8 @@ async fn session(
             sent: params,
             reply: None,
         };
+        let overlap = overlaps(&hyper);
+        report.overlap |= overlap && !stopping;
         if !overlap || stopping {
             // Wait for the answer before stepping on.
             let (r, frame) = match wait_reply(&mut frames, seq, report).await {
@@ -853,7 +875,10 @@ async fn wait_reply(
             Ok(Some(Ok((frame, n)))) => {
                 report.bytes_in += n;
                 match &frame.message {
-                    Message::Reply(r) if r.seq == seq => return Ok((*r, frame)),
+                    Message::Reply(r) if r.seq == seq => {
+                        report.sync_bytes += n;
+                        return Ok((*r, frame));
+                    }
                     Message::Reject { reason, .. } => {
                         report.rejections += 1;
                         return Err(match reason.remedy() {

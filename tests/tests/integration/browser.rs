@@ -1,8 +1,10 @@
 //! The dashboard in a real browser (Debian's Chromium, driven by playwright-core
 //! from `tests/browser/`): press Join, and the tab trains as a browser worker —
-//! once on WebGPU (Chromium's SwiftShader adapter, `--enable-unsafe-webgpu`) and
-//! once on the CPU fallback (no adapter without the flag) — while a native worker
-//! trains beside it and picks up a τ changed from the operator controls.
+//! once on WebGPU (Chromium's SwiftShader adapter, `--enable-unsafe-webgpu`), once
+//! on the CPU fallback (no adapter without the flag), and once on WebGPU over
+//! `https://` from a server with a certificate made for the test (Chromium trusts
+//! its key; the page must be a secure context) — while a native worker trains
+//! beside it and picks up a τ changed from the operator controls.
 //!
 //! Skipped when Node, playwright-core or Chromium are missing, unless
 //! `TETHER_REQUIRE_BROWSER` is set (the README's test command installs them and
@@ -13,7 +15,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use tether_server::{RunSettings, ServerConfig};
+use tether_server::{RunSettings, ServerConfig, tls};
 use tether_shared::algorithms::Algorithm;
 use tether_tests::net::TestServer;
 use tether_tests::{read_json, scratch};
@@ -46,8 +48,13 @@ fn missing() -> Option<String> {
 /// One browser at a time: two Chromiums training on two cores would starve each other.
 static ONE_BROWSER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-async fn dashboard_run(backend: &str) -> Result<()> {
+async fn dashboard_run(backend: &str, https: bool) -> Result<()> {
     let _one = ONE_BROWSER.lock().await;
+    let label = if https {
+        format!("{backend}-https")
+    } else {
+        backend.to_string()
+    };
     if let Some(why) = missing() {
         if std::env::var_os("TETHER_REQUIRE_BROWSER").is_some() {
             bail!("browser test required but cannot run: {why}");
@@ -66,20 +73,35 @@ async fn dashboard_run(backend: &str) -> Result<()> {
     config.eval_limit = Some(500);
     config.checkpoint_every = None;
     config.admin_token = Some(ADMIN.into());
-    config.run_dir = Some(scratch(&format!("browser-{backend}"))?);
+    config.run_dir = Some(scratch(&format!("browser-{label}"))?);
+    let certificate = if https {
+        let dir = scratch(&format!("browser-{label}-tls"))?;
+        let cert = tls::self_signed(&dir, &["localhost".into()])?;
+        config.tls = Some(cert.config.clone());
+        Some(cert)
+    } else {
+        None
+    };
     let server = TestServer::start(config).await?;
+    let (base, ws) = match &certificate {
+        Some(_) => (
+            format!("https://localhost:{}", server.addr.port()),
+            format!("wss://localhost:{}/ws", server.addr.port()),
+        ),
+        None => (format!("http://{}", server.addr), server.ws_url()),
+    };
 
     // A native worker beside the browser: it must pick up the τ the page sets.
-    let mut native = WorkConfig::new(server.ws_url());
+    let mut native = WorkConfig::new(ws);
+    native.ca_cert = certificate.as_ref().map(|c| c.cert_path.clone());
     native.backend = BackendChoice::Cpu;
     native.progress = false;
     let (stop_tx, stop) = watch::channel(false);
     let native = tokio::spawn(client::run(native, stop));
 
-    let out = scratch(&format!("browser-{backend}-out"))?;
-    let base = format!("http://{}", server.addr);
+    let out = scratch(&format!("browser-{label}-out"))?;
     let script = browser_dir().join("dashboard.mjs");
-    let args: Vec<String> = [
+    let mut args: Vec<String> = [
         "--base",
         &base,
         "--backend",
@@ -96,14 +118,22 @@ async fn dashboard_run(backend: &str) -> Result<()> {
         "3",
         "--batch",
         &BATCH.to_string(),
+        "--label",
+        &label,
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let node =
-        tokio::task::spawn_blocking(move || Command::new("node").arg(script).args(args).output())
-            .await?
-            .context("running node")?;
+    let mut node = Command::new("node");
+    if let Some(cert) = &certificate {
+        args.extend(["--spki".into(), cert.spki_sha256.clone()]);
+        // Node's own requests to /api/status trust the certificate too.
+        node.env("NODE_EXTRA_CA_CERTS", &cert.cert_path);
+    }
+    node.arg(script).args(args);
+    let node = tokio::task::spawn_blocking(move || node.output())
+        .await?
+        .context("running node")?;
     let _ = stop_tx.send(true);
     let native = native.await?.context("the native worker")?;
     let log = format!(
@@ -112,12 +142,19 @@ async fn dashboard_run(backend: &str) -> Result<()> {
         String::from_utf8_lossy(&node.stderr)
     );
     eprintln!("{log}");
-    let report = read_json(&out.join(format!("report-{backend}.json")))
+    let report = read_json(&out.join(format!("report-{label}.json")))
         .with_context(|| format!("no report from the browser run:\n{log}"))?;
     if !node.status.success() || report["ok"] != true {
         bail!("browser run failed: {}\n{log}", report["failure"]);
     }
-    assert!(out.join(format!("dashboard-{backend}.png")).exists());
+    assert!(out.join(format!("dashboard-{label}.png")).exists());
+    if https {
+        assert_eq!(
+            (&report["protocol"], &report["secure_context"]),
+            (&serde_json::json!("https:"), &serde_json::json!(true)),
+            "{report}"
+        );
+    }
     assert!(
         native.syncs >= 1,
         "the native worker never synced: {native:?}"
@@ -128,10 +165,15 @@ async fn dashboard_run(backend: &str) -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn browser_worker_trains_on_webgpu_from_the_dashboard() -> Result<()> {
-    dashboard_run("webgpu").await
+    dashboard_run("webgpu", false).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn browser_worker_trains_on_the_cpu_fallback_from_the_dashboard() -> Result<()> {
-    dashboard_run("cpu").await
+    dashboard_run("cpu", false).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_worker_trains_on_webgpu_over_https() -> Result<()> {
+    dashboard_run("webgpu", true).await
 }

@@ -12,10 +12,12 @@ use anyhow::{Context, Result, bail};
 use tether_tests::net::http_get;
 use tether_tests::{scratch, tether_bin, tether_report};
 
-/// A `tether serve` child and the address it printed.
+/// A `tether serve` child, the address it printed and its line for workers.
 struct Serve {
     child: Child,
     addr: SocketAddr,
+    /// What it tells workers to run (`tether work --server …`).
+    join: String,
     stderr: std::sync::mpsc::Receiver<String>,
 }
 
@@ -25,7 +27,20 @@ impl Serve {
     }
 
     fn start_on(port: u16, run_dir: &Path, extra: &[&str]) -> Result<Self> {
-        let mut child = Command::new(tether_bin()?)
+        Self::launch(None, port, run_dir, extra)
+    }
+
+    /// Serves from the working directory `cwd` (where `--tls-self-signed` keeps its files).
+    fn start_in(cwd: &Path, run_dir: &Path, extra: &[&str]) -> Result<Self> {
+        Self::launch(Some(cwd), 0, run_dir, extra)
+    }
+
+    fn launch(cwd: Option<&Path>, port: u16, run_dir: &Path, extra: &[&str]) -> Result<Self> {
+        let mut cmd = Command::new(tether_bin()?);
+        if let Some(dir) = cwd {
+            cmd.current_dir(dir);
+        }
+        let mut child = cmd
             .args([
                 "serve",
                 "--host",
@@ -49,15 +64,20 @@ impl Serve {
             }
         });
         let mut lines = stdout.lines();
+        let mut addr = None;
         for line in lines.by_ref() {
             let line = line?;
-            if let Some(rest) = line.trim().strip_prefix("dashboard: http://") {
-                let addr = rest.split('/').next().context("address")?.parse()?;
+            let line = line.trim();
+            if let Some(rest) = line.strip_prefix("dashboard: ") {
+                let rest = rest.split_once("://").context("a URL")?.1;
+                addr = Some(rest.split('/').next().context("address")?.parse()?);
+            } else if let (Some(addr), Some(join)) = (addr, line.strip_prefix("workers:")) {
                 // Keep draining stdout: the server prints a summary when it stops.
                 std::thread::spawn(move || lines.for_each(drop));
                 return Ok(Self {
                     child,
                     addr,
+                    join: join.trim().to_string(),
                     stderr,
                 });
             }
@@ -327,5 +347,62 @@ fn demo_trains_a_center_and_reports_it() -> Result<()> {
     for w in workers {
         assert!(w["syncs"].as_u64() > Some(0), "{w}");
     }
+    Ok(())
+}
+
+/// Two machines that share nothing but the URL: `tether serve --tls-self-signed` in
+/// one folder, and in another a copy of the binary alone — no repository, no
+/// `--data`, only the certificate handed over — joining over `wss://`, downloading
+/// its shard and training with compressed, overlapped syncs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copied_binary_joins_a_self_signed_server_with_only_the_url() -> Result<()> {
+    let root = scratch("two-machines")?;
+    let (server_home, worker_home) = (root.join("server"), root.join("worker"));
+    std::fs::create_dir_all(&server_home)?;
+    std::fs::create_dir_all(&worker_home)?;
+    let serve = Serve::start_in(
+        &server_home,
+        &server_home.join("run"),
+        &["--tls-self-signed", "--tau", "4"],
+    )?;
+    // "tether work --server wss://127.0.0.1:PORT --ca-cert PATH"
+    let join: Vec<&str> = serve.join.split_whitespace().collect();
+    let [_, _, _, url, "--ca-cert", cert] = join[..] else {
+        bail!("unexpected line for workers: {}", serve.join);
+    };
+    assert!(url.starts_with("wss://"), "{url}");
+    assert!(
+        Path::new(cert).starts_with(server_home.canonicalize()?) || Path::new(cert).is_relative(),
+        "the certificate is kept beside the server: {cert}"
+    );
+
+    let binary = worker_home.join("tether");
+    std::fs::copy(tether_bin()?, &binary)?;
+    std::fs::copy(server_home.join(cert), worker_home.join("server.pem"))?;
+    let out = Command::new(&binary)
+        .current_dir(&worker_home)
+        .env_remove("TETHER_DATA")
+        .env("TETHER_CACHE", worker_home.join("cache"))
+        .args(["work", "--server", url, "--ca-cert", "server.pem"])
+        .args(["--backend", "cpu", "--threads", "1", "--steps", "12"])
+        .args(["--report", "report.json"])
+        .output()?;
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    let report = tether_tests::read_json(&worker_home.join("report.json"))?;
+    assert_eq!(report["shard_source"], "download", "{report}");
+    assert_eq!(report["encoding"], "q8", "{report}");
+    assert_eq!(report["overlap"], true, "{report}");
+    assert_eq!(
+        (&report["steps"], &report["syncs"], &report["rejections"]),
+        (&12.into(), &3.into(), &0.into()),
+        "{report}"
+    );
+    assert!(
+        std::fs::read_dir(worker_home.join("cache/shards"))?.count() == 1,
+        "the shard was cached"
+    );
+    let server_log = serve.terminate()?;
+    assert!(server_log.contains("worker joined"), "{server_log}");
     Ok(())
 }
