@@ -224,7 +224,8 @@ fn secs(s: u64) -> Option<Duration> {
     (s > 0).then(|| Duration::from_secs(s))
 }
 
-/// The newest run directory under `./runs` (run ids start with the UTC time).
+/// The newest run directory under `./runs` (run ids start with the UTC time) that
+/// holds a checkpoint that verifies; newer ones are skipped, saying why.
 fn newest_run() -> Result<PathBuf> {
     let runs = Path::new("runs");
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(runs)
@@ -233,8 +234,13 @@ fn newest_run() -> Result<PathBuf> {
         .filter(|p| p.join("run.json").is_file())
         .collect();
     dirs.sort();
-    dirs.pop()
-        .context("no run to resume under ./runs; pass --run-dir")
+    while let Some(dir) = dirs.pop() {
+        match checkpoint::load_newest(&dir) {
+            Ok(_) => return Ok(dir),
+            Err(e) => tracing::warn!("not resuming {}: {e}", dir.display()),
+        }
+    }
+    anyhow::bail!("no run under ./runs has a valid checkpoint to resume; pass --run-dir")
 }
 
 impl ServeArgs {
@@ -318,11 +324,12 @@ pub fn run_serve(args: ServeArgs) -> Result<()> {
     let certificate = args.certificate().context("setting up TLS")?;
     config.tls = certificate.as_ref().map(|c| c.config.clone());
     runtime()?.block_on(async move {
-        let server = tether_server::Server::new(config).context("preparing the run")?;
+        // The port first: a serve that cannot listen must not leave a run behind.
         let addr = format!("{}:{}", args.host, args.port);
         let listener = tokio::net::TcpListener::bind(&addr)
             .await
             .with_context(|| format!("listening on {addr}"))?;
+        let server = tether_server::Server::new(config).context("preparing the run")?;
         let local: SocketAddr = listener.local_addr()?;
         let shown = if local.ip().is_unspecified() {
             format!("127.0.0.1:{}", local.port())

@@ -138,7 +138,7 @@ pub async fn download_center(State(state): State<AppState>, headers: HeaderMap) 
         snap.run_id, snap.version
     );
     match tokio::task::spawn_blocking(move || checkpoint::encode(&snap)).await {
-        Ok(Ok(bytes)) => (
+        Ok(bytes) => (
             [
                 (header::CONTENT_TYPE, "application/octet-stream".to_string()),
                 (header::CONTENT_DISPOSITION, name),
@@ -146,7 +146,6 @@ pub async fn download_center(State(state): State<AppState>, headers: HeaderMap) 
             bytes,
         )
             .into_response(),
-        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }

@@ -6,6 +6,7 @@
 //! Validation that needs the center (staleness, the norm guard) happens here too,
 //! before anything is written: a rejected update leaves the center bit-identical.
 
+use std::collections::{HashMap, VecDeque};
 use tether_shared::algorithms::downpour::apply_push;
 use tether_shared::algorithms::elastic::{average_round, center_pull_in_place, sync_round};
 use tether_shared::algorithms::leader::LeaderBoard;
@@ -14,6 +15,7 @@ use tether_shared::algorithms::outer::{
 };
 use tether_shared::algorithms::{Algorithm, Norms, norms};
 use tether_shared::protocol::{Apply, Hyper, Rejection, first_non_finite};
+
 use tokio::sync::oneshot;
 
 /// What a worker gets back from an exchange.
@@ -39,7 +41,7 @@ pub enum Outcome {
     /// opened the round, so the caller starts its timeout.
     Queued {
         /// Resolves when the round closes (dropped if the worker is removed).
-        reply: oneshot::Receiver<Ready>,
+        reply: oneshot::Receiver<Reply>,
         /// Set when this update opened the round.
         arm_timer: Option<u64>,
     },
@@ -58,40 +60,77 @@ pub struct Update {
     pub loss: f32,
     /// xⁱ, or for DOWNPOUR / MDOWNPOUR the push xⁱ − (the center it last pulled).
     pub values: Vec<f32>,
+    /// How far the worker moved since its last exchange, ‖xⁱ − (what it held after
+    /// its last reply)‖, as the server computed it (for DOWNPOUR: ‖push‖). The norm
+    /// guard judges this, not ‖xⁱ − x̃‖: a worker's distance to the center grows when
+    /// someone else drags the center away, its own progress does not.
+    pub progress: f64,
 }
+
+/// What a round's member gets when the round closes.
+pub type Reply = Result<Ready, Rejection>;
 
 struct Pending {
     worker_id: u32,
     session: u64,
     norm: f64,
     values: Vec<f32>,
-    reply: oneshot::Sender<Ready>,
+    reply: oneshot::Sender<Reply>,
 }
 
-/// Keeps the run's typical update norm and refuses updates far outside it.
-/// Rejected rather than clipped: a clipped update would still move the center
-/// toward a point no honest worker reached (see ARCHITECTURE.md).
-#[derive(Clone, Copy, Debug)]
+/// Accepted progress norms kept per worker: its figure is their median.
+const HISTORY: usize = 8;
+/// Before any worker has an accepted update, progress is bounded by this fraction
+/// of ‖x̃‖ (× the ratio): the bootstrap of a run.
+const BOOTSTRAP_FRACTION: f64 = 0.05;
+/// The typical figure never falls below this fraction of ‖x̃‖, so workers that
+/// stop moving (or lie that they do) cannot shrink the bound to nothing.
+const FLOOR_FRACTION: f64 = 1e-4;
+
+/// Refuses updates whose progress is far outside the run's typical progress.
+///
+/// The typical figure is a median of medians: each worker's figure is the median of
+/// its last [`HISTORY`] accepted progress norms, and the typical is the lower median
+/// of the workers' figures. No single worker sets it: with two workers the smaller
+/// figure counts, with more the middle one; a worker raising its own figure step by
+/// step raises nothing. Rejected rather than clipped: a clipped update would still
+/// move the center toward a point no honest worker reached (ARCHITECTURE.md).
+#[derive(Clone, Debug)]
 struct NormGuard {
-    typical: Option<f64>,
     ratio: f64,
+    recent: HashMap<u64, VecDeque<f64>>,
 }
 
 impl NormGuard {
-    /// The bound: `ratio` × max(typical norm, ‖x̃‖ / 2). The floor lets the first
-    /// updates of a run through and keeps a run of tiny updates from shrinking the
-    /// bound to nothing; with the default ratio 10 nothing within 5‖x̃‖ of the
-    /// center is ever refused.
-    fn bound(&self, center_norm: f64) -> f64 {
-        self.ratio * self.typical.unwrap_or(0.0).max(0.5 * center_norm).max(1e-3)
+    fn typical(&self) -> Option<f64> {
+        let mut figures: Vec<f64> = self.recent.values().filter_map(median).collect();
+        figures.sort_by(f64::total_cmp);
+        figures.get(figures.len().saturating_sub(1) / 2).copied()
     }
 
-    fn accept(&mut self, norm: f64) {
-        self.typical = Some(match self.typical {
-            None => norm,
-            Some(t) => 0.9 * t + 0.1 * norm,
-        });
+    fn bound(&self, center_norm: f64) -> f64 {
+        let floor = (FLOOR_FRACTION * center_norm).max(1e-6);
+        let typical = self.typical().unwrap_or(BOOTSTRAP_FRACTION * center_norm);
+        self.ratio * typical.max(floor)
     }
+
+    fn accept(&mut self, session: u64, progress: f64) {
+        let h = self.recent.entry(session).or_default();
+        if h.len() == HISTORY {
+            h.pop_front();
+        }
+        h.push_back(progress);
+    }
+
+    fn forget(&mut self, session: u64) {
+        self.recent.remove(&session);
+    }
+}
+
+fn median(values: &VecDeque<f64>) -> Option<f64> {
+    let mut v: Vec<f64> = values.iter().copied().collect();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len().saturating_sub(1) / 2).copied()
 }
 
 /// The center x̃, its version, and the algorithm state that goes with it.
@@ -107,6 +146,8 @@ pub struct Center {
     guard: NormGuard,
     leader: LeaderBoard,
     scratch: Vec<f32>,
+    /// The previous center's buffer, reused by [`Center::draft`].
+    spare: Vec<f32>,
     round_id: u64,
     round: Vec<Pending>,
 }
@@ -140,11 +181,12 @@ impl Center {
             hyper,
             max_staleness,
             guard: NormGuard {
-                typical: None,
                 ratio: max_update_ratio,
+                recent: HashMap::new(),
             },
             leader: LeaderBoard::default(),
             scratch: Vec::new(),
+            spare: Vec::new(),
             round_id: 0,
             round: Vec::new(),
         }
@@ -181,6 +223,12 @@ impl Center {
         self.leader.leader()
     }
 
+    /// The largest progress the norm guard accepts now. Never sent to a client
+    /// (rejections say why, not where the line is); for status and tests.
+    pub fn progress_bound(&self) -> f64 {
+        self.guard.bound(norms(&self.params, &[]).distance)
+    }
+
     /// Workers waiting in the current synchronous round.
     pub fn round_waiting(&self) -> usize {
         self.round.len()
@@ -206,47 +254,52 @@ impl Center {
             check_finite(&n, &update.values)?;
             (n.distance, n.center)
         };
+        // A non-finite progress is out of line too.
         let bound = self.guard.bound(center_norm);
-        if norm > bound {
-            return Err(Rejection::OutOfLine { norm, bound });
+        if !update.progress.is_finite() || update.progress > bound {
+            return Err(Rejection::OutOfLine);
         }
-        self.guard.accept(norm);
         let alpha = self.hyper.alpha;
+        let (session, progress) = (update.session, update.progress);
         let ready = |apply, payload, version| {
-            Ok(Outcome::Ready(Ready {
+            Outcome::Ready(Ready {
                 apply,
                 payload,
                 version,
                 norm,
-            }))
+            })
         };
-        match self.algorithm {
+        let outcome = match self.algorithm {
             Algorithm::Easgd | Algorithm::Eamsgd => {
                 // The update's buffer becomes the reply's: xⁱ in, d out.
-                center_pull_in_place(&mut self.params, &mut update.values, alpha);
-                self.version += 1;
+                let mut next = self.draft();
+                center_pull_in_place(&mut next, &mut update.values, alpha);
+                self.commit(next, None)?;
                 ready(Apply::Subtract, update.values, self.version)
             }
             Algorithm::Downpour => {
-                apply_push(&mut self.params, &update.values);
-                self.version += 1;
+                let mut next = self.draft();
+                apply_push(&mut next, &update.values);
+                self.commit(next, None)?;
                 ready(Apply::Replace, self.params.clone(), self.version)
             }
             Algorithm::Mdownpour => {
+                let (mut next, mut velocity) = (self.draft(), self.velocity.clone());
                 outer_nesterov_step(
-                    &mut self.params,
-                    &mut self.velocity,
+                    &mut next,
+                    &mut velocity,
                     &update.values,
                     &mut self.scratch,
                     1.0,
                     self.momentum,
                 );
-                self.version += 1;
+                self.commit(next, Some(velocity))?;
                 ready(Apply::Replace, self.params.clone(), self.version)
             }
             Algorithm::Lsgd => {
                 if self.leader.offer(update.session, update.loss) {
-                    // The leader's own parameters are the center LSGD evaluates.
+                    // The leader's own parameters (checked finite above) are the
+                    // center LSGD evaluates.
                     self.params.copy_from_slice(&update.values);
                     self.version += 1;
                 }
@@ -264,12 +317,38 @@ impl Center {
                 });
                 let arm_timer = (self.round.len() == 1).then_some(self.round_id);
                 self.close_round_if_complete(members);
-                Ok(Outcome::Queued {
+                Outcome::Queued {
                     reply: rx,
                     arm_timer,
-                })
+                }
             }
+        };
+        self.guard.accept(session, progress);
+        Ok(outcome)
+    }
+
+    /// A copy of x̃ to write the next center into (reusing the last one's buffer).
+    fn draft(&mut self) -> Vec<f32> {
+        let mut next = std::mem::take(&mut self.spare);
+        next.clear();
+        next.extend_from_slice(&self.params);
+        next
+    }
+
+    /// Makes `next` (and `velocity`) the center if every value is finite; otherwise
+    /// nothing changes. The only way a new center is stored, so a non-finite one is
+    /// never served, evaluated or checkpointed.
+    fn commit(&mut self, next: Vec<f32>, velocity: Option<Vec<f32>>) -> Result<(), Rejection> {
+        if !all_finite(&next) || velocity.as_deref().is_some_and(|v| !all_finite(v)) {
+            self.spare = next;
+            return Err(Rejection::CenterNonFinite);
         }
+        self.spare = std::mem::replace(&mut self.params, next);
+        if let Some(v) = velocity {
+            self.velocity = v;
+        }
+        self.version += 1;
+        Ok(())
     }
 
     fn check_staleness(&self, seen: u64) -> Result<(), Rejection> {
@@ -310,8 +389,10 @@ impl Center {
         }
     }
 
-    /// Removes a departed worker from the waiting round.
+    /// A worker left: removes it from the waiting round and its figures from the
+    /// norm guard.
     pub fn leave_round(&mut self, session: u64, members: usize) {
+        self.guard.forget(session);
         self.round.retain(|p| p.session != session);
         self.close_round_if_complete(members);
     }
@@ -321,7 +402,9 @@ impl Center {
         self.round_id += 1;
         // Deterministic order: the center's sum does not depend on arrival order.
         round.sort_by_key(|p| p.worker_id);
-        let mut replies: Vec<(oneshot::Sender<Ready>, f64, Vec<f32>)> = Vec::new();
+        let mut next = self.draft();
+        let mut replies: Vec<(oneshot::Sender<Reply>, f64, Vec<f32>)> = Vec::new();
+        let mut velocity = None;
         match self.algorithm {
             Algorithm::EasgdSync | Algorithm::Average => {
                 let mut xs: Vec<Vec<f32>> = Vec::with_capacity(round.len());
@@ -332,9 +415,9 @@ impl Center {
                 }
                 let mut refs: Vec<&mut [f32]> = xs.iter_mut().map(|x| x.as_mut_slice()).collect();
                 if self.algorithm == Algorithm::Average {
-                    average_round(&mut self.params, &mut refs);
+                    average_round(&mut next, &mut refs);
                 } else {
-                    sync_round(&mut self.params, &mut refs, self.hyper.alpha);
+                    sync_round(&mut next, &mut refs, self.hyper.alpha);
                 }
                 for ((tx, norm), x) in meta.into_iter().zip(xs) {
                     replies.push((tx, norm, x));
@@ -354,31 +437,49 @@ impl Center {
                 let refs: Vec<&[f32]> = deltas.iter().map(Vec::as_slice).collect();
                 let mut mean = vec![0.0; self.params.len()];
                 mean_delta(&refs, &mut mean);
+                let mut v = self.velocity.clone();
                 outer_nesterov_step(
-                    &mut self.params,
-                    &mut self.velocity,
+                    &mut next,
+                    &mut v,
                     &mean,
                     &mut self.scratch,
                     DILOCO_OUTER_LR,
                     DILOCO_OUTER_MOMENTUM,
                 );
+                velocity = Some(v);
                 for p in round {
-                    replies.push((p.reply, p.norm, self.params.clone()));
+                    replies.push((p.reply, p.norm, next.clone()));
                 }
             }
             other => unreachable!("{other:?} has no rounds"),
         }
-        self.version += 1;
+        let committed = self.commit(next, velocity);
         for (tx, norm, payload) in replies {
             // A worker that left meanwhile simply does not get its reply.
-            let _ = tx.send(Ready {
+            let _ = tx.send(committed.clone().map(|()| Ready {
                 apply: Apply::Replace,
                 payload,
                 version: self.version,
                 norm,
-            });
+            }));
         }
     }
+}
+
+/// No NaN or ±∞ in `v` (eight lanes, so it vectorises; x · 0 is NaN exactly then).
+fn all_finite(v: &[f32]) -> bool {
+    let mut z = [0.0f32; 8];
+    let chunks = v.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for l in 0..8 {
+            z[l] += c[l] * 0.0;
+        }
+    }
+    for &x in tail {
+        z[0] += x * 0.0;
+    }
+    z.iter().sum::<f32>() == 0.0
 }
 
 fn check_finite(n: &Norms, values: &[f32]) -> Result<(), Rejection> {
@@ -413,6 +514,7 @@ mod tests {
             seen_version: 0,
             loss: 1.0,
             values,
+            progress: 0.0,
         }
     }
 
@@ -446,9 +548,10 @@ mod tests {
             10.0,
         );
         let before = c.params().to_vec();
-        // Far out of line with ‖x̃‖ = 2.
-        let err = c.offer(update(1, vec![1e6; 4]), 1).unwrap_err();
-        assert!(matches!(err, Rejection::OutOfLine { .. }), "{err:?}");
+        // Far out of line with ‖x̃‖ = 2 (no history yet: the bootstrap bound).
+        let mut far = update(1, vec![1e6; 4]);
+        far.progress = 2e6;
+        assert_eq!(c.offer(far, 1).unwrap_err(), Rejection::OutOfLine);
         // Not finite.
         let mut nan = vec![1.0; 4];
         nan[2] = f32::NAN;
@@ -471,6 +574,83 @@ mod tests {
             "{err:?}"
         );
         assert_eq!(c.params(), snapshot);
+    }
+
+    fn guarded(algorithm: Algorithm, params: Vec<f32>) -> Center {
+        Center::new(
+            algorithm,
+            params,
+            Vec::new(),
+            0,
+            hyper(0.25),
+            0.9,
+            1000,
+            10.0,
+        )
+    }
+
+    fn moved(session: u64, values: Vec<f32>, progress: f64) -> Update {
+        Update {
+            progress,
+            ..update(session, values)
+        }
+    }
+
+    #[test]
+    fn no_single_worker_sets_the_typical_progress() {
+        let mut c = guarded(Algorithm::Easgd, vec![1.0; 4]);
+        // An honest worker moves 0.01 each time; another raises its own figure step
+        // by step, each push just under 10× what the guard allowed before.
+        for _ in 0..HISTORY {
+            c.offer(moved(1, vec![1.0; 4], 0.01), 2).unwrap();
+        }
+        let mut push = 0.099;
+        let mut accepted = 0;
+        for _ in 0..20 {
+            if c.offer(moved(2, vec![1.0; 4], push), 2).is_ok() {
+                accepted += 1;
+                push *= 9.9;
+            }
+        }
+        assert_eq!(accepted, 1, "the bound stays 10× the honest figure");
+        assert!((c.guard.typical().unwrap() - 0.01).abs() < 1e-12);
+        // A third worker that barely moves cannot shut the honest one out alone:
+        // the middle of three figures counts.
+        for _ in 0..HISTORY {
+            c.offer(moved(3, vec![1.0; 4], 1e-9), 3).unwrap();
+        }
+        assert!(c.offer(moved(1, vec![1.0; 4], 0.02), 3).is_ok());
+        // Leaving takes a worker's figures with it.
+        c.leave_round(2, 2);
+        c.leave_round(3, 1);
+        assert!((c.guard.typical().unwrap() - 0.01).abs() < 1e-12);
+    }
+
+    #[test]
+    fn a_non_finite_progress_or_center_is_refused_and_nothing_changes() {
+        let mut c = guarded(Algorithm::Downpour, vec![3e38, 1.0]);
+        let before = c.params().to_vec();
+        let err = c.offer(moved(1, vec![0.0, 1.0], f64::NAN), 1).unwrap_err();
+        assert_eq!(err, Rejection::OutOfLine);
+        // A finite push whose sum overflows f32: refused, never stored.
+        let mut c = Center::new(
+            Algorithm::Downpour,
+            vec![3e38, 1.0],
+            Vec::new(),
+            0,
+            hyper(0.0),
+            0.9,
+            8,
+            1e30,
+        );
+        let err = c.offer(moved(1, vec![3e38, 0.0], 1.0), 1).unwrap_err();
+        assert_eq!(err, Rejection::CenterNonFinite);
+        assert_eq!((c.params(), c.version()), (&before[..], 0));
+        // A push of 3e38 everywhere from a center of ordinary size: out of line,
+        // however large the ratio (the norm is finite in f64, so is the bound).
+        let mut c = guarded(Algorithm::Downpour, vec![0.5; 4]);
+        let err = c.offer(moved(1, vec![3e38; 4], 6e38), 1).unwrap_err();
+        assert_eq!(err, Rejection::OutOfLine);
     }
 
     #[test]
@@ -522,8 +702,8 @@ mod tests {
         assert_eq!(arm_timer, None);
         // Same numbers as shared's hand-computed sync_round test.
         assert_eq!(c.params(), [1.5, 9.0]);
-        assert_eq!(r1.blocking_recv().unwrap().payload, [1.5, 10.0]);
-        assert_eq!(r2.blocking_recv().unwrap().payload, [3.0, 7.0]);
+        assert_eq!(r1.blocking_recv().unwrap().unwrap().payload, [1.5, 10.0]);
+        assert_eq!(r2.blocking_recv().unwrap().unwrap().payload, [3.0, 7.0]);
         assert_eq!(c.version(), 1);
     }
 
@@ -541,7 +721,7 @@ mod tests {
         assert_eq!(c.round_timed_out(arm_timer.unwrap()), 1);
         // One member: α = 1/1, the center becomes the worker's parameters.
         assert_eq!(c.params(), [1.0]);
-        assert_eq!(reply.blocking_recv().unwrap().version, 1);
+        assert_eq!(reply.blocking_recv().unwrap().unwrap().version, 1);
     }
 
     #[test]

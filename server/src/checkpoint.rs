@@ -9,8 +9,9 @@
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use safetensors::tensor::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tether_shared::algorithms::Algorithm;
@@ -24,6 +25,8 @@ use crate::workers::unix_now;
 const FORMAT: u32 = 1;
 /// The run's settings, next to its checkpoints.
 const SETTINGS_FILE: &str = "run.json";
+/// How every temp file of [`write_atomic`] ends.
+const TMP_SUFFIX: &str = ".tmp";
 
 /// What a checkpoint holds.
 #[derive(Clone, Debug, PartialEq)]
@@ -114,8 +117,12 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
 
 /// Writes `bytes` to `dir/name` crash-safely: a temp file is written and fsynced,
 /// renamed over the target, and the directory fsynced so the rename is durable.
+/// The temp name is unique to this process and call, so two writers can never
+/// interleave their bytes in one file (see [`clean`] for what a crash leaves).
 fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), CheckpointError> {
-    let tmp = dir.join(format!(".{name}.tmp"));
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let tmp = dir.join(format!(".{name}.{}-{n}{TMP_SUFFIX}", std::process::id()));
     let path = dir.join(name);
     let mut file = File::create(&tmp).map_err(io(&tmp))?;
     file.write_all(bytes).map_err(io(&tmp))?;
@@ -141,10 +148,7 @@ fn stem(version: u64) -> String {
 /// Returns the manifest's path.
 pub fn write(dir: &Path, snap: &Snapshot, keep: usize) -> Result<PathBuf, CheckpointError> {
     fs::create_dir_all(dir).map_err(io(dir))?;
-    let bytes = encode(snap).map_err(|e| CheckpointError::Io {
-        path: dir.to_path_buf(),
-        source: std::io::Error::other(e.to_string()),
-    })?;
+    let bytes = encode(snap);
     let file = format!("{}.safetensors", stem(snap.version));
     write_atomic(dir, &file, &bytes)?;
     let manifest = Manifest {
@@ -168,28 +172,72 @@ pub fn write(dir: &Path, snap: &Snapshot, keep: usize) -> Result<PathBuf, Checkp
 
 /// The safetensors bytes of a snapshot: tensor `center` (and `velocity` when the
 /// algorithm keeps server momentum), with run id, version and model as metadata.
-pub fn encode(snap: &Snapshot) -> Result<Vec<u8>, safetensors::SafeTensorError> {
-    let center = f32_bytes(&snap.params);
-    let velocity = f32_bytes(&snap.velocity);
-    let mut tensors = vec![(
-        "center",
-        TensorView::new(Dtype::F32, vec![snap.params.len()], &center).expect("sized to match"),
-    )];
+///
+/// Written here rather than by `safetensors::serialize`, whose metadata is a
+/// `HashMap` serialised in its random iteration order: the same snapshot must give
+/// the same bytes (and so the same SHA-256) every time.
+pub fn encode(snap: &Snapshot) -> Vec<u8> {
+    let mut tensors = vec![("center", &snap.params)];
     if !snap.velocity.is_empty() {
-        tensors.push((
-            "velocity",
-            TensorView::new(Dtype::F32, vec![snap.velocity.len()], &velocity)
-                .expect("sized to match"),
-        ));
+        tensors.push(("velocity", &snap.velocity));
     }
-    let metadata = [
-        ("run_id".to_string(), snap.run_id.clone()),
-        ("version".to_string(), snap.version.to_string()),
-        ("model".to_string(), snap.model.name().to_string()),
-    ]
-    .into_iter()
-    .collect();
-    safetensors::serialize(tensors, Some(metadata))
+    // serde_json's Map is ordered by key: the header is a function of the snapshot.
+    let mut header = serde_json::Map::new();
+    header.insert(
+        "__metadata__".into(),
+        serde_json::json!({
+            "run_id": snap.run_id,
+            "version": snap.version.to_string(),
+            "model": snap.model.name(),
+        }),
+    );
+    let mut offset = 0usize;
+    for (name, values) in &tensors {
+        let end = offset + values.len() * 4;
+        header.insert(
+            (*name).into(),
+            serde_json::json!({"dtype": "F32", "shape": [values.len()], "data_offsets": [offset, end]}),
+        );
+        offset = end;
+    }
+    let mut json = serde_json::to_vec(&header).expect("a JSON map serialises");
+    // The format pads the header with spaces so the data starts 8-byte aligned.
+    json.resize(json.len().div_ceil(8) * 8, b' ');
+    let mut bytes = Vec::with_capacity(8 + json.len() + offset);
+    bytes.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    bytes.extend_from_slice(&json);
+    for (_, values) in &tensors {
+        bytes.extend_from_slice(&f32_bytes(values));
+    }
+    bytes
+}
+
+/// Removes what an interrupted writer leaves in `dir`: temp files, and tensor files
+/// no manifest names (a crash between the tensor file and its manifest, or during a
+/// prune). Run once when a server takes the directory, before any writer starts.
+/// Returns the files removed.
+pub fn clean(dir: &Path) -> Result<Vec<PathBuf>, CheckpointError> {
+    let mut removed = Vec::new();
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Ok(removed); // nothing there yet
+    };
+    let named: Vec<String> = manifests(dir)?
+        .iter()
+        .map(|(v, _)| format!("{}.safetensors", stem(*v)))
+        .collect();
+    for entry in entries {
+        let path = entry.map_err(io(dir))?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let temp = name.starts_with('.') && name.ends_with(TMP_SUFFIX);
+        let orphan = name.starts_with("ckpt-")
+            && name.ends_with(".safetensors")
+            && !named.iter().any(|n| n == name);
+        if temp || orphan {
+            fs::remove_file(&path).map_err(io(&path))?;
+            removed.push(path);
+        }
+    }
+    Ok(removed)
 }
 
 /// Manifests in `dir`, newest version first.
@@ -224,7 +272,7 @@ fn prune(dir: &Path, keep: usize) -> Result<(), CheckpointError> {
 }
 
 /// Reads and verifies one checkpoint from its manifest.
-pub fn verify(manifest_path: &Path) -> Result<Snapshot, String> {
+pub fn verify(manifest_path: &Path) -> Result<(Snapshot, Manifest), String> {
     let text = fs::read(manifest_path).map_err(|e| format!("unreadable manifest: {e}"))?;
     let m: Manifest = serde_json::from_slice(&text).map_err(|e| format!("bad manifest: {e}"))?;
     if m.format != FORMAT {
@@ -277,23 +325,44 @@ pub fn verify(manifest_path: &Path) -> Result<Snapshot, String> {
     } else {
         Vec::new()
     };
-    Ok(Snapshot {
-        run_id: m.run_id,
+    let snapshot = Snapshot {
+        run_id: m.run_id.clone(),
         algorithm: m.algorithm,
         model: m.model,
         version: m.version,
         samples: m.samples,
         params,
         velocity,
-    })
+    };
+    Ok((snapshot, m))
+}
+
+/// What [`load_newest`] found.
+#[derive(Debug)]
+pub struct Newest {
+    /// The newest checkpoint that verifies.
+    pub snapshot: Snapshot,
+    /// Its manifest.
+    pub manifest: PathBuf,
+    /// When it was written, Unix seconds.
+    pub written_unix: f64,
+    /// The newer checkpoints skipped, each with why.
+    pub skipped: Vec<(PathBuf, String)>,
 }
 
 /// The newest checkpoint in `dir` that verifies, and the newer ones skipped (with why).
-pub fn load_newest(dir: &Path) -> Result<(Snapshot, Vec<(PathBuf, String)>), CheckpointError> {
+pub fn load_newest(dir: &Path) -> Result<Newest, CheckpointError> {
     let mut skipped = Vec::new();
     for (_, path) in manifests(dir)? {
         match verify(&path) {
-            Ok(snap) => return Ok((snap, skipped)),
+            Ok((snapshot, m)) => {
+                return Ok(Newest {
+                    snapshot,
+                    manifest: path,
+                    written_unix: m.written_unix,
+                    skipped,
+                });
+            }
             Err(why) => skipped.push((path, why)),
         }
     }
@@ -352,9 +421,9 @@ mod tests {
         for v in 1..=4 {
             write(&dir, &snap(v), 2).unwrap();
         }
-        let (loaded, skipped) = load_newest(&dir).unwrap();
-        assert_eq!(loaded, snap(4));
-        assert!(skipped.is_empty());
+        let newest = load_newest(&dir).unwrap();
+        assert_eq!(newest.snapshot, snap(4));
+        assert!(newest.skipped.is_empty());
         let versions: Vec<u64> = manifests(&dir).unwrap().iter().map(|m| m.0).collect();
         assert_eq!(versions, [4, 3]);
         assert_eq!(
@@ -375,7 +444,11 @@ mod tests {
         let last = bytes.len() - 1;
         bytes[last] ^= 0xff;
         fs::write(&file, bytes).unwrap();
-        let (loaded, skipped) = load_newest(&dir).unwrap();
+        let Newest {
+            snapshot: loaded,
+            skipped,
+            ..
+        } = load_newest(&dir).unwrap();
         assert_eq!(loaded.version, 1);
         assert_eq!(skipped.len(), 1);
         assert!(skipped[0].1.contains("checksum"), "{skipped:?}");
@@ -386,6 +459,57 @@ mod tests {
             err.contains("no valid checkpoint") && err.contains("checksum"),
             "{err}"
         );
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn the_same_snapshot_always_gives_the_same_bytes() {
+        let s = snap(3);
+        let first = encode(&s);
+        for _ in 0..20 {
+            assert_eq!(encode(&s), first, "metadata order must not vary");
+        }
+        // And it is a safetensors file the library reads back, metadata included.
+        let (_, meta) = SafeTensors::read_metadata(&first).unwrap();
+        let m = meta.metadata().as_ref().unwrap();
+        assert_eq!(m.get("version").map(String::as_str), Some("3"));
+        assert_eq!(m.get("model").map(String::as_str), Some("small"));
+        let st = SafeTensors::deserialize(&first).unwrap();
+        assert_eq!(st.tensor("velocity").unwrap().shape(), [s.velocity.len()]);
+    }
+
+    #[test]
+    fn clean_removes_temp_files_and_orphans_but_no_checkpoint() {
+        let dir = scratch("clean");
+        write(&dir, &snap(1), 5).unwrap();
+        write(&dir, &snap(2), 5).unwrap();
+        // What a writer killed mid-way leaves: a temp file, a tensor file whose
+        // manifest was never written.
+        fs::write(dir.join(".ckpt-000000000003.safetensors.77-0.tmp"), b"half").unwrap();
+        fs::write(dir.join(format!("{}.safetensors", stem(3))), b"no manifest").unwrap();
+        let removed = clean(&dir).unwrap();
+        assert_eq!(removed.len(), 2, "{removed:?}");
+        assert_eq!(
+            fs::read_dir(&dir).unwrap().count(),
+            4,
+            "two checkpoints stay"
+        );
+        assert_eq!(load_newest(&dir).unwrap().snapshot, snap(2));
+        assert!(clean(&dir.join("missing")).unwrap().is_empty());
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn concurrent_writers_never_share_a_temp_file() {
+        let dir = scratch("concurrent");
+        std::thread::scope(|scope| {
+            for _ in 0..8 {
+                scope.spawn(|| write(&dir, &snap(7), 5).unwrap());
+            }
+        });
+        let newest = load_newest(&dir).unwrap();
+        assert!(newest.skipped.is_empty(), "{:?}", newest.skipped);
+        assert_eq!(newest.snapshot, snap(7));
         fs::remove_dir_all(dir).unwrap();
     }
 

@@ -96,15 +96,21 @@ impl RunSettings {
     /// Checks every setting, so a bad flag fails before anything starts.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError(m));
-        if self.tau == 0 {
-            return bad("--tau must be at least 1".into());
+        if !(1..=MAX_TAU).contains(&self.tau) {
+            return bad(format!("--tau must be in 1..={MAX_TAU}, got {}", self.tau));
         }
-        if self.expected_workers == 0 {
-            return bad("--expected-workers must be at least 1".into());
+        if !(1..=MAX_EXPECTED_WORKERS).contains(&self.expected_workers) {
+            return bad(format!(
+                "--expected-workers must be in 1..={MAX_EXPECTED_WORKERS}, got {}",
+                self.expected_workers
+            ));
         }
         if has_elastic_force(self.algorithm) {
-            if !(self.alpha.is_finite() && self.alpha > 0.0 && self.alpha < 1.0) {
-                return bad(format!("--alpha must be in (0, 1), got {}", self.alpha));
+            if !(self.alpha.is_finite() && self.alpha > 0.0 && self.alpha <= MAX_ALPHA) {
+                return bad(format!(
+                    "--alpha must be in (0, {MAX_ALPHA}], got {}",
+                    self.alpha
+                ));
             }
         } else if self.alpha != 0.0 {
             return bad(format!(
@@ -112,8 +118,8 @@ impl RunSettings {
                 self.algorithm.name()
             ));
         }
-        if !(self.lr.is_finite() && self.lr > 0.0) {
-            return bad(format!("--lr must be a positive number, got {}", self.lr));
+        if !(self.lr.is_finite() && self.lr > 0.0 && self.lr <= MAX_LR) {
+            return bad(format!("--lr must be in (0, {MAX_LR}], got {}", self.lr));
         }
         if !(0.0..1.0).contains(&self.momentum) {
             return bad(format!(
@@ -127,12 +133,37 @@ impl RunSettings {
                 self.weight_decay
             ));
         }
-        if self.batch == 0 {
-            return bad("--batch must be at least 1".into());
+        if self.weight_decay > MAX_WEIGHT_DECAY {
+            return bad(format!(
+                "--weight-decay must be at most {MAX_WEIGHT_DECAY}, got {}",
+                self.weight_decay
+            ));
+        }
+        if !(1..=MAX_BATCH).contains(&self.batch) {
+            return bad(format!(
+                "--batch must be in 1..={MAX_BATCH}, got {}",
+                self.batch
+            ));
         }
         Ok(())
     }
 }
+
+/// The sane ranges of a run's settings, at start-up and for the operator's runtime
+/// changes alike. α above 0.99 leaves a worker no room to explore (every exchange
+/// moves it nearly onto the center); a learning rate above 10 diverges for every
+/// model here; a period longer than 10 000 steps is no longer a parallel run.
+pub const MAX_ALPHA: f32 = 0.99;
+/// See [`MAX_ALPHA`].
+pub const MAX_LR: f64 = 10.0;
+/// See [`MAX_ALPHA`].
+pub const MAX_TAU: u32 = 10_000;
+/// See [`MAX_ALPHA`].
+pub const MAX_BATCH: u32 = 65_536;
+/// See [`MAX_ALPHA`].
+pub const MAX_WEIGHT_DECAY: f64 = 1.0;
+/// See [`MAX_ALPHA`].
+pub const MAX_EXPECTED_WORKERS: u32 = 1_000_000;
 
 /// Whether `algorithm` exchanges through the elastic force α(xⁱ − x̃).
 pub fn has_elastic_force(algorithm: Algorithm) -> bool {
@@ -186,6 +217,9 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     /// A synchronous round waits this long for laggards, then goes on without them.
     pub barrier_timeout: Duration,
+    /// Longest one send to a client may take; a client that reads slower is dropped
+    /// (it never holds its seat, its task or its memory past this).
+    pub send_timeout: Duration,
     /// Largest accepted staleness (center versions since the worker's last look).
     pub max_staleness: u64,
     /// An update whose norm exceeds this multiple of the run's typical norm is rejected.
@@ -232,6 +266,7 @@ impl ServerConfig {
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             barrier_timeout: Duration::from_secs(30),
+            send_timeout: Duration::from_secs(30),
             max_staleness: 1024,
             max_update_ratio: 10.0,
             eval_every: Some(Duration::from_secs(15)),
@@ -319,6 +354,23 @@ mod tests {
             },
             RunSettings {
                 lr: -1.0,
+                ..ok.clone()
+            },
+            // Found by a probe of the operator's controls: both were accepted.
+            RunSettings {
+                lr: 1e308,
+                ..ok.clone()
+            },
+            RunSettings {
+                alpha: 0.999_999_9,
+                ..ok.clone()
+            },
+            RunSettings {
+                tau: u32::MAX,
+                ..ok.clone()
+            },
+            RunSettings {
+                weight_decay: 1e30,
                 ..ok.clone()
             },
             RunSettings {

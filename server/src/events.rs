@@ -148,7 +148,8 @@ async fn serve_feed(state: AppState, mut socket: WebSocket) {
         status: &status,
         ticks: &state.timeline.recorded(),
     };
-    if send(&mut socket, &hello).await.is_err() {
+    let limit = state.config.send_timeout;
+    if send(&mut socket, &hello, limit).await.is_err() {
         return;
     }
     loop {
@@ -159,7 +160,7 @@ async fn serve_feed(state: AppState, mut socket: WebSocket) {
                 Err(broadcast::error::RecvError::Closed) => return,
             },
             _ = stopped(&mut stop) => {
-                let _ = socket.send(Message::Close(None)).await;
+                let _ = tokio::time::timeout(limit, socket.send(Message::Close(None))).await;
                 return;
             }
             incoming = socket.recv() => match incoming {
@@ -177,13 +178,20 @@ async fn serve_feed(state: AppState, mut socket: WebSocket) {
             evals,
             status: &status,
         };
-        if send(&mut socket, &event).await.is_err() {
+        if send(&mut socket, &event, limit).await.is_err() {
             return;
         }
     }
 }
 
-async fn send(socket: &mut WebSocket, event: &Event<'_>) -> Result<(), axum::Error> {
+/// One event, within `limit`: a page that stops reading is dropped, not waited on.
+async fn send(
+    socket: &mut WebSocket,
+    event: &Event<'_>,
+    limit: std::time::Duration,
+) -> Result<(), axum::Error> {
     let text = serde_json::to_string(event).expect("events serialise");
-    socket.send(Message::Text(text.into())).await
+    tokio::time::timeout(limit, socket.send(Message::Text(text.into())))
+        .await
+        .unwrap_or_else(|_| Err(axum::Error::new("send timed out")))
 }

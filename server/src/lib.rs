@@ -164,8 +164,12 @@ impl Server {
                 .run_dir
                 .clone()
                 .ok_or_else(|| ServerError::Resume("--resume needs a run directory".into()))?;
-            let (snap, skipped) = checkpoint::load_newest(&dir)?;
-            for (path, why) in &skipped {
+            for path in checkpoint::clean(&dir)? {
+                tracing::info!("removed {} (left by an interrupted write)", path.display());
+            }
+            let newest = checkpoint::load_newest(&dir)?;
+            let snap = newest.snapshot;
+            for (path, why) in &newest.skipped {
                 tracing::warn!("skipped checkpoint {}: {why}", path.display());
             }
             if snap.model != run.model {
@@ -175,7 +179,13 @@ impl Server {
                     run.model.name()
                 )));
             }
-            tracing::info!(version = snap.version, dir = %dir.display(), "resumed from checkpoint");
+            tracing::info!(
+                "resumed run {}, checkpoint v{} ({}), {} old",
+                snap.run_id,
+                snap.version,
+                newest.manifest.display(),
+                age(newest.written_unix)
+            );
             (
                 snap.run_id,
                 dir,
@@ -352,6 +362,9 @@ pub async fn write_checkpoint(
     state: &AppState,
     force: bool,
 ) -> Result<Option<PathBuf>, ServerError> {
+    // Concurrent writers of one version would both write it; the second now finds
+    // it current below and writes nothing.
+    let _writer = state.checkpoint_writer.lock().await;
     let snap = state.snapshot();
     let last = state.last_checkpoint.lock().expect("lock").clone();
     if let Some((v, path)) = &last
@@ -371,6 +384,16 @@ pub async fn write_checkpoint(
     tracing::info!(version, path = %path.display(), "checkpoint written");
     *state.last_checkpoint.lock().expect("lock") = Some((version, path.clone()));
     Ok(Some(path))
+}
+
+/// How long ago a Unix time was, for people: "12 min", "3 h 5 min", "40 s".
+fn age(unix: f64) -> String {
+    let secs = (crate::workers::unix_now() - unix).max(0.0) as u64;
+    match secs {
+        0..60 => format!("{secs} s"),
+        60..3600 => format!("{} min", secs / 60),
+        _ => format!("{} h {} min", secs / 3600, secs / 60 % 60),
+    }
 }
 
 /// A run id from the UTC time and a little randomness: `20261123-084103-3fa9`.

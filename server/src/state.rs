@@ -65,6 +65,8 @@ pub struct RejectRecord {
 /// Rejections kept for the dashboard.
 const RECENT_REJECTS: usize = 50;
 
+/// Outstanding join tickets at most.
+pub const MAX_TICKETS: usize = 4096;
 /// How long a browser's join ticket is good for.
 pub const TICKET_LIFETIME: Duration = Duration::from_secs(300);
 
@@ -104,6 +106,9 @@ pub struct Shared {
     pub evals: Mutex<Vec<EvalPoint>>,
     /// The last checkpoint written or resumed from.
     pub last_checkpoint: Mutex<Option<(u64, PathBuf)>>,
+    /// Held by whoever writes a checkpoint (the periodic loop, the operator's
+    /// "checkpoint now", shutdown): one writer at a time.
+    pub checkpoint_writer: tokio::sync::Mutex<()>,
     /// When the server started.
     pub started: Instant,
     /// Runtime changes of τ, α, η, oldest first.
@@ -182,6 +187,7 @@ impl AppState {
             metrics: Metrics::default(),
             evals: Mutex::new(Vec::new()),
             last_checkpoint: Mutex::new(None),
+            checkpoint_writer: tokio::sync::Mutex::new(()),
             started: Instant::now(),
             stop,
             connections,
@@ -308,22 +314,28 @@ impl Shared {
         lock(&self.rejects).iter().cloned().collect()
     }
 
-    /// Issues a browser join ticket, good for [`TICKET_LIFETIME`].
-    pub fn issue_ticket(&self) -> String {
+    /// Issues a browser join ticket, good for one session within
+    /// [`TICKET_LIFETIME`]; `None` while [`MAX_TICKETS`] are outstanding (tickets
+    /// are handed out without credentials, so their memory is bounded).
+    pub fn issue_ticket(&self) -> Option<String> {
+        let mut tickets = lock(&self.tickets);
+        tickets.retain(|_, issued| issued.elapsed() < TICKET_LIFETIME);
+        if tickets.len() >= MAX_TICKETS {
+            return None;
+        }
         let ticket: String = secret_bytes::<16>()
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect();
-        let mut tickets = lock(&self.tickets);
-        tickets.retain(|_, issued| issued.elapsed() < TICKET_LIFETIME);
         tickets.insert(ticket.clone(), Instant::now());
-        ticket
+        Some(ticket)
     }
 
-    /// Whether `ticket` was issued here and has not expired.
-    pub fn ticket_valid(&self, ticket: &str) -> bool {
+    /// Uses up `ticket`: true if it was issued here, unused and unexpired. A ticket
+    /// opens one session; a page that reconnects asks for a new one.
+    pub fn redeem_ticket(&self, ticket: &str) -> bool {
         lock(&self.tickets)
-            .get(ticket)
+            .remove(ticket)
             .is_some_and(|issued| issued.elapsed() < TICKET_LIFETIME)
     }
 

@@ -241,8 +241,14 @@ pub async fn join(State(state): State<AppState>, headers: HeaderMap) -> Response
             "the server is shutting down",
         );
     }
+    let Some(ticket) = state.issue_ticket() else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many join tickets outstanding; try again in a minute",
+        );
+    };
     Json(Ticket {
-        ticket: state.issue_ticket(),
+        ticket,
         expires_in_s: TICKET_LIFETIME.as_secs(),
         data: state.data_id.clone(),
     })

@@ -5,10 +5,11 @@
 //! so its queue is the socket itself (bounded by TCP flow control), and the frame
 //! size limit is the model's size plus a header, not the library default.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::extract::ws::{Message as WsMessage, WebSocket};
-use tether_shared::algorithms::Algorithm;
+use tether_shared::algorithms::leader::leader_pull;
+use tether_shared::algorithms::{Algorithm, norms};
 use tether_shared::codec::{Encoding, Link, LinkError};
 use tether_shared::protocol::{
     self, Apply, DecodeError, Frame, Hello, Message, PROTOCOL_VERSION, Rejection, Reply,
@@ -26,7 +27,7 @@ pub async fn connection(state: AppState, mut socket: WebSocket, browser: bool) {
     let _guard = state.connection_guard();
     let mut stop = state.stop_signal();
     let Some(mut conn) = handshake(&state, &mut socket, browser).await else {
-        let _ = socket.send(WsMessage::Close(None)).await;
+        close(&state, socket).await;
         return;
     };
     tracing::info!(worker = conn.worker_id, "worker joined");
@@ -72,13 +73,24 @@ pub async fn connection(state: AppState, mut socket: WebSocket, browser: bool) {
         }
     };
     tracing::info!(worker = conn.worker_id, reason, "worker disconnected");
-    let _ = socket.send(WsMessage::Close(None)).await;
+    // Leave the registry (and any round) first: that must never wait on the network.
     let members = {
         let mut workers = state.workers();
         workers.leave(conn.session);
         workers.len()
     };
     state.center().leave_round(conn.session, members);
+    close(&state, socket).await;
+}
+
+/// Says goodbye, within the send timeout: a client that stopped reading does not
+/// keep this task (or its socket) alive.
+async fn close(state: &AppState, mut socket: WebSocket) {
+    let _ = tokio::time::timeout(
+        state.config.send_timeout,
+        socket.send(WsMessage::Close(None)),
+    )
+    .await;
 }
 
 /// Per-connection protocol state.
@@ -86,10 +98,14 @@ struct Conn {
     session: u64,
     worker_id: u32,
     last_seq: u64,
-    /// What this worker last received as its parameters, as it reconstructed them
-    /// (DOWNPOUR: the push is measured from it, computed here rather than trusted
-    /// from the worker).
-    pulled: Vec<f32>,
+    /// What this worker holds after its last accepted exchange, as it reconstructed
+    /// it (the welcome's center at first). Its next update's progress is measured
+    /// from here, and DOWNPOUR's push is computed from it rather than trusted from
+    /// the worker. Moves only when an update is accepted: a rejected jump never
+    /// becomes the place the next one is measured from.
+    anchor: Vec<f32>,
+    /// The xⁱ of the sync being answered (the anchor is computed from it).
+    sent: Vec<f32>,
     /// The session's payload encoding and its error-feedback state.
     link: Link,
 }
@@ -105,7 +121,8 @@ async fn handshake(state: &AppState, socket: &mut WebSocket, browser: bool) -> O
         session: 0,
         worker_id: u32::MAX,
         last_seq: 0,
-        pulled: Vec::new(),
+        anchor: Vec::new(),
+        sent: Vec::new(),
         link: Link::new(Encoding::F32, &[]),
     };
     let first = tokio::time::timeout(state.config.handshake_timeout, socket.recv()).await;
@@ -216,7 +233,7 @@ async fn handshake(state: &AppState, socket: &mut WebSocket, browser: bool) -> O
         return None;
     }
     conn.link = Link::new(encoding, &center);
-    conn.pulled = center;
+    conn.anchor = center;
     Some(conn)
 }
 
@@ -234,7 +251,7 @@ fn admit(state: &AppState, hello: &Hello, browser: bool) -> Result<(), Rejection
         if !hello
             .token
             .as_deref()
-            .is_some_and(|t| state.ticket_valid(t))
+            .is_some_and(|t| state.redeem_ticket(t))
         {
             return Err(Rejection::Unauthorized);
         }
@@ -297,9 +314,7 @@ async fn handle(
                     if send(state, conn, socket, bytes).await.is_err() {
                         return Step::Broken;
                     }
-                    if apply == Apply::Replace {
-                        conn.pulled = seen;
-                    }
+                    move_anchor(conn, apply, seen, state.spec.leader_pull);
                     state
                         .metrics
                         .observe_latency(arrived.elapsed().as_secs_f64());
@@ -373,11 +388,16 @@ async fn exchange(
             "non-finite figures in the sync header".into(),
         ));
     }
+    // f64 throughout; NaN when the values are not finite, which the center refuses
+    // (as NonFinite, checked before the progress).
+    let progress = norms(&values, &conn.anchor).distance;
+    conn.sent.clear();
+    conn.sent.extend_from_slice(&values);
     let values = match state.spec.algorithm {
         // The push is the worker's change since its last pull, computed here.
         Algorithm::Downpour | Algorithm::Mdownpour => values
             .iter()
-            .zip(&conn.pulled)
+            .zip(&conn.anchor)
             .map(|(x, p)| x - p)
             .collect(),
         _ => values,
@@ -396,6 +416,7 @@ async fn exchange(
         seen_version: sync.center_version,
         loss: sync.loss,
         values,
+        progress,
     };
     let members = state.workers().len();
     let outcome = state.center().offer(update, members)?;
@@ -419,12 +440,29 @@ async fn exchange(
                 });
             }
             tokio::select! {
-                r = reply => r.map_err(|_| Rejection::ShuttingDown)?,
+                r = reply => r.map_err(|_| Rejection::ShuttingDown)??,
                 _ = stop.wait_for(Option::is_some) => return Err(Rejection::ShuttingDown),
             }
         }
     };
     Ok((ready.apply, ready.payload, ready.version, ready.norm))
+}
+
+/// After an accepted exchange: where the worker now stands, as it will compute it
+/// from the reply it reconstructed (`seen`) and the xⁱ it sent.
+fn move_anchor(conn: &mut Conn, apply: Apply, seen: Vec<f32>, lambda: f32) {
+    match apply {
+        Apply::Replace => conn.anchor = seen,
+        Apply::Subtract => {
+            for ((a, x), d) in conn.anchor.iter_mut().zip(&conn.sent).zip(&seen) {
+                *a = x - d;
+            }
+        }
+        Apply::PullToward => {
+            conn.anchor.copy_from_slice(&conn.sent);
+            leader_pull(&mut conn.anchor, &seen, lambda);
+        }
+    }
 }
 
 fn record_sync(state: &AppState, conn: &Conn, sync: &Sync, version: u64, norm: f64) {
@@ -465,7 +503,7 @@ async fn send(
     let n = bytes.len() as u64;
     // A worker that stops reading must not hold a connection task forever.
     let sent = tokio::time::timeout(
-        Duration::from_secs(30),
+        state.config.send_timeout,
         socket.send(WsMessage::Binary(bytes.into())),
     )
     .await

@@ -24,7 +24,7 @@ use crate::data::Normalization;
 use crate::model::ModelKind;
 
 /// Version of this protocol. A hello with another version is rejected.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Bytes before the header: its length and the payload's length.
 pub const PREFIX_BYTES: usize = 8;
@@ -275,17 +275,20 @@ pub enum Rejection {
         /// The run's bound.
         bound: u64,
     },
-    /// The update's norm is far outside what this run's workers send.
-    #[error("update norm {norm:.3e} is out of line with the run (bound {bound:.3e})")]
-    OutOfLine {
-        /// ‖xⁱ − x̃‖ (or ‖push‖).
-        norm: f64,
-        /// The bound at the time.
-        bound: f64,
-    },
+    /// The worker moved far more since its last exchange than this run's workers
+    /// typically do. Says why, never the threshold: a client that learnt the bound
+    /// could send updates just under it.
+    #[error(
+        "update out of line: the worker moved much farther since its last exchange than \
+         this run's workers typically do"
+    )]
+    OutOfLine,
     /// The server is stopping and takes no more updates.
     #[error("server is shutting down")]
     ShuttingDown,
+    /// Applying the update would have left the center non-finite; nothing was written.
+    #[error("the update would make the center non-finite; it was not applied")]
+    CenterNonFinite,
 }
 
 impl Rejection {
@@ -303,8 +306,9 @@ impl Rejection {
             Self::FrameTooLarge { .. } => "frame_too_large",
             Self::Replayed { .. } => "replayed",
             Self::TooStale { .. } => "too_stale",
-            Self::OutOfLine { .. } => "out_of_line",
+            Self::OutOfLine => "out_of_line",
             Self::ShuttingDown => "shutting_down",
+            Self::CenterNonFinite => "center_non_finite",
         }
     }
 
@@ -312,7 +316,8 @@ impl Rejection {
     pub fn remedy(&self) -> Remedy {
         match self {
             Self::ShuttingDown | Self::ServerFull { .. } => Remedy::Reconnect,
-            Self::OutOfLine { .. }
+            Self::OutOfLine
+            | Self::CenterNonFinite
             | Self::TooStale { .. }
             | Self::NonFinite { .. }
             | Self::UnknownSession(_)
@@ -784,11 +789,9 @@ mod tests {
                 staleness: 9,
                 bound: 1,
             },
-            Rejection::OutOfLine {
-                norm: 1.0,
-                bound: 0.1,
-            },
+            Rejection::OutOfLine,
             Rejection::ShuttingDown,
+            Rejection::CenterNonFinite,
         ];
         let mut codes: Vec<&str> = all.iter().map(Rejection::code).collect();
         codes.sort_unstable();

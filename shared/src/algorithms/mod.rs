@@ -127,45 +127,46 @@ pub struct Norms {
 }
 
 /// Computes [`Norms`] of `x` against `c` (`c` empty: distance is ‖x‖, center 0).
-/// Eight f32 lanes per 1024-value block, each block summed into f64, so it
-/// vectorises and keeps precision on long vectors.
+/// Differences and squares are taken in f64 lanes: in f32 a value near 3e38 squares
+/// (or differs) to ∞, and a norm of ∞ must never enter a bound or be accepted.
 pub fn norms(x: &[f32], c: &[f32]) -> Norms {
     const LANES: usize = 8;
-    const BLOCK: usize = 1024;
     let centered = !c.is_empty();
     if centered {
         assert_same_len(x.len(), c.len());
     }
-    let (mut dist, mut cent, mut bad) = (0.0f64, 0.0f64, 0.0f32);
-    for (b, xb) in x.chunks(BLOCK).enumerate() {
-        let cb = if centered {
-            &c[b * BLOCK..b * BLOCK + xb.len()]
-        } else {
-            &[][..]
-        };
-        let (mut d, mut n, mut z) = ([0.0f32; LANES], [0.0f32; LANES], [0.0f32; LANES]);
-        let xs = xb.chunks_exact(LANES);
-        let tail = xs.remainder();
-        for (i, xl) in xs.enumerate() {
+    let (mut d, mut n, mut z) = ([0.0f64; LANES], [0.0f64; LANES], [0.0f32; LANES]);
+    let mut lane = |l: usize, xv: f32, cv: f32| {
+        let e = f64::from(xv) - f64::from(cv);
+        d[l] += e * e;
+        n[l] += f64::from(cv) * f64::from(cv);
+        z[l] += xv * 0.0; // NaN exactly when xv is NaN or ±∞
+    };
+    let zeros = [0.0f32; LANES];
+    let xs = x.chunks_exact(LANES);
+    let tail = xs.remainder();
+    let off = x.len() - tail.len();
+    if centered {
+        for (xl, cl) in xs.zip(c.chunks_exact(LANES)) {
             for l in 0..LANES {
-                let cv = if centered { cb[i * LANES + l] } else { 0.0 };
-                let e = xl[l] - cv;
-                d[l] += e * e;
-                n[l] += cv * cv;
-                z[l] += xl[l] * 0.0; // NaN exactly when xl[l] is NaN or ±∞
+                lane(l, xl[l], cl[l]);
             }
         }
-        let off = xb.len() - tail.len();
-        for (k, &xv) in tail.iter().enumerate() {
-            let cv = if centered { cb[off + k] } else { 0.0 };
-            d[0] += (xv - cv) * (xv - cv);
-            n[0] += cv * cv;
-            z[0] += xv * 0.0;
+    } else {
+        for xl in xs {
+            for l in 0..LANES {
+                lane(l, xl[l], zeros[l]);
+            }
         }
-        dist += d.iter().map(|&v| f64::from(v)).sum::<f64>();
-        cent += n.iter().map(|&v| f64::from(v)).sum::<f64>();
-        bad += z.iter().sum::<f32>();
     }
+    for (k, &xv) in tail.iter().enumerate() {
+        lane(0, xv, if centered { c[off + k] } else { 0.0 });
+    }
+    let (dist, cent, bad) = (
+        d.iter().sum::<f64>(),
+        n.iter().sum::<f64>(),
+        z.iter().sum::<f32>(),
+    );
     Norms {
         distance: dist.sqrt(),
         center: cent.sqrt(),
@@ -203,8 +204,15 @@ mod tests {
             y[17] = bad;
             assert!(!norms(&y, &c).finite);
         }
-        // Huge but finite values are finite (the square overflows, the check does not).
-        assert!(norms(&[3e38, -3e38], &[0.0, 0.0]).finite);
+        // Huge but finite values are finite, and their norm is finite too: a square
+        // or a difference that overflows f32 must not turn a bound into ∞.
+        let huge = norms(&[3e38, -3e38], &[-3e38, 3e38]);
+        assert!(huge.finite);
+        assert!(
+            huge.distance.is_finite() && huge.center.is_finite(),
+            "{huge:?}"
+        );
+        assert!((huge.distance / (6e38 * 2f64.sqrt()) - 1.0).abs() < 1e-6);
     }
 
     #[test]

@@ -298,7 +298,11 @@ async fn a_worker_rides_out_a_server_restart_and_keeps_its_training() -> Result<
 #[test]
 fn bad_serve_flags_fail_before_anything_starts() -> Result<()> {
     for (args, expect) in [
-        (vec!["serve", "--alpha", "1.5"], "--alpha must be in (0, 1)"),
+        (
+            vec!["serve", "--alpha", "1.5"],
+            "--alpha must be in (0, 0.99]",
+        ),
+        (vec!["serve", "--lr", "1e308"], "--lr must be in (0, 10]"),
         (
             vec!["serve", "--algorithm", "downpour", "--beta", "0.9"],
             "--beta applies to elastic",
@@ -315,6 +319,31 @@ fn bad_serve_flags_fail_before_anything_starts() -> Result<()> {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(expect), "{args:?}: {err}");
     }
+    // A port already taken: the serve fails and leaves no run behind.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = taken.local_addr()?.port().to_string();
+    let run_dir = scratch("lifecycle-port-taken")?.join("run");
+    let dir = run_dir.to_str().context("utf-8 path")?;
+    let args = [
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        &port,
+        "--run-dir",
+        dir,
+    ];
+    let out = Command::new(tether_bin()?).args(args).output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("listening on"),
+        "{err}"
+    );
+    assert!(
+        !run_dir.exists(),
+        "a failed serve left {}",
+        run_dir.display()
+    );
     Ok(())
 }
 

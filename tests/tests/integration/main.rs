@@ -3,6 +3,7 @@
 
 mod browser;
 mod cli;
+mod hardening;
 mod internet;
 mod lifecycle;
 mod protocol;

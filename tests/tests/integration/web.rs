@@ -167,6 +167,20 @@ async fn browsers_need_their_own_origin_and_a_ticket() -> Result<()> {
         }
     }
     assert_eq!(server.state.workers().len(), 0);
+    // A ticket opens one session: a second hello with it is refused.
+    let (used, _) = ticket(&server).await?;
+    for expected in [None, Some(Rejection::Unauthorized)] {
+        let mut client = RawClient::connect_from(&server.ws_url(), &origin(&server)).await?;
+        let mut h = hello();
+        h.kind = WorkerKind::Browser;
+        h.token = Some(used.clone());
+        client.send(&Message::Hello(h), &[]).await?;
+        match (client.recv().await?.message, &expected) {
+            (Message::Welcome(_), None) => {}
+            (Message::Reject { reason, .. }, Some(why)) => assert_eq!(&reason, why),
+            (other, _) => panic!("expected {expected:?}, got {other:?}"),
+        }
+    }
     // Shards are no open download: without a live session, or with a made-up
     // one, the training set is refused.
     let (_, data) = ticket(&server).await?;
@@ -298,6 +312,9 @@ async fn operator_controls_need_the_admin_token_and_take_effect() -> Result<()> 
         &br#"{"tau":0}"#[..],
         br#"{"alpha":1.5}"#,
         br#"{"lr":-1}"#,
+        br#"{"lr":1e308}"#,
+        br#"{"alpha":0.9999999}"#,
+        br#"{"tau":4000000000}"#,
         br#"{"tau":"x"}"#,
         br#"{"beta":1}"#,
     ] {
