@@ -103,9 +103,11 @@ struct NormGuard {
 
 impl NormGuard {
     fn typical(&self) -> Option<f64> {
-        let mut figures: Vec<f64> = self.recent.values().filter_map(median).collect();
-        figures.sort_by(f64::total_cmp);
-        figures.get(figures.len().saturating_sub(1) / 2).copied()
+        let figures = self
+            .recent
+            .values()
+            .filter_map(|h| lower_median(h.iter().copied()));
+        lower_median(figures)
     }
 
     fn bound(&self, center_norm: f64) -> f64 {
@@ -127,8 +129,9 @@ impl NormGuard {
     }
 }
 
-fn median(values: &VecDeque<f64>) -> Option<f64> {
-    let mut v: Vec<f64> = values.iter().copied().collect();
+/// The lower median (of two, the smaller): `None` when there is nothing.
+fn lower_median(values: impl Iterator<Item = f64>) -> Option<f64> {
+    let mut v: Vec<f64> = values.collect();
     v.sort_by(f64::total_cmp);
     v.get(v.len().saturating_sub(1) / 2).copied()
 }
