@@ -37,6 +37,10 @@ pub struct BenchServerArgs {
     /// Model whose size the updates have.
     #[arg(long, value_enum, default_value = "paper")]
     pub model: ModelArg,
+    /// The server's loss-screen batch (`serve --screen-batch`; 0: off). The bench's
+    /// updates are all held, so each costs one forward pass over the batch.
+    #[arg(long, default_value_t = 64)]
+    pub screen_batch: usize,
     /// Write the results here as JSON.
     #[arg(long)]
     pub report: Option<PathBuf>,
@@ -62,7 +66,11 @@ fn ws_config() -> WebSocketConfig {
 }
 
 /// A `tether serve` child process; its stdout names the address.
-fn spawn_server(model: ModelKind, dir: &std::path::Path) -> Result<(Child, SocketAddr)> {
+fn spawn_server(
+    model: ModelKind,
+    screen_batch: usize,
+    dir: &std::path::Path,
+) -> Result<(Child, SocketAddr)> {
     let mut child = Command::new(std::env::current_exe()?)
         .args([
             "serve",
@@ -86,6 +94,8 @@ fn spawn_server(model: ModelKind, dir: &std::path::Path) -> Result<(Child, Socke
             "1000000000",
             "--max-workers",
             "1024",
+            "--screen-batch",
+            &screen_batch.to_string(),
             "--run-dir",
         ])
         .arg(dir)
@@ -230,7 +240,7 @@ async fn echo_client(url: String, bytes: Vec<u8>, until: Instant) -> Result<u64>
 pub fn run_bench_server(args: BenchServerArgs) -> Result<()> {
     let model: ModelKind = args.model.into();
     let dir = std::env::temp_dir().join(format!("tether-bench-server-{}", std::process::id()));
-    let (mut child, addr) = spawn_server(model, &dir)?;
+    let (mut child, addr) = spawn_server(model, args.screen_batch, &dir)?;
     let result = runtime()?.block_on(async {
         let echo = echo_server().await?;
         let frame_len = protocol::encode(
@@ -316,6 +326,7 @@ pub fn run_bench_server(args: BenchServerArgs) -> Result<()> {
         }
         let report = serde_json::json!({
             "command": "bench server", "model": model.name(), "params": model.param_count(),
+            "screen_batch": args.screen_batch,
             "frame_bytes": frame_len, "seconds": args.seconds, "results": rows,
         });
         write_report(args.report.as_deref(), &report)

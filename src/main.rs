@@ -43,7 +43,7 @@ enum Command {
     ///
     /// With no flags: EAMSGD on the small model and the shipped data, port 8080,
     /// checkpoints every 60 s under ./runs/<run-id>/.
-    Serve(net::ServeArgs),
+    Serve(Box<net::ServeArgs>),
     /// Join a run as a native worker: trains its shard and syncs every τ steps;
     /// reconnects if the server goes away; Ctrl-C syncs once more and leaves.
     Work(net::WorkArgs),
@@ -243,7 +243,7 @@ fn main() -> Result<()> {
         .unwrap_or_else(|| Command::Demo(demo::DemoArgs::default()))
     {
         Command::Demo(args) => demo::run_demo(args),
-        Command::Serve(args) => net::run_serve(args),
+        Command::Serve(args) => net::run_serve(*args),
         Command::Work(args) => net::run_work(args),
         Command::Train(args) => run_train(args),
         Command::Sim(SimCommand::Stability(args)) => sim::run(&args),

@@ -189,9 +189,24 @@ pub struct ServeArgs {
     /// Largest staleness accepted (center versions).
     #[arg(long, default_value_t = 1024)]
     pub max_staleness: u64,
-    /// Reject updates whose norm exceeds this multiple of the run's typical norm.
+    /// Reject updates whose progress exceeds this multiple of the run's typical progress.
     #[arg(long, default_value_t = 10.0)]
     pub max_update_ratio: f64,
+    /// End the run once workers have reported this many training images in all
+    /// (then: final checkpoint, `report.json`, workers told the run finished).
+    #[arg(long)]
+    pub max_samples: Option<u64>,
+    /// End the run after this many seconds.
+    #[arg(long)]
+    pub max_time: Option<u64>,
+    /// End the run at the first evaluation whose test accuracy reaches this
+    /// fraction (0.85 = 85 %; needs --eval-every above 0).
+    #[arg(long)]
+    pub target_accuracy: Option<f64>,
+    /// Training images in the loss screen's secret batch: an update that would raise
+    /// the center's loss on it is answered but does not move the center (0: off).
+    #[arg(long, default_value_t = 64)]
+    pub screen_batch: usize,
     /// Seconds between evaluations of the center (0: never).
     #[arg(long, default_value_t = 15)]
     pub eval_every: u64,
@@ -269,6 +284,13 @@ impl ServeArgs {
         config.barrier_timeout = Duration::from_secs(self.barrier_timeout);
         config.max_staleness = self.max_staleness;
         config.max_update_ratio = self.max_update_ratio;
+        config.host_names.extend(self.tls_names.iter().cloned());
+        config.screen_batch = self.screen_batch;
+        config.finish = tether_server::Finish {
+            max_samples: self.max_samples,
+            max_time: self.max_time.map(Duration::from_secs),
+            target_accuracy: self.target_accuracy,
+        };
         config.eval_every = secs(self.eval_every);
         config.eval_limit = self.eval_limit.map(|n| n as usize);
         config.encoding = self.encoding;

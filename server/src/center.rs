@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use tether_shared::algorithms::downpour::apply_push;
-use tether_shared::algorithms::elastic::{average_round, center_pull_in_place, sync_round};
+use tether_shared::algorithms::elastic::{center_pull_in_place, sync_round};
 use tether_shared::algorithms::leader::LeaderBoard;
 use tether_shared::algorithms::outer::{
     DILOCO_OUTER_LR, DILOCO_OUTER_MOMENTUM, mean_delta, outer_nesterov_step,
@@ -65,6 +65,21 @@ pub struct Update {
     /// guard judges this, not ‖xⁱ − x̃‖: a worker's distance to the center grows when
     /// someone else drags the center away, its own progress does not.
     pub progress: f64,
+    /// The loss screen held this update ([`crate::screen`]): the worker gets its
+    /// reply as usual, but x̃ does not move toward it.
+    pub held: bool,
+}
+
+/// What the loss screen judges: the center an update would produce on its own,
+/// against the center it would be applied to.
+#[derive(Debug)]
+pub struct Proposal {
+    /// The center's version now.
+    pub base_version: u64,
+    /// x̃ now.
+    pub base: Vec<f32>,
+    /// x̃ after this update alone.
+    pub candidate: Vec<f32>,
 }
 
 /// What a round's member gets when the round closes.
@@ -74,6 +89,7 @@ struct Pending {
     worker_id: u32,
     session: u64,
     norm: f64,
+    held: bool,
     values: Vec<f32>,
     reply: oneshot::Sender<Reply>,
 }
@@ -237,9 +253,8 @@ impl Center {
         self.round.len()
     }
 
-    /// Offers an update. Checks staleness and the norm guard, then applies it (or
-    /// queues it for the round); on a rejection nothing changes.
-    pub fn offer(&mut self, mut update: Update, members: usize) -> Result<Outcome, Rejection> {
+    /// Checks staleness, finiteness and the norm guard; returns (‖update‖, ‖x̃‖).
+    fn check(&self, update: &Update) -> Result<(f64, f64), Rejection> {
         assert_eq!(
             update.values.len(),
             self.params.len(),
@@ -247,8 +262,7 @@ impl Center {
         );
         self.check_staleness(update.seen_version)?;
         // One pass: finiteness, ‖xⁱ − x̃‖ and ‖x̃‖ (DOWNPOUR: ‖push‖, then ‖x̃‖).
-        let pushes = matches!(self.algorithm, Algorithm::Downpour | Algorithm::Mdownpour);
-        let (norm, center_norm) = if pushes {
+        let (norm, center_norm) = if pushes(self.algorithm) {
             let n = norms(&update.values, &[]);
             check_finite(&n, &update.values)?;
             (n.distance, norms(&self.params, &[]).distance)
@@ -262,6 +276,59 @@ impl Center {
         if !update.progress.is_finite() || update.progress > bound {
             return Err(Rejection::OutOfLine);
         }
+        Ok((norm, center_norm))
+    }
+
+    /// What the loss screen should judge before `update` is offered: `None` when the
+    /// update would not move x̃ (an LSGD worker that does not lead). Runs every check
+    /// [`Center::offer`] runs, so a proposal is only made for an acceptable update.
+    pub fn propose(&self, update: &Update, members: usize) -> Result<Option<Proposal>, Rejection> {
+        self.check(update)?;
+        let weight = match self.algorithm {
+            Algorithm::Easgd | Algorithm::Eamsgd | Algorithm::EasgdSync => self.hyper.alpha,
+            // A member's share of the round's mean.
+            Algorithm::Average | Algorithm::Diloco => 1.0 / members.max(1) as f32,
+            Algorithm::Downpour | Algorithm::Mdownpour => 1.0,
+            Algorithm::Lsgd => {
+                if !self.would_lead(update.session, update.loss) {
+                    return Ok(None);
+                }
+                return Ok(Some(Proposal {
+                    base_version: self.version,
+                    base: self.params.clone(),
+                    candidate: update.values.clone(),
+                }));
+            }
+        };
+        let pushes = pushes(self.algorithm);
+        let candidate = self
+            .params
+            .iter()
+            .zip(&update.values)
+            .map(|(&c, &x)| if pushes { c + x } else { c + weight * (x - c) })
+            .collect();
+        Ok(Some(Proposal {
+            base_version: self.version,
+            base: self.params.clone(),
+            candidate,
+        }))
+    }
+
+    /// Whether LSGD would make this worker (with this loss) the leader.
+    fn would_lead(&self, session: u64, loss: f32) -> bool {
+        loss.is_finite()
+            && match self.leader.leader() {
+                Some((id, _)) if id == session => true,
+                Some((_, best)) => loss < best,
+                None => true,
+            }
+    }
+
+    /// Offers an update. Checks staleness and the norm guard, then applies it (or
+    /// queues it for the round); on a rejection nothing changes. A held update
+    /// ([`Update::held`]) gets its reply, but x̃ stays where it is.
+    pub fn offer(&mut self, mut update: Update, members: usize) -> Result<Outcome, Rejection> {
+        let (norm, _) = self.check(&update)?;
         let alpha = self.hyper.alpha;
         let (session, progress) = (update.session, update.progress);
         let ready = |apply, payload, version| {
@@ -272,13 +339,22 @@ impl Center {
                 norm,
             })
         };
+        let held = update.held;
         let outcome = match self.algorithm {
             Algorithm::Easgd | Algorithm::Eamsgd => {
-                // The update's buffer becomes the reply's: xⁱ in, d out.
+                // The update's buffer becomes the reply's: xⁱ in, d out. A held
+                // update's d is computed the same way, on a copy that is dropped.
                 let mut next = self.draft();
                 center_pull_in_place(&mut next, &mut update.values, alpha);
-                self.commit(next, None)?;
+                if held {
+                    self.spare = next;
+                } else {
+                    self.commit(next, None)?;
+                }
                 ready(Apply::Subtract, update.values, self.version)
+            }
+            Algorithm::Downpour | Algorithm::Mdownpour if held => {
+                ready(Apply::Replace, self.params.clone(), self.version)
             }
             Algorithm::Downpour => {
                 let mut next = self.draft();
@@ -300,7 +376,7 @@ impl Center {
                 ready(Apply::Replace, self.params.clone(), self.version)
             }
             Algorithm::Lsgd => {
-                if self.leader.offer(update.session, update.loss) {
+                if !held && self.leader.offer(update.session, update.loss) {
                     // The leader's own parameters (checked finite above) are the
                     // center LSGD evaluates.
                     self.params.copy_from_slice(&update.values);
@@ -315,6 +391,7 @@ impl Center {
                     worker_id: update.worker_id,
                     session: update.session,
                     norm,
+                    held,
                     values: update.values,
                     reply: tx,
                 });
@@ -326,7 +403,10 @@ impl Center {
                 }
             }
         };
-        self.guard.accept(session, progress);
+        // A held update's progress is no evidence of what honest progress looks like.
+        if !held {
+            self.guard.accept(session, progress);
+        }
         Ok(outcome)
     }
 
@@ -405,58 +485,75 @@ impl Center {
         self.round_id += 1;
         // Deterministic order: the center's sum does not depend on arrival order.
         round.sort_by_key(|p| p.worker_id);
+        // Held members are answered like the others but add nothing to x̃.
+        let counted = round.iter().filter(|p| !p.held).count();
         let mut next = self.draft();
         let mut replies: Vec<(oneshot::Sender<Reply>, f64, Vec<f32>)> = Vec::new();
         let mut velocity = None;
         match self.algorithm {
             Algorithm::EasgdSync | Algorithm::Average => {
-                let mut xs: Vec<Vec<f32>> = Vec::with_capacity(round.len());
-                let mut meta = Vec::with_capacity(round.len());
-                for p in round {
-                    xs.push(p.values);
-                    meta.push((p.reply, p.norm));
+                // Plain averaging is the elastic round with α = 1/p.
+                let alpha = match self.algorithm {
+                    Algorithm::Average => 1.0 / counted.max(1) as f32,
+                    _ => self.hyper.alpha,
+                };
+                let (mut counted, mut held): (Vec<Pending>, Vec<Pending>) =
+                    round.into_iter().partition(|p| !p.held);
+                let mut refs: Vec<&mut [f32]> = counted
+                    .iter_mut()
+                    .map(|p| p.values.as_mut_slice())
+                    .collect();
+                sync_round(&mut next, &mut refs, alpha);
+                if !held.is_empty() {
+                    // The same pull toward the old center, on a copy that is dropped.
+                    let mut old = self.params.clone();
+                    let mut refs: Vec<&mut [f32]> =
+                        held.iter_mut().map(|p| p.values.as_mut_slice()).collect();
+                    sync_round(&mut old, &mut refs, alpha);
                 }
-                let mut refs: Vec<&mut [f32]> = xs.iter_mut().map(|x| x.as_mut_slice()).collect();
-                if self.algorithm == Algorithm::Average {
-                    average_round(&mut next, &mut refs);
-                } else {
-                    sync_round(&mut next, &mut refs, self.hyper.alpha);
-                }
-                for ((tx, norm), x) in meta.into_iter().zip(xs) {
-                    replies.push((tx, norm, x));
+                for p in counted.into_iter().chain(held) {
+                    replies.push((p.reply, p.norm, p.values));
                 }
             }
             Algorithm::Diloco => {
-                let deltas: Vec<Vec<f32>> = round
-                    .iter()
-                    .map(|p| {
-                        p.values
-                            .iter()
-                            .zip(&self.params)
-                            .map(|(x, c)| x - c)
-                            .collect()
-                    })
-                    .collect();
-                let refs: Vec<&[f32]> = deltas.iter().map(Vec::as_slice).collect();
-                let mut mean = vec![0.0; self.params.len()];
-                mean_delta(&refs, &mut mean);
-                let mut v = self.velocity.clone();
-                outer_nesterov_step(
-                    &mut next,
-                    &mut v,
-                    &mean,
-                    &mut self.scratch,
-                    DILOCO_OUTER_LR,
-                    DILOCO_OUTER_MOMENTUM,
-                );
-                velocity = Some(v);
+                if counted > 0 {
+                    let deltas: Vec<Vec<f32>> = round
+                        .iter()
+                        .filter(|p| !p.held)
+                        .map(|p| {
+                            p.values
+                                .iter()
+                                .zip(&self.params)
+                                .map(|(x, c)| x - c)
+                                .collect()
+                        })
+                        .collect();
+                    let refs: Vec<&[f32]> = deltas.iter().map(Vec::as_slice).collect();
+                    let mut mean = vec![0.0; self.params.len()];
+                    mean_delta(&refs, &mut mean);
+                    let mut v = self.velocity.clone();
+                    outer_nesterov_step(
+                        &mut next,
+                        &mut v,
+                        &mean,
+                        &mut self.scratch,
+                        DILOCO_OUTER_LR,
+                        DILOCO_OUTER_MOMENTUM,
+                    );
+                    velocity = Some(v);
+                }
                 for p in round {
                     replies.push((p.reply, p.norm, next.clone()));
                 }
             }
             other => unreachable!("{other:?} has no rounds"),
         }
-        let committed = self.commit(next, velocity);
+        let committed = if counted > 0 {
+            self.commit(next, velocity)
+        } else {
+            self.spare = next;
+            Ok(())
+        };
         for (tx, norm, payload) in replies {
             // A worker that left meanwhile simply does not get its reply.
             let _ = tx.send(committed.clone().map(|()| Ready {
@@ -467,6 +564,11 @@ impl Center {
             }));
         }
     }
+}
+
+/// DOWNPOUR and MDOWNPOUR send pushes (xⁱ − the center last pulled), not xⁱ.
+fn pushes(algorithm: Algorithm) -> bool {
+    matches!(algorithm, Algorithm::Downpour | Algorithm::Mdownpour)
 }
 
 /// No NaN or ±∞ in `v` (eight lanes, so it vectorises; x · 0 is NaN exactly then).
@@ -518,6 +620,7 @@ mod tests {
             loss: 1.0,
             values,
             progress: 0.0,
+            held: false,
         }
     }
 
@@ -743,5 +846,63 @@ mod tests {
         let _b = c.offer(update(2, vec![1.5]), 2).unwrap();
         // Mean delta 1 → the hand-computed first DiLoCo step, 1.33.
         assert!((c.params()[0] - 1.33).abs() < 1e-6, "{:?}", c.params());
+    }
+
+    fn held(session: u64, values: Vec<f32>) -> Update {
+        Update {
+            held: true,
+            ..update(session, values)
+        }
+    }
+
+    #[test]
+    fn a_held_update_is_answered_but_leaves_the_center_alone() {
+        for algorithm in [
+            Algorithm::Easgd,
+            Algorithm::Downpour,
+            Algorithm::Mdownpour,
+            Algorithm::Lsgd,
+        ] {
+            let mut c = center(algorithm, vec![1.0, 2.0]);
+            let mut twin = center(algorithm, vec![1.0, 2.0]);
+            let r = ready(c.offer(held(1, vec![3.0, -2.0]), 1).unwrap());
+            assert_eq!(c.params(), [1.0, 2.0], "{algorithm:?}");
+            assert_eq!(c.version(), 0, "{algorithm:?}");
+            let plain = ready(twin.offer(update(1, vec![3.0, -2.0]), 1).unwrap());
+            if algorithm == Algorithm::Easgd {
+                // The same elastic difference as if it had been applied.
+                assert_eq!(r.payload, plain.payload);
+            } else {
+                // The worker is sent back to the unchanged center.
+                assert_eq!(r.payload, [1.0, 2.0], "{algorithm:?}");
+            }
+        }
+        // A held LSGD update does not make its sender the leader.
+        let mut c = center(Algorithm::Lsgd, vec![1.0, 2.0]);
+        c.offer(held(1, vec![3.0, -2.0]), 1).unwrap();
+        assert_eq!(c.leader(), None);
+    }
+
+    #[test]
+    fn a_held_round_member_is_answered_but_not_averaged_in() {
+        let mut c = center(Algorithm::Average, vec![0.0]);
+        let Outcome::Queued { reply: a, .. } = c.offer(update(1, vec![2.0]), 2).unwrap() else {
+            panic!("queued");
+        };
+        let Outcome::Queued { reply: b, .. } = c.offer(held(2, vec![100.0]), 2).unwrap() else {
+            panic!("queued");
+        };
+        // Only the counted member: α = 1/1, the center becomes its parameters.
+        assert_eq!(c.params(), [2.0]);
+        assert_eq!(a.blocking_recv().unwrap().unwrap().payload, [0.0]);
+        // The held member is pulled toward the old center by the same α.
+        assert_eq!(b.blocking_recv().unwrap().unwrap().payload, [0.0]);
+        // A round of held members only leaves the center and its version alone.
+        let mut c = center(Algorithm::EasgdSync, vec![1.0]);
+        let Outcome::Queued { reply, .. } = c.offer(held(1, vec![3.0]), 1).unwrap() else {
+            panic!("queued");
+        };
+        assert_eq!((c.params(), c.version()), (&[1.0][..], 0));
+        assert_eq!(reply.blocking_recv().unwrap().unwrap().payload, [2.5]);
     }
 }

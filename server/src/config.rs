@@ -164,6 +164,20 @@ pub const MAX_BATCH: u32 = 65_536;
 pub const MAX_WEIGHT_DECAY: f64 = 1.0;
 /// See [`MAX_ALPHA`].
 pub const MAX_EXPECTED_WORKERS: u32 = 1_000_000;
+/// When a run is over: the first of these that holds ends it (none set: it runs
+/// until stopped).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Finish {
+    /// Training images workers reported, in total.
+    pub max_samples: Option<u64>,
+    /// Time since the server started.
+    pub max_time: Option<Duration>,
+    /// Test accuracy of the center (0..1) at an evaluation.
+    pub target_accuracy: Option<f64>,
+}
+
+/// The largest loss-screen batch (one forward pass over it per update).
+pub const MAX_SCREEN_BATCH: usize = 8192;
 
 /// Whether `algorithm` exchanges through the elastic force α(xⁱ − x̃).
 pub fn has_elastic_force(algorithm: Algorithm) -> bool {
@@ -224,10 +238,15 @@ pub struct ServerConfig {
     pub max_staleness: u64,
     /// An update whose norm exceeds this multiple of the run's typical norm is rejected.
     pub max_update_ratio: f64,
+    /// Training images in the loss screen's secret batch ([`crate::screen`]); 0 turns
+    /// the screen off (every update that passes the norm guard moves x̃).
+    pub screen_batch: usize,
     /// Seconds between evaluations of the center (`None`: never in the background).
     pub eval_every: Option<Duration>,
     /// Evaluate on only the first N test images.
     pub eval_limit: Option<usize>,
+    /// When the run is over (`serve` then tells workers, checkpoints and reports).
+    pub finish: Finish,
     /// Time workers get to say goodbye at shutdown.
     pub drain_timeout: Duration,
     /// The payload encoding every session uses, when the operator forces one
@@ -235,6 +254,10 @@ pub struct ServerConfig {
     pub encoding: Option<Encoding>,
     /// Serve HTTPS/WSS with this configuration (`None`: plain HTTP).
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// The names this server answers to (besides its addresses): a page it serves
+    /// under another name is refused unless `allowed_origins` lists it (DNS
+    /// rebinding). Default: `localhost` and the host name.
+    pub host_names: Vec<String>,
 }
 
 /// The payload encoding a run uses unless the operator says otherwise. Every
@@ -269,11 +292,14 @@ impl ServerConfig {
             send_timeout: Duration::from_secs(30),
             max_staleness: 1024,
             max_update_ratio: 10.0,
+            screen_batch: 64,
             eval_every: Some(Duration::from_secs(15)),
             eval_limit: None,
             drain_timeout: Duration::from_secs(5),
             encoding: None,
             tls: None,
+            finish: Finish::default(),
+            host_names: crate::tls::host_names([0, 0, 0, 0].into(), &[]),
         }
     }
 
@@ -302,6 +328,22 @@ impl ServerConfig {
         }
         if !(self.max_update_ratio.is_finite() && self.max_update_ratio > 1.0) {
             return bad("--max-update-ratio must be above 1");
+        }
+        if self.finish.target_accuracy.is_some() && self.eval_every.is_none() {
+            return bad("--target-accuracy needs evaluations (--eval-every above 0)");
+        }
+        if self
+            .finish
+            .target_accuracy
+            .is_some_and(|a| !(a > 0.0 && a <= 1.0))
+        {
+            return bad("--target-accuracy must be a fraction in (0, 1]");
+        }
+        if self.finish.max_samples == Some(0) || self.finish.max_time.is_some_and(|t| t.is_zero()) {
+            return bad("--max-samples and --max-time must be above 0");
+        }
+        if self.screen_batch > MAX_SCREEN_BATCH {
+            return bad("--screen-batch must be at most 8192");
         }
         if self.checkpoint_every.is_some_and(|d| d.is_zero())
             || self.eval_every.is_some_and(|d| d.is_zero())

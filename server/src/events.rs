@@ -4,17 +4,20 @@
 //! each new tick with the current status. Pages never poll.
 
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::State;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use serde::Serialize;
 use tokio::sync::broadcast;
 
 use crate::state::{AppState, EvalPoint, Status};
+use crate::web::{check_origin, error};
 
 /// Seconds of history kept for pages that connect late (one tick a second).
 const KEPT_TICKS: usize = 3600;
@@ -44,13 +47,19 @@ pub struct Tick {
 pub struct Timeline {
     ticks: Mutex<VecDeque<Arc<Tick>>>,
     tx: broadcast::Sender<Arc<Tick>>,
+    /// Pages connected to the feed now.
+    subscribers: Arc<AtomicUsize>,
 }
+
+/// The most pages the feed serves at once (each costs a status a second).
+pub const MAX_SUBSCRIBERS: usize = 64;
 
 impl Default for Timeline {
     fn default() -> Self {
         Self {
             ticks: Mutex::new(VecDeque::new()),
             tx: broadcast::channel(16).0,
+            subscribers: Arc::new(AtomicUsize::new(0)),
         }
     }
 }
@@ -134,9 +143,38 @@ enum Event<'a> {
     },
 }
 
-/// `GET /api/events`: the live feed (JSON text messages).
-pub async fn feed(State(state): State<AppState>, ws: WebSocketUpgrade) -> Response {
-    ws.on_upgrade(move |socket| serve_feed(state, socket))
+/// `GET /api/events`: the live feed (JSON text messages), for pages of an allowed
+/// origin (or clients that are not browsers), at most [`MAX_SUBSCRIBERS`] at once.
+pub async fn feed(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    if let Err(refused) = check_origin(&state, &headers) {
+        return refused;
+    }
+    let count = state.timeline.subscribers.clone();
+    if count.fetch_add(1, SeqCst) >= MAX_SUBSCRIBERS {
+        count.fetch_sub(1, SeqCst);
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the live feed has as many pages as it serves; try again later",
+        );
+    }
+    let seat = Seat(count);
+    ws.on_upgrade(move |socket| async move {
+        serve_feed(state, socket).await;
+        drop(seat);
+    })
+}
+
+/// One page's place on the feed, given back however its task ends.
+struct Seat(Arc<AtomicUsize>);
+
+impl Drop for Seat {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, SeqCst);
+    }
 }
 
 async fn serve_feed(state: AppState, mut socket: WebSocket) {

@@ -12,6 +12,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod events;
 pub mod metrics;
+pub mod screen;
 pub mod state;
 pub mod tls;
 pub mod web;
@@ -38,7 +39,7 @@ use tokio::net::TcpListener;
 
 use crate::center::Center;
 use crate::checkpoint::CheckpointError;
-pub use crate::config::{ConfigError, RunSettings, ServerConfig};
+pub use crate::config::{ConfigError, Finish, RunSettings, ServerConfig};
 pub use crate::state::{AppState, EvalPoint, Status};
 use tether_dataset::{self as dataset, LoadError};
 
@@ -260,11 +261,18 @@ impl Server {
         let evaluator = spawn_evaluator(state.clone());
         let checkpointer = tokio::spawn(checkpoint_loop(state.clone()));
         let sampler = tokio::spawn(events::sampler(state.clone()));
+        let finisher = tokio::spawn(watch_finish(state.clone()));
         let signal_state = state.clone();
         let graceful = async move {
-            let reason = shutdown.await;
-            tracing::info!(?reason, "stopping: telling workers");
-            signal_state.stop(reason);
+            let mut ended = signal_state.stop_signal();
+            tokio::select! {
+                reason = shutdown => {
+                    tracing::info!(?reason, "stopping: telling workers");
+                    signal_state.stop(reason);
+                }
+                // The run finished on its own (watch_finish).
+                _ = ended.wait_for(Option::is_some) => {}
+            }
         };
         match state.config.tls.clone() {
             Some(tls) => {
@@ -288,8 +296,10 @@ impl Server {
         }
         checkpointer.abort();
         sampler.abort();
+        finisher.abort();
         let _ = evaluator.await;
         let checkpoint = write_checkpoint(&state, true).await?;
+        write_report(&state, checkpoint.as_deref()).await?;
         let m = &state.metrics;
         Ok(Summary {
             run_id: state.spec.run_id.clone(),
@@ -322,6 +332,7 @@ fn spawn_evaluator(state: AppState) -> tokio::task::JoinHandle<()> {
         };
         let mut stop = state.stop_signal();
         let mut last = None;
+        let mut syncs_then = (0.0, 0u64);
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(every) => {}
@@ -333,15 +344,138 @@ fn spawn_evaluator(state: AppState) -> tokio::task::JoinHandle<()> {
             }
             let s = state.clone();
             if let Ok(point) = tokio::task::spawn_blocking(move || s.evaluate_now()).await {
-                tracing::info!(
-                    version = point.version,
-                    accuracy = format!("{:.2}%", point.accuracy * 100.0),
-                    "center evaluated"
-                );
+                log_progress(&state, &point, &mut syncs_then);
                 last = Some(point.version);
+                if let Some(why) = finish_reason(&state) {
+                    finish(&state, why);
+                }
             }
         }
     })
+}
+
+/// One line per evaluation: where the run stands, and a warning when shards go
+/// untrained.
+fn log_progress(state: &AppState, point: &EvalPoint, then: &mut (f64, u64)) {
+    let syncs = state.metrics.syncs.load(Ordering::Relaxed);
+    let rate = (syncs - then.1) as f64 / (point.time_s - then.0).max(1e-9);
+    *then = (point.time_s, syncs);
+    let workers = state.workers().len();
+    tracing::info!(
+        samples = point.samples,
+        version = point.version,
+        accuracy = format!("{:.2}%", point.accuracy * 100.0),
+        workers,
+        syncs_per_s = format!("{rate:.1}"),
+        "center evaluated"
+    );
+    let shards = state.config.run.expected_workers as usize;
+    if workers < shards {
+        tracing::warn!(
+            workers,
+            shards,
+            "fewer workers than shards: {} shard(s) are not being trained",
+            shards - workers
+        );
+    }
+}
+
+/// Why the run is over now, if a finish condition holds.
+fn finish_reason(state: &AppState) -> Option<String> {
+    let f = state.config.finish;
+    let samples = state.metrics.samples.load(Ordering::Relaxed);
+    if let Some(max) = f.max_samples
+        && samples >= max
+    {
+        return Some(format!(
+            "{samples} training images reached --max-samples {max}"
+        ));
+    }
+    if let Some(max) = f.max_time
+        && state.started.elapsed() >= max
+    {
+        return Some(format!("--max-time {} s reached", max.as_secs()));
+    }
+    if let (Some(target), Some(e)) = (f.target_accuracy, state.latest_eval())
+        && e.accuracy >= target
+    {
+        return Some(format!(
+            "test accuracy {:.2} % reached --target-accuracy {:.2} %",
+            e.accuracy * 100.0,
+            target * 100.0
+        ));
+    }
+    None
+}
+
+/// Ends the run: workers are told it finished (they exit), then `serve` drains,
+/// checkpoints and writes the report.
+fn finish(state: &AppState, why: String) {
+    tracing::info!("run finished: {why}");
+    state
+        .finished
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get_or_insert(why);
+    state.stop(StopReason::Finished);
+}
+
+/// Checks the sample and time limits once a second (accuracy is checked after each
+/// evaluation).
+async fn watch_finish(state: AppState) {
+    let f = state.config.finish;
+    if f.max_samples.is_none() && f.max_time.is_none() {
+        return;
+    }
+    let mut every = tokio::time::interval(Duration::from_millis(250));
+    while !state.stopping() {
+        every.tick().await;
+        if let Some(why) = finish_reason(&state) {
+            finish(&state, why);
+        }
+    }
+}
+
+/// `report.json` in the run directory: how the run ended and what it reached.
+async fn write_report(
+    state: &AppState,
+    checkpoint: Option<&std::path::Path>,
+) -> Result<(), ServerError> {
+    let m = &state.metrics;
+    let finished = state
+        .finished
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    // A finished run is scored once more, on the center it ends with.
+    let eval = if finished.is_some() && state.config.eval_every.is_some() {
+        let s = state.clone();
+        tokio::task::spawn_blocking(move || s.evaluate_now())
+            .await
+            .ok()
+    } else {
+        state.latest_eval()
+    };
+    let report = serde_json::json!({
+        "run_id": state.spec.run_id,
+        "algorithm": state.spec.algorithm.name(),
+        "model": state.spec.model.name(),
+        "finished": finished.is_some(),
+        "reason": finished.unwrap_or_else(|| "stopped by the operator".into()),
+        "time_s": state.now_s(),
+        "center_version": state.center().version(),
+        "samples": m.samples.load(Ordering::Relaxed),
+        "syncs": m.syncs.load(Ordering::Relaxed),
+        "held": m.held.load(Ordering::Relaxed),
+        "rejects": m.rejects(),
+        "evaluation": eval,
+        "checkpoint": checkpoint,
+    });
+    let path = state.run_dir.join("report.json");
+    let text = serde_json::to_vec_pretty(&report).expect("the report serialises");
+    std::fs::write(&path, text)?; // small, once, at the very end
+    tracing::info!(path = %path.display(), "report written");
+    Ok(())
 }
 
 async fn checkpoint_loop(state: AppState) {

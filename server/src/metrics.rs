@@ -16,6 +16,8 @@ pub const LATENCY_BUCKETS: [f64; 12] = [
 pub struct Metrics {
     /// Accepted syncs.
     pub syncs: AtomicU64,
+    /// Accepted syncs the loss screen held (x̃ did not move).
+    pub held: AtomicU64,
     /// Bytes received on worker sockets.
     pub bytes_in: AtomicU64,
     /// Bytes sent on worker sockets.
@@ -100,6 +102,12 @@ impl Metrics {
             "counter",
             "Accepted synchronisations.",
             load(&self.syncs),
+        );
+        metric(
+            "tether_held_total",
+            "counter",
+            "Synchronisations the loss screen held: answered, but the center did not move.",
+            load(&self.held),
         );
         metric(
             "tether_bytes_in_total",

@@ -21,6 +21,7 @@ use crate::checkpoint::Snapshot;
 use crate::config::{RunSettings, ServerConfig};
 use crate::events::Timeline;
 use crate::metrics::Metrics;
+use crate::screen::Screen;
 use crate::workers::{WorkerStatus, Workers};
 
 /// One evaluation of the center on the test set.
@@ -98,6 +99,8 @@ pub struct Shared {
     pub test: ImageSet,
     /// The center: the single writer of x̃.
     pub center: Mutex<Center>,
+    /// The loss screen, unless `--screen-batch 0`.
+    pub screen: Option<Arc<Screen>>,
     /// Connected workers.
     pub workers: Mutex<Workers>,
     /// Counters and the latency histogram.
@@ -111,6 +114,8 @@ pub struct Shared {
     pub checkpoint_writer: tokio::sync::Mutex<()>,
     /// When the server started.
     pub started: Instant,
+    /// Why the run ended, once a `--max-*` / `--target-accuracy` condition held.
+    pub finished: Mutex<Option<String>>,
     /// Runtime changes of τ, α, η, oldest first.
     pub changes: Mutex<Vec<HyperChange>>,
     /// Once-a-second samples for the dashboard.
@@ -142,6 +147,21 @@ pub fn secret_bytes<const N: usize>() -> [u8; N] {
     bytes
 }
 
+/// At most `max` characters of a client-supplied `text` (cut with "…"): whatever a
+/// client names itself or provokes in a rejection ends up in every status and
+/// dashboard push, so its size must not be the client's choice.
+pub fn clip(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        None => text.to_string(),
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+    }
+}
+
+/// The longest device or backend name kept for a worker.
+pub const MAX_NAME_CHARS: usize = 80;
+/// The longest rejection text kept for the dashboard.
+pub const MAX_REASON_CHARS: usize = 240;
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding one of these locks is a bug; the data (plain vectors
     // and counters) stays usable, so the server keeps serving rather than cascading.
@@ -170,7 +190,16 @@ impl AppState {
         let (stop, _) = watch::channel(None);
         let (connections, _) = watch::channel(0);
         let (paused, _) = watch::channel(false);
+        let screen = (config.screen_batch > 0).then(|| {
+            Arc::new(Screen::new(
+                spec.model,
+                spec.normalization,
+                train.clone(),
+                config.screen_batch,
+            ))
+        });
         Self(Arc::new(Shared {
+            screen,
             config,
             spec,
             run_dir,
@@ -178,6 +207,7 @@ impl AppState {
             train,
             test,
             changes: Mutex::new(Vec::new()),
+            finished: Mutex::new(None),
             timeline: Timeline::default(),
             rejects: Mutex::new(VecDeque::new()),
             tickets: Mutex::new(HashMap::new()),
@@ -305,7 +335,7 @@ impl Shared {
             time_s: self.now_s(),
             worker,
             code,
-            reason,
+            reason: clip(&reason, MAX_REASON_CHARS),
         });
     }
 

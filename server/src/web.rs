@@ -168,7 +168,8 @@ pub fn error(status: StatusCode, message: impl Into<String>) -> Response {
         .into_response()
 }
 
-/// Checks a browser request's Origin against the Host it was sent to and the
+/// Checks a browser request's Origin against the Host it was sent to (which must be
+/// one of the server's own names or an address, see [`own_host`]) and the
 /// operator's allowed origins. `Ok(true)`: a browser from an allowed origin;
 /// `Ok(false)`: no Origin header (not a browser: native workers, curl).
 #[allow(clippy::result_large_err)] // the error is the response itself, sent once
@@ -185,7 +186,9 @@ pub fn check_origin(state: &AppState, headers: &HeaderMap) -> Result<bool, Respo
         .strip_prefix("http://")
         .or_else(|| origin.strip_prefix("https://"))
         .unwrap_or("");
-    let allowed = (!host.is_empty() && authority == host)
+    let allowed = (!host.is_empty()
+        && authority.eq_ignore_ascii_case(host)
+        && own_host(&state.config.host_names, host))
         || state.config.allowed_origins.iter().any(|o| o == origin);
     if allowed {
         Ok(true)
@@ -198,6 +201,18 @@ pub fn check_origin(state: &AppState, headers: &HeaderMap) -> Result<bool, Respo
             ),
         ))
     }
+}
+
+/// Whether `authority` (host[:port]) names this server: an IP literal, or one of
+/// its own names. A page whose Origin equals its Host is not enough: a DNS-rebinding
+/// page (its name re-pointed at this server) has exactly that, but under a name
+/// this server does not know.
+fn own_host(names: &[String], authority: &str) -> bool {
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    host.parse::<std::net::IpAddr>().is_ok() || names.iter().any(|n| n.eq_ignore_ascii_case(host))
 }
 
 /// The answer to `POST /api/join`.

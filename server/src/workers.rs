@@ -7,6 +7,8 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use tether_shared::protocol::{Hello, Shard, WorkerKind};
 
+use crate::state::{MAX_NAME_CHARS, clip};
+
 /// One connected worker.
 #[derive(Clone, Debug)]
 pub struct Worker {
@@ -30,6 +32,8 @@ pub struct Worker {
     pub syncs: u64,
     /// Rejected frames.
     pub rejects: u64,
+    /// Syncs the loss screen held (answered, but x̃ did not move).
+    pub held: u64,
     /// Training images it reported.
     pub samples: u64,
     /// Training images in its last sync (τ × batch: shows a runtime τ change arrived).
@@ -67,6 +71,8 @@ pub struct WorkerStatus {
     pub syncs: u64,
     /// Rejected frames.
     pub rejects: u64,
+    /// Syncs the loss screen held.
+    pub held: u64,
     /// Training images reported.
     pub samples: u64,
     /// Training images in its last sync.
@@ -122,8 +128,8 @@ impl Workers {
             id,
             session,
             kind: hello.kind,
-            backend: hello.backend.clone(),
-            device: hello.device.clone(),
+            backend: clip(&hello.backend, MAX_NAME_CHARS),
+            device: clip(&hello.device, MAX_NAME_CHARS),
             shard: Shard {
                 index,
                 count: shards,
@@ -133,6 +139,7 @@ impl Workers {
             last_seen: Instant::now(),
             syncs: 0,
             rejects: 0,
+            held: 0,
             samples: 0,
             last_samples: 0,
             samples_per_s: 0.0,
@@ -171,6 +178,7 @@ impl Workers {
                 shard: format!("{}/{}", w.shard.index, w.shard.count),
                 syncs: w.syncs,
                 rejects: w.rejects,
+                held: w.held,
                 samples: w.samples,
                 last_samples: w.last_samples,
                 samples_per_s: w.samples_per_s,

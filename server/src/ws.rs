@@ -16,8 +16,9 @@ use tether_shared::protocol::{
     StopReason, Sync, Welcome, WorkerKind,
 };
 
-use crate::center::{Outcome, Update};
+use crate::center::{Outcome, Ready, Update};
 use crate::config::has_elastic_force;
+use crate::screen::Verdict;
 use crate::state::AppState;
 
 /// Serves one worker until it leaves, goes silent, breaks the protocol beyond
@@ -299,7 +300,15 @@ async fn handle(
         Message::Sync(sync) => {
             let seq = sync.seq;
             match exchange(state, conn, sync, frame.encoding, frame.payload, stop).await {
-                Ok((apply, payload, version, norm)) => {
+                Ok((
+                    Ready {
+                        apply,
+                        payload,
+                        version,
+                        norm,
+                    },
+                    held,
+                )) => {
                     let reply = Message::Reply(Reply {
                         seq,
                         center_version: version,
@@ -318,7 +327,7 @@ async fn handle(
                     state
                         .metrics
                         .observe_latency(arrived.elapsed().as_secs_f64());
-                    record_sync(state, conn, &sync, version, norm);
+                    record_sync(state, conn, &sync, version, norm, held);
                     Step::Continue
                 }
                 Err(why) => reject(state, conn, socket, Some(seq), why).await,
@@ -344,7 +353,8 @@ async fn handle(
 }
 
 /// Validates a sync and hands it to the center; waits for the round if the
-/// algorithm is synchronous. Returns (apply, payload, new version, norm).
+/// algorithm is synchronous. Returns the reply, and whether the loss screen held
+/// the update.
 async fn exchange(
     state: &AppState,
     conn: &mut Conn,
@@ -352,7 +362,7 @@ async fn exchange(
     encoding: Encoding,
     values: Vec<f32>,
     stop: &mut tokio::sync::watch::Receiver<Option<StopReason>>,
-) -> Result<(Apply, Vec<f32>, u64, f64), Rejection> {
+) -> Result<(Ready, bool), Rejection> {
     if sync.session != conn.session {
         return Err(Rejection::UnknownSession(sync.session));
     }
@@ -410,16 +420,31 @@ async fn exchange(
             _ = stop.wait_for(Option::is_some) => return Err(Rejection::ShuttingDown),
         }
     }
-    let update = Update {
+    let mut update = Update {
         session: conn.session,
         worker_id: conn.worker_id,
         seen_version: sync.center_version,
         loss: sync.loss,
         values,
         progress,
+        held: false,
     };
     let members = state.workers().len();
+    let verdict = screen(state, &update, members).await?;
+    let held = verdict.is_some_and(|(v, _)| !v.passes());
+    update.held = held;
     let outcome = state.center().offer(update, members)?;
+    if let (Some((verdict, base)), Outcome::Ready(r)) = (verdict, &outcome) {
+        // The candidate is the center now iff this update was the only change since
+        // (MDOWNPOUR's center also carries server momentum: not the candidate).
+        if verdict.passes()
+            && r.version == base + 1
+            && state.spec.algorithm != Algorithm::Mdownpour
+            && let Some(s) = &state.screen
+        {
+            s.settled(&verdict, r.version);
+        }
+    }
     conn.last_seq = sync.seq;
     let ready = match outcome {
         Outcome::Ready(r) => r,
@@ -445,7 +470,29 @@ async fn exchange(
             }
         }
     };
-    Ok((ready.apply, ready.payload, ready.version, ready.norm))
+    Ok((ready, held))
+}
+
+/// Runs the loss screen on what `update` would make of x̃ (off the center's lock, on
+/// a blocking thread); `None` when the screen is off or the update would not move
+/// x̃. Returns the verdict and the center version it was judged against.
+async fn screen(
+    state: &AppState,
+    update: &Update,
+    members: usize,
+) -> Result<Option<(Verdict, u64)>, Rejection> {
+    let Some(screen) = state.screen.clone() else {
+        return Ok(None);
+    };
+    let Some(p) = state.center().propose(update, members)? else {
+        return Ok(None);
+    };
+    let base = p.base_version;
+    let verdict =
+        tokio::task::spawn_blocking(move || screen.judge(p.base_version, &p.base, &p.candidate))
+            .await
+            .map_err(|_| Rejection::ShuttingDown)?;
+    Ok(Some((verdict, base)))
 }
 
 /// After an accepted exchange: where the worker now stands, as it will compute it
@@ -465,12 +512,14 @@ fn move_anchor(conn: &mut Conn, apply: Apply, seen: Vec<f32>, lambda: f32) {
     }
 }
 
-fn record_sync(state: &AppState, conn: &Conn, sync: &Sync, version: u64, norm: f64) {
+fn record_sync(state: &AppState, conn: &Conn, sync: &Sync, version: u64, norm: f64, held: bool) {
     use std::sync::atomic::Ordering::Relaxed;
     state.metrics.syncs.fetch_add(1, Relaxed);
+    state.metrics.held.fetch_add(u64::from(held), Relaxed);
     state.metrics.samples.fetch_add(sync.samples, Relaxed);
     if let Some(w) = state.workers().get_mut(conn.session) {
         w.syncs += 1;
+        w.held += u64::from(held);
         w.samples += sync.samples;
         w.last_samples = sync.samples;
         w.samples_per_s = f64::from(sync.samples_per_s);

@@ -239,6 +239,55 @@ async fn external_workers_join_die_and_the_server_resumes_from_its_checkpoint() 
     Ok(())
 }
 
+/// `serve --max-samples` ends the run as an operator expects: the worker is told the
+/// run finished and exits by itself, the server exits too, after a final
+/// checkpoint and `report.json` saying why it ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_with_a_sample_budget_finishes_and_reports() -> Result<()> {
+    let dir = scratch("lifecycle-finish")?.join("run");
+    // τ 2 × batch 32: the budget is reached after about ten syncs.
+    let mut serve = Serve::start(
+        &dir,
+        &["--tau", "2", "--batch", "32", "--max-samples", "640"],
+    )?;
+    let worker = work(serve.addr, None)?; // no --steps: it trains until told
+    let out = worker.wait_with_output()?;
+    let worker_log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{worker_log}");
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = serve.child.try_wait()? {
+            break s;
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            bail!("the server did not exit after the run finished");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let log: Vec<String> = serve.stderr.try_iter().collect();
+    let log = log.join("\n");
+    assert!(status.success(), "{log}");
+    assert!(log.contains("run finished"), "{log}");
+    let run = std::fs::read_dir(&dir)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.join("report.json").exists())
+        .unwrap_or_else(|| dir.clone());
+    let report = tether_tests::read_json(&run.join("report.json"))?;
+    assert_eq!(report["finished"], true, "{report}");
+    assert!(report["samples"].as_u64() >= Some(640), "{report}");
+    assert!(
+        report["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("--max-samples"),
+        "{report}"
+    );
+    let version = report["center_version"].as_u64().context("version")?;
+    assert_eq!(newest_manifest_version(&run)?, version, "final checkpoint");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_rides_out_a_server_restart_and_keeps_its_training() -> Result<()> {
     let scratch_dir = scratch("restart")?;

@@ -14,8 +14,11 @@ use tether_shared::protocol::{
 use tether_tests::net::{RawClient, TestServer, hello, http_get, sync};
 use tether_tests::scratch;
 
+/// These tests hold the server to the update rules bit for bit, with crafted
+/// updates: the loss screen (on by default, tested in `hardening.rs`) is off.
 fn config(name: &str, run: RunSettings) -> Result<ServerConfig> {
     let mut c = ServerConfig::new(run);
+    c.screen_batch = 0;
     c.eval_every = None;
     c.checkpoint_every = None;
     c.run_dir = Some(scratch(name)?);
