@@ -314,14 +314,11 @@ impl Center {
         }))
     }
 
-    /// Whether LSGD would make this worker (with this loss) the leader.
+    /// Whether LSGD would make this worker (with this loss) the leader: the board's
+    /// own rule, tried on a copy.
     fn would_lead(&self, session: u64, loss: f32) -> bool {
-        loss.is_finite()
-            && match self.leader.leader() {
-                Some((id, _)) if id == session => true,
-                Some((_, best)) => loss < best,
-                None => true,
-            }
+        let mut board = self.leader;
+        board.offer(session, loss)
     }
 
     /// Offers an update. Checks staleness and the norm guard, then applies it (or
@@ -497,12 +494,10 @@ impl Center {
                     Algorithm::Average => 1.0 / counted.max(1) as f32,
                     _ => self.hyper.alpha,
                 };
-                let (mut counted, mut held): (Vec<Pending>, Vec<Pending>) =
+                let (mut kept, mut held): (Vec<Pending>, Vec<Pending>) =
                     round.into_iter().partition(|p| !p.held);
-                let mut refs: Vec<&mut [f32]> = counted
-                    .iter_mut()
-                    .map(|p| p.values.as_mut_slice())
-                    .collect();
+                let mut refs: Vec<&mut [f32]> =
+                    kept.iter_mut().map(|p| p.values.as_mut_slice()).collect();
                 sync_round(&mut next, &mut refs, alpha);
                 if !held.is_empty() {
                     // The same pull toward the old center, on a copy that is dropped.
@@ -511,7 +506,7 @@ impl Center {
                         held.iter_mut().map(|p| p.values.as_mut_slice()).collect();
                     sync_round(&mut old, &mut refs, alpha);
                 }
-                for p in counted.into_iter().chain(held) {
+                for p in kept.into_iter().chain(held) {
                     replies.push((p.reply, p.norm, p.values));
                 }
             }

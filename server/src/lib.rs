@@ -347,7 +347,7 @@ fn spawn_evaluator(state: AppState) -> tokio::task::JoinHandle<()> {
                 log_progress(&state, &point, &mut syncs_then);
                 last = Some(point.version);
                 if let Some(why) = finish_reason(&state) {
-                    finish(&state, why);
+                    state.finish(why);
                 }
             }
         }
@@ -408,20 +408,8 @@ fn finish_reason(state: &AppState) -> Option<String> {
     None
 }
 
-/// Ends the run: workers are told it finished (they exit), then `serve` drains,
-/// checkpoints and writes the report.
-fn finish(state: &AppState, why: String) {
-    tracing::info!("run finished: {why}");
-    state
-        .finished
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get_or_insert(why);
-    state.stop(StopReason::Finished);
-}
-
-/// Checks the sample and time limits once a second (accuracy is checked after each
-/// evaluation).
+/// Checks the sample and time limits four times a second (accuracy is checked after
+/// each evaluation); once one holds, `serve` drains, checkpoints and reports.
 async fn watch_finish(state: AppState) {
     let f = state.config.finish;
     if f.max_samples.is_none() && f.max_time.is_none() {
@@ -431,7 +419,7 @@ async fn watch_finish(state: AppState) {
     while !state.stopping() {
         every.tick().await;
         if let Some(why) = finish_reason(&state) {
-            finish(&state, why);
+            state.finish(why);
         }
     }
 }
@@ -442,13 +430,12 @@ async fn write_report(
     checkpoint: Option<&std::path::Path>,
 ) -> Result<(), ServerError> {
     let m = &state.metrics;
-    let finished = state
-        .finished
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
-    // A finished run is scored once more, on the center it ends with.
-    let eval = if finished.is_some() && state.config.eval_every.is_some() {
+    let finished = state.finished();
+    // A finished run is scored on the center it ends with (unless that one was
+    // the last evaluated).
+    let version = state.center().version();
+    let current = state.latest_eval().filter(|e| e.version == version);
+    let eval = if current.is_none() && finished.is_some() && state.config.eval_every.is_some() {
         let s = state.clone();
         tokio::task::spawn_blocking(move || s.evaluate_now())
             .await
@@ -463,7 +450,7 @@ async fn write_report(
         "finished": finished.is_some(),
         "reason": finished.unwrap_or_else(|| "stopped by the operator".into()),
         "time_s": state.now_s(),
-        "center_version": state.center().version(),
+        "center_version": version,
         "samples": m.samples.load(Ordering::Relaxed),
         "syncs": m.syncs.load(Ordering::Relaxed),
         "held": m.held.load(Ordering::Relaxed),

@@ -114,13 +114,13 @@ pub struct Shared {
     pub checkpoint_writer: tokio::sync::Mutex<()>,
     /// When the server started.
     pub started: Instant,
-    /// Why the run ended, once a `--max-*` / `--target-accuracy` condition held.
-    pub finished: Mutex<Option<String>>,
     /// Runtime changes of τ, α, η, oldest first.
     pub changes: Mutex<Vec<HyperChange>>,
     /// Once-a-second samples for the dashboard.
     pub timeline: Timeline,
     rejects: Mutex<VecDeque<RejectRecord>>,
+    /// Why the run ended, once a `--max-*` / `--target-accuracy` condition held.
+    finished: Mutex<Option<String>>,
     tickets: Mutex<HashMap<String, Instant>>,
     paused: watch::Sender<bool>,
     stop: watch::Sender<Option<StopReason>>,
@@ -323,6 +323,19 @@ impl Shared {
         tracing::info!(?before, ?after, "hyper-parameters changed by the operator");
         lock(&self.changes).push(change);
         change
+    }
+
+    /// Ends the run because `why` (the first reason given is kept): workers are told
+    /// it finished.
+    pub fn finish(&self, why: String) {
+        tracing::info!("run finished: {why}");
+        lock(&self.finished).get_or_insert(why);
+        self.stop(StopReason::Finished);
+    }
+
+    /// Why the run finished, if it did (rather than being stopped).
+    pub fn finished(&self) -> Option<String> {
+        lock(&self.finished).clone()
     }
 
     /// Keeps a rejection for the dashboard (the newest [`RECENT_REJECTS`]).

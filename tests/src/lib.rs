@@ -107,7 +107,8 @@ pub mod net {
 
     use anyhow::{Context, Result, bail};
     use futures_util::{SinkExt, StreamExt};
-    use tether_server::{AppState, Server, ServerConfig, Summary};
+    use tether_server::{AppState, RunSettings, Server, ServerConfig, Summary};
+    use tether_shared::algorithms::Algorithm;
     use tether_shared::protocol::{
         self, Frame, Hello, Message, PROTOCOL_VERSION, Sync, WorkerKind,
     };
@@ -115,6 +116,21 @@ pub mod net {
     use tokio::sync::oneshot;
     use tokio::task::JoinHandle;
     use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+    /// A quick in-process run of `algorithm`: τ 4, batch 32, no background
+    /// evaluation or checkpoints, evaluations on 2 000 test images, its own run
+    /// directory `name` under the scratch folder.
+    pub fn quick_config(name: &str, algorithm: Algorithm) -> Result<ServerConfig> {
+        let mut run = RunSettings::defaults(algorithm);
+        run.tau = 4;
+        run.batch = 32;
+        let mut c = ServerConfig::new(run);
+        c.eval_every = None;
+        c.eval_limit = Some(2000);
+        c.checkpoint_every = None;
+        c.run_dir = Some(super::scratch(name)?);
+        Ok(c)
+    }
 
     /// A server running in this process on 127.0.0.1:0.
     pub struct TestServer {

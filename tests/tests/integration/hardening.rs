@@ -6,28 +6,15 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use tether_server::{RunSettings, ServerConfig, checkpoint};
+use tether_server::checkpoint;
 use tether_shared::algorithms::Algorithm;
 use tether_shared::protocol::{Apply, Message, Sync};
-use tether_tests::net::{RawClient, TestServer, hello, http, sync};
-use tether_tests::scratch;
+use tether_tests::net::{RawClient, TestServer, hello, http, quick_config, sync};
 use tether_worker::backend::BackendChoice;
 use tether_worker::client::{self, WorkConfig, WorkReport};
 use tokio::sync::watch;
 
 const ADMIN: &str = "hardening-admin";
-
-fn config(name: &str, algorithm: Algorithm) -> Result<ServerConfig> {
-    let mut run = RunSettings::defaults(algorithm);
-    run.tau = 4;
-    run.batch = 32;
-    let mut c = ServerConfig::new(run);
-    c.eval_every = None;
-    c.eval_limit = Some(2000);
-    c.checkpoint_every = None;
-    c.run_dir = Some(scratch(name)?);
-    Ok(c)
-}
 
 /// Polls `check` every 50 ms for up to `within`.
 async fn eventually(within: Duration, mut check: impl FnMut() -> bool) -> bool {
@@ -46,7 +33,7 @@ async fn eventually(within: Duration, mut check: impl FnMut() -> bool) -> bool {
 /// the server waited forever on the goodbye frame it sent, holding the seat.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_loses_its_seat() -> Result<()> {
-    let mut cfg = config("hardening-slow-reader", Algorithm::Easgd)?;
+    let mut cfg = quick_config("hardening-slow-reader", Algorithm::Easgd)?;
     cfg.max_workers = 1;
     cfg.send_timeout = Duration::from_secs(1);
     cfg.idle_timeout = Duration::from_secs(600); // the send timeout must do it alone
@@ -81,7 +68,7 @@ async fn a_client_that_stops_reading_loses_its_seat() -> Result<()> {
 /// temp file: most manifests failed their own SHA-256 and calls failed with 500.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_checkpoint_triggers_leave_only_valid_checkpoints() -> Result<()> {
-    let mut cfg = config("hardening-checkpoints", Algorithm::Easgd)?;
+    let mut cfg = quick_config("hardening-checkpoints", Algorithm::Easgd)?;
     cfg.admin_token = Some(ADMIN.into());
     cfg.keep_checkpoints = 100;
     let dir = cfg.run_dir.clone().context("run dir")?;
@@ -126,7 +113,7 @@ async fn concurrent_checkpoint_triggers_leave_only_valid_checkpoints() -> Result
 /// flipped the center before). Returns the center's test accuracy, the pushes
 /// answered and refused, and the syncs the loss screen held.
 async fn poisoned_run(name: &str, steps: u64, attack: u32) -> Result<(f64, u32, u32, u64)> {
-    let mut cfg = config(name, Algorithm::Eamsgd)?;
+    let mut cfg = quick_config(name, Algorithm::Eamsgd)?;
     cfg.run.tau = 4;
     cfg.run.batch = 64;
     cfg.run.expected_workers = 4;
@@ -207,7 +194,7 @@ fn sync_fields(session: u64) -> Sync {
 /// along −x̃: 88 % → 9 %) is refused now, and leaves the center bit-identical.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_push_that_flipped_the_center_is_refused() -> Result<()> {
-    let server = TestServer::start(config("hardening-flip", Algorithm::Eamsgd)?).await?;
+    let server = TestServer::start(quick_config("hardening-flip", Algorithm::Eamsgd)?).await?;
     let mut w = WorkConfig::new(server.ws_url());
     w.backend = BackendChoice::Cpu;
     w.max_steps = Some(40);
@@ -301,7 +288,7 @@ async fn status_with_host(
 /// was enough. The server's own address and names still work.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebinding_page_gets_no_ticket_and_no_feed() -> Result<()> {
-    let server = TestServer::start(config("hardening-rebinding", Algorithm::Easgd)?).await?;
+    let server = TestServer::start(quick_config("hardening-rebinding", Algorithm::Easgd)?).await?;
     let port = server.addr.port();
     let evil = format!("rebound.example:{port}");
     let evil_origin = format!("http://{evil}");
@@ -323,7 +310,7 @@ async fn a_rebinding_page_gets_no_ticket_and_no_feed() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_live_feed_serves_at_most_its_cap() -> Result<()> {
     use tether_server::events::MAX_SUBSCRIBERS;
-    let server = TestServer::start(config("hardening-feed", Algorithm::Easgd)?).await?;
+    let server = TestServer::start(quick_config("hardening-feed", Algorithm::Easgd)?).await?;
     let url = format!("ws://{}/api/events", server.addr);
     let mut pages = Vec::new();
     for _ in 0..MAX_SUBSCRIBERS {
@@ -354,7 +341,7 @@ async fn the_live_feed_serves_at_most_its_cap() -> Result<()> {
 /// fix the longest name a hello carries went into every status push to every page.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_huge_device_name_is_clipped_in_the_status() -> Result<()> {
-    let server = TestServer::start(config("hardening-names", Algorithm::Easgd)?).await?;
+    let server = TestServer::start(quick_config("hardening-names", Algorithm::Easgd)?).await?;
     let mut h = hello();
     // As long as the protocol's header limit allows.
     h.device = "x".repeat(tether_shared::protocol::MAX_HEADER_BYTES - 256);

@@ -12,28 +12,14 @@ use burn::tensor::Device;
 use tether_client_wasm::volunteer::{Event, Volunteer};
 use tether_dataset::ShardCache;
 use tether_server::tls;
-use tether_server::{RunSettings, ServerConfig};
 use tether_shared::algorithms::Algorithm;
 use tether_shared::codec::Encoding;
-use tether_tests::net::{RawClient, TestServer, http};
+use tether_tests::net::{RawClient, TestServer, http, quick_config};
 use tether_tests::scratch;
 use tether_worker::backend::BackendChoice;
 use tether_worker::client::{self, WorkConfig, WorkError, WorkReport};
 use tether_worker::connect::ConnectError;
 use tokio::sync::watch;
-
-fn config(name: &str, algorithm: Algorithm) -> Result<ServerConfig> {
-    let mut run = RunSettings::defaults(algorithm);
-    run.tau = 4;
-    run.batch = 32;
-    run.expected_workers = 4;
-    let mut c = ServerConfig::new(run);
-    c.eval_every = None;
-    c.eval_limit = Some(2000);
-    c.checkpoint_every = None;
-    c.run_dir = Some(scratch(name)?);
-    Ok(c)
-}
 
 /// A worker that has only the URL, a certificate to trust and a cache folder.
 fn url_only(url: &str, ca: &Path, cache: &Path, steps: u64) -> WorkConfig {
@@ -56,7 +42,7 @@ async fn work(w: WorkConfig) -> Result<WorkReport, WorkError> {
 async fn a_url_only_worker_trains_over_tls_with_compressed_overlapped_syncs() -> Result<()> {
     let dir = scratch("internet-tls")?;
     let cert = tls::self_signed(&dir.join("tls"), &["localhost".into(), "127.0.0.1".into()])?;
-    let mut cfg = config("internet-tls-run", Algorithm::Eamsgd)?;
+    let mut cfg = quick_config("internet-tls-run", Algorithm::Eamsgd)?;
     cfg.tls = Some(cert.config.clone());
     let server = TestServer::start(cfg).await?;
     let url = format!("wss://localhost:{}", server.addr.port());
@@ -157,7 +143,7 @@ async fn a_worker_that_never_reaches_the_server_gives_up_with_the_reason() -> Re
 /// train one center together; it learns.
 #[tokio::test]
 async fn a_mixed_run_of_f32_q8_and_browser_workers_converges() -> Result<()> {
-    let server = TestServer::start(config("internet-mixed", Algorithm::Eamsgd)?).await?;
+    let server = TestServer::start(quick_config("internet-mixed", Algorithm::Eamsgd)?).await?;
     let train = Arc::new(tether_dataset::load(None)?.1.train);
     let native = |encodings: Vec<Encoding>| {
         let mut w = WorkConfig::new(server.ws_url());
