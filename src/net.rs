@@ -180,6 +180,17 @@ pub struct ServeArgs {
     /// Cap on connected workers.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_workers: u32,
+    /// Cap on open connections of every kind (pages, live feeds, workers).
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_connections: u64,
+    /// Cap on open connections from one IPv4 address or IPv6 /64 (a lab behind one
+    /// NAT needs about two per browser tab).
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections_per_address: u64,
+    /// Seconds an HTTP request gets to arrive and be answered (and a kept-alive
+    /// connection may sit idle).
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..))]
+    pub request_timeout: u64,
     /// Seconds of silence after which a worker is dropped.
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     pub idle_timeout: u64,
@@ -196,7 +207,7 @@ pub struct ServeArgs {
     /// (then: final checkpoint, `report.json`, workers told the run finished).
     #[arg(long)]
     pub max_samples: Option<u64>,
-    /// End the run after this many seconds.
+    /// End the run after this many seconds of serving (counted across resumes).
     #[arg(long)]
     pub max_time: Option<u64>,
     /// End the run at the first evaluation whose test accuracy reaches this
@@ -280,6 +291,9 @@ impl ServeArgs {
         config.worker_token = self.worker_token.clone();
         config.allowed_origins = self.allow_origins.clone();
         config.max_workers = self.max_workers;
+        config.max_connections = self.max_connections as usize;
+        config.max_connections_per_address = self.max_connections_per_address as usize;
+        config.request_timeout = Duration::from_secs(self.request_timeout);
         config.idle_timeout = Duration::from_secs(self.idle_timeout);
         config.barrier_timeout = Duration::from_secs(self.barrier_timeout);
         config.max_staleness = self.max_staleness;

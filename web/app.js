@@ -6,7 +6,7 @@ const $ = (id) => document.getElementById(id);
 const MAX_TICKS = 3600;
 const COLORS = ['#2563eb', '#dc2626', '#16a34a', '#9333ea', '#ea580c', '#0891b2', '#be185d', '#4d7c0f', '#7c3aed', '#b45309'];
 
-const state = { ticks: [], evals: [], changes: [], status: null, connected: false, volunteerMounted: false };
+const state = { ticks: [], evals: [], changes: [], resumes: [], status: null, connected: false, volunteerMounted: false };
 const charts = {};
 
 // ---------- formatting ----------
@@ -26,7 +26,8 @@ function duration(s) {
 const esc = (s) => String(s).replace(/[&<>"]/g, (c) => ({ '&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;' }[c]));
 
 // ---------- charts ----------
-/// Dashed vertical lines where the operator changed τ, α or η.
+/// Dashed vertical lines where the operator changed τ, α or η, solid ones where the
+/// run was resumed from a checkpoint.
 const changeMarkers = () => ({
   hooks: {
     draw: [(u) => {
@@ -47,6 +48,17 @@ const changeMarkers = () => ({
         ctx.stroke();
         ctx.fillText(`τ${c.after.tau} α${c.after.alpha} η${c.after.lr}`, x + 4 * devicePixelRatio, bbox.top + 12 * devicePixelRatio);
       }
+      ctx.strokeStyle = ctx.fillStyle = '#6d28d9';
+      ctx.setLineDash([]);
+      for (const r of state.resumes) {
+        const x = u.valToPos(r.time_s, 'x', true);
+        if (x < bbox.left || x > bbox.left + bbox.width) continue;
+        ctx.beginPath();
+        ctx.moveTo(x, bbox.top);
+        ctx.lineTo(x, bbox.top + bbox.height);
+        ctx.stroke();
+        ctx.fillText(`resumed v${r.version}`, x + 4 * devicePixelRatio, bbox.top + 26 * devicePixelRatio);
+      }
       ctx.restore();
     }],
   },
@@ -65,7 +77,7 @@ function makeChart(id, series, axes, data, xLabel = 'time') {
     ...size(el),
     scales: { x: { time: false } },
     series: [{ label: xLabel, value: (u, v) => (v === null ? '–' : xLabel === 'time' ? `${fmt(v)} s` : human(v)) }, ...series],
-    axes: [{ label: xLabel === 'time' ? 'seconds since start' : 'training samples', values: (u, vals) => vals.map(human) }, ...axes],
+    axes: [{ label: xLabel === 'time' ? 'run time (s)' : 'training samples', values: (u, vals) => vals.map(human) }, ...axes],
     legend: { live: true },
     cursor: { drag: { x: true, y: false } },
     plugins: [changeMarkers()],
@@ -155,6 +167,7 @@ window.addEventListener('resize', () => {
 function renderStatus(s) {
   state.status = s;
   state.changes = s.changes || [];
+  state.resumes = s.resumes || [];
   $('run-id').textContent = `run ${s.run_id}`;
   const pill = $('run-state');
   const label = s.stopping ? 'stopping' : s.paused ? 'paused' : 'running';

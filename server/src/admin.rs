@@ -67,7 +67,7 @@ pub async fn set_hyper(
     }
     let Json(patch) = match body {
         Ok(b) => b,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+        Err(e) => return error(e.status(), e.body_text()),
     };
     let now = state.center().hyper();
     let after = Hyper {

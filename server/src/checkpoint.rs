@@ -19,6 +19,7 @@ use tether_shared::model::ModelKind;
 use thiserror::Error;
 
 use crate::config::RunSettings;
+use crate::state::{EvalPoint, HyperChange};
 use crate::workers::unix_now;
 
 /// The manifest's format version.
@@ -45,6 +46,32 @@ pub struct Snapshot {
     pub params: Vec<f32>,
     /// Server-side momentum (empty when the algorithm has none).
     pub velocity: Vec<f32>,
+    /// What the dashboard shows of the run so far.
+    pub history: History,
+}
+
+/// The dashboard's record of a run, kept with each checkpoint so a resumed run
+/// shows its whole past: the evaluation timeline and the event markers. Times are
+/// run time: seconds served, counted across resumes.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct History {
+    /// Run time when the checkpoint was taken.
+    pub run_time_s: f64,
+    /// Every evaluation of the center, oldest first.
+    pub evals: Vec<EvalPoint>,
+    /// The operator's runtime changes of τ, α, η.
+    pub changes: Vec<HyperChange>,
+    /// Where the run was resumed.
+    pub resumes: Vec<Resumed>,
+}
+
+/// A resume, for the dashboard's markers.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Resumed {
+    /// Run time at the resume (the checkpoint's).
+    pub time_s: f64,
+    /// The center version resumed from.
+    pub version: u64,
 }
 
 /// The JSON next to each tensor file.
@@ -70,6 +97,9 @@ pub struct Manifest {
     pub sha256: String,
     /// When it was written, Unix seconds.
     pub written_unix: f64,
+    /// The dashboard's history up to this checkpoint (absent in older manifests).
+    #[serde(default)]
+    pub history: History,
 }
 
 /// A checkpoint could not be written or none could be loaded.
@@ -162,6 +192,7 @@ pub fn write(dir: &Path, snap: &Snapshot, keep: usize) -> Result<PathBuf, Checkp
         bytes: bytes.len() as u64,
         sha256: hex(&Sha256::digest(&bytes)),
         written_unix: unix_now(),
+        history: snap.history.clone(),
     };
     let name = format!("{}.json", stem(snap.version));
     let json = serde_json::to_vec_pretty(&manifest).expect("manifest serialises");
@@ -333,6 +364,7 @@ pub fn verify(manifest_path: &Path) -> Result<(Snapshot, Manifest), String> {
         samples: m.samples,
         params,
         velocity,
+        history: m.history.clone(),
     };
     Ok((snapshot, m))
 }
@@ -412,6 +444,14 @@ mod tests {
             samples: version * 10,
             params: (0..n).map(|i| i as f32 * 1e-3 + version as f32).collect(),
             velocity: vec![0.5; n],
+            history: History {
+                run_time_s: version as f64,
+                resumes: vec![Resumed {
+                    time_s: 0.5,
+                    version: 1,
+                }],
+                ..History::default()
+            },
         }
     }
 

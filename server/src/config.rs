@@ -170,7 +170,7 @@ pub const MAX_EXPECTED_WORKERS: u32 = 1_000_000;
 pub struct Finish {
     /// Training images workers reported, in total.
     pub max_samples: Option<u64>,
-    /// Time since the server started.
+    /// Run time: time served, counted across resumes.
     pub max_time: Option<Duration>,
     /// Test accuracy of the center (0..1) at an evaluation.
     pub target_accuracy: Option<f64>,
@@ -178,6 +178,8 @@ pub struct Finish {
 
 /// The largest loss-screen batch (one forward pass over it per update).
 pub const MAX_SCREEN_BATCH: usize = 8192;
+/// Largest `--max-connections`.
+pub const MAX_CONNECTIONS: usize = 1_000_000;
 
 /// Whether `algorithm` exchanges through the elastic force α(xⁱ − x̃).
 pub fn has_elastic_force(algorithm: Algorithm) -> bool {
@@ -225,6 +227,14 @@ pub struct ServerConfig {
     pub worker_token: Option<String>,
     /// Cap on concurrently connected workers.
     pub max_workers: u32,
+    /// Cap on open TCP connections of every kind (pages, feeds, workers, requests
+    /// in flight); one more is closed at once.
+    pub max_connections: usize,
+    /// Cap on open connections from one IPv4 address or IPv6 /64.
+    pub max_connections_per_address: usize,
+    /// Time an HTTP request gets to arrive (headers and body) and be answered; a
+    /// kept-alive connection idle this long is closed.
+    pub request_timeout: Duration,
     /// Time a new connection has to send its hello.
     pub handshake_timeout: Duration,
     /// A worker silent for this long is dropped.
@@ -286,6 +296,9 @@ impl ServerConfig {
             allowed_origins: Vec::new(),
             worker_token: None,
             max_workers: 64,
+            max_connections: 512,
+            max_connections_per_address: 128,
+            request_timeout: Duration::from_secs(15),
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             barrier_timeout: Duration::from_secs(30),
@@ -325,6 +338,15 @@ impl ServerConfig {
         }
         if self.max_workers == 0 {
             return bad("--max-workers must be at least 1");
+        }
+        if self.max_connections == 0 || self.max_connections > MAX_CONNECTIONS {
+            return bad("--max-connections must be in 1..=1000000");
+        }
+        if !(1..=self.max_connections).contains(&self.max_connections_per_address) {
+            return bad("--max-connections-per-address must be in 1..=--max-connections");
+        }
+        if self.request_timeout.is_zero() {
+            return bad("--request-timeout must be positive");
         }
         if !(self.max_update_ratio.is_finite() && self.max_update_ratio > 1.0) {
             return bad("--max-update-ratio must be above 1");

@@ -25,7 +25,7 @@ const KEPT_TICKS: usize = 3600;
 /// The run at one moment.
 #[derive(Clone, Debug, Serialize)]
 pub struct Tick {
-    /// Seconds since the server started.
+    /// Run time (seconds served, counted across resumes).
     pub time_s: f64,
     /// Center version.
     pub version: u64,

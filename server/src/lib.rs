@@ -11,6 +11,7 @@ pub mod center;
 pub mod checkpoint;
 pub mod config;
 pub mod events;
+pub mod listen;
 pub mod metrics;
 pub mod screen;
 pub mod state;
@@ -26,8 +27,9 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{State, WebSocketUpgrade};
-use axum::http::{HeaderMap, header};
+use axum::extract::{DefaultBodyLimit, Request, State, WebSocketUpgrade};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
 use serde::Serialize;
@@ -83,7 +85,28 @@ pub fn app(state: AppState) -> Router {
         .route("/api/admin/checkpoint", post(admin::checkpoint_now))
         .route("/api/admin/center.safetensors", get(admin::download_center))
         .route("/metrics", get(metrics))
+        .layer(middleware::from_fn_with_state(state.clone(), deadline))
+        // The largest body any route takes is an admin patch of a few numbers: a
+        // stranger's request costs at most this much before it is refused.
+        .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
+}
+
+/// Largest request body read (the admin routes' JSON).
+pub const MAX_BODY: usize = 16 * 1024;
+
+/// Answers 408 when a request takes longer than the run's request timeout to read
+/// and handle (a client trickling a body holds nothing past it). WebSocket upgrades
+/// and downloads return at once: their streams have their own deadlines.
+async fn deadline(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let limit = state.config.request_timeout;
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => web::error(
+            StatusCode::REQUEST_TIMEOUT,
+            format!("the request took over {} s", limit.as_secs_f64()),
+        ),
+    }
 }
 
 async fn ws_upgrade(
@@ -160,7 +183,7 @@ impl Server {
         }
         let normalization = Normalization::of(&data.train);
         let run = &config.run;
-        let (run_id, run_dir, params, velocity, version, samples) = if config.resume {
+        let (run_id, run_dir, params, velocity, version, samples, history) = if config.resume {
             let dir = config
                 .run_dir
                 .clone()
@@ -187,6 +210,11 @@ impl Server {
                 newest.manifest.display(),
                 age(newest.written_unix)
             );
+            let mut history = snap.history;
+            history.resumes.push(checkpoint::Resumed {
+                time_s: history.run_time_s,
+                version: snap.version,
+            });
             (
                 snap.run_id,
                 dir,
@@ -194,6 +222,7 @@ impl Server {
                 snap.velocity,
                 snap.version,
                 snap.samples,
+                history,
             )
         } else {
             let run_id = new_run_id();
@@ -204,7 +233,7 @@ impl Server {
             let device = burn::tensor::Device::flex();
             device.seed(run.seed);
             let params = to_flat(&run.model.init(&device));
-            (run_id, dir, params, Vec::new(), 0, 0)
+            (run_id, dir, params, Vec::new(), 0, 0, Default::default())
         };
         checkpoint::save_settings(&run_dir, run)?;
         let hyper = Hyper {
@@ -236,7 +265,8 @@ impl Server {
             config.max_update_ratio,
         );
         tracing::info!(run = %spec.run_id, data = %data_dir.display(), dir = %run_dir.display(), "run ready");
-        let state = AppState::new(config, spec, run_dir, Arc::new(data.train), test, center);
+        let train = Arc::new(data.train);
+        let state = AppState::new(config, spec, run_dir, train, test, center, history);
         state.metrics.samples.store(samples, Ordering::Relaxed);
         if version > 0 {
             *state.last_checkpoint.lock().expect("fresh lock") =
@@ -274,19 +304,7 @@ impl Server {
                 _ = ended.wait_for(Option::is_some) => {}
             }
         };
-        match state.config.tls.clone() {
-            Some(tls) => {
-                let listener = tls::TlsListener::new(listener, tls)?;
-                axum::serve(listener, app(state.clone()))
-                    .with_graceful_shutdown(graceful)
-                    .await?;
-            }
-            None => {
-                axum::serve(listener, app(state.clone()))
-                    .with_graceful_shutdown(graceful)
-                    .await?;
-            }
-        }
+        listen::serve(listener, state.clone(), app(state.clone()), graceful).await;
         // Upgraded WebSocket connections outlive axum's graceful shutdown: wait for
         // them to say goodbye, but not forever.
         let drained =
@@ -392,7 +410,7 @@ fn finish_reason(state: &AppState) -> Option<String> {
         ));
     }
     if let Some(max) = f.max_time
-        && state.started.elapsed() >= max
+        && state.now_s() >= max.as_secs_f64()
     {
         return Some(format!("--max-time {} s reached", max.as_secs()));
     }

@@ -26,6 +26,10 @@ pub struct Metrics {
     pub samples: AtomicU64,
     /// Workers that ever joined.
     pub joins: AtomicU64,
+    /// TCP connections open now (every kind).
+    pub open_connections: AtomicU64,
+    /// TCP connections closed at once for passing a connection cap.
+    pub refused_connections: AtomicU64,
     rejects: Mutex<BTreeMap<&'static str, u64>>,
     latency: Mutex<Histogram>,
 }
@@ -96,6 +100,18 @@ impl Metrics {
             "counter",
             "Workers that joined.",
             load(&self.joins),
+        );
+        metric(
+            "tether_connections_open",
+            "gauge",
+            "TCP connections open now (pages, feeds, workers, requests).",
+            load(&self.open_connections),
+        );
+        metric(
+            "tether_connections_refused_total",
+            "counter",
+            "TCP connections closed at once for passing a connection cap.",
+            load(&self.refused_connections),
         );
         metric(
             "tether_syncs_total",

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tether_shared::data::{ImageSet, encode_images, shard_indices};
 use tether_shared::model::load_flat;
@@ -17,7 +17,7 @@ use tether_shared::train::{Evaluation, evaluate};
 use tokio::sync::watch;
 
 use crate::center::Center;
-use crate::checkpoint::Snapshot;
+use crate::checkpoint::{History, Resumed, Snapshot};
 use crate::config::{RunSettings, ServerConfig};
 use crate::events::Timeline;
 use crate::metrics::Metrics;
@@ -25,9 +25,9 @@ use crate::screen::Screen;
 use crate::workers::{WorkerStatus, Workers};
 
 /// One evaluation of the center on the test set.
-#[derive(Clone, Copy, Debug, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EvalPoint {
-    /// Seconds since the server started.
+    /// Run time (seconds served, counted across resumes).
     pub time_s: f64,
     /// Training images workers had reported by then.
     pub samples: u64,
@@ -40,9 +40,9 @@ pub struct EvalPoint {
 }
 
 /// An operator's runtime change of τ, α, η.
-#[derive(Clone, Copy, Debug, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct HyperChange {
-    /// Seconds since the server started.
+    /// Run time (seconds served, counted across resumes).
     pub time_s: f64,
     /// The values before.
     pub before: Hyper,
@@ -53,7 +53,7 @@ pub struct HyperChange {
 /// A refused frame, for the dashboard's list of recent rejections.
 #[derive(Clone, Debug, Serialize)]
 pub struct RejectRecord {
-    /// Seconds since the server started.
+    /// Run time.
     pub time_s: f64,
     /// The worker's id (`None` before the handshake finished).
     pub worker: Option<u32>,
@@ -114,8 +114,12 @@ pub struct Shared {
     pub checkpoint_writer: tokio::sync::Mutex<()>,
     /// When the server started.
     pub started: Instant,
+    /// Run time served before this server started (by the runs it resumed).
+    run_time_before_s: f64,
     /// Runtime changes of τ, α, η, oldest first.
     pub changes: Mutex<Vec<HyperChange>>,
+    /// Where the run was resumed, oldest first.
+    pub resumes: Mutex<Vec<Resumed>>,
     /// Once-a-second samples for the dashboard.
     pub timeline: Timeline,
     rejects: Mutex<VecDeque<RejectRecord>>,
@@ -178,7 +182,8 @@ impl Drop for ConnectionGuard {
 }
 
 impl AppState {
-    /// Builds the state around an initial center.
+    /// Builds the state around an initial center and the dashboard's `history` of
+    /// the run so far (empty for a new run; a resumed run adds its resume marker).
     pub fn new(
         config: ServerConfig,
         spec: RunSpec,
@@ -186,6 +191,7 @@ impl AppState {
         train: Arc<ImageSet>,
         test: ImageSet,
         center: Center,
+        history: History,
     ) -> Self {
         let (stop, _) = watch::channel(None);
         let (connections, _) = watch::channel(0);
@@ -206,7 +212,9 @@ impl AppState {
             data_id: data_id(&train),
             train,
             test,
-            changes: Mutex::new(Vec::new()),
+            run_time_before_s: history.run_time_s,
+            changes: Mutex::new(history.changes),
+            resumes: Mutex::new(history.resumes),
             finished: Mutex::new(None),
             timeline: Timeline::default(),
             rejects: Mutex::new(VecDeque::new()),
@@ -215,7 +223,7 @@ impl AppState {
             center: Mutex::new(center),
             workers: Mutex::new(Workers::default()),
             metrics: Metrics::default(),
-            evals: Mutex::new(Vec::new()),
+            evals: Mutex::new(history.evals),
             last_checkpoint: Mutex::new(None),
             checkpoint_writer: tokio::sync::Mutex::new(()),
             started: Instant::now(),
@@ -302,9 +310,9 @@ impl Shared {
         let _ = rx.wait_for(|n| *n == 0).await;
     }
 
-    /// Seconds since the server started.
+    /// Run time: seconds served, counted across resumes (the dashboard's clock).
     pub fn now_s(&self) -> f64 {
-        self.started.elapsed().as_secs_f64()
+        self.run_time_before_s + self.started.elapsed().as_secs_f64()
     }
 
     /// Changes τ, α, η (validated by the caller); logged and kept for the charts.
@@ -430,6 +438,12 @@ impl Shared {
             samples: self.metrics.samples.load(Ordering::Relaxed),
             params: center.params().to_vec(),
             velocity: center.velocity().to_vec(),
+            history: History {
+                run_time_s: self.now_s(),
+                evals: lock(&self.evals).clone(),
+                changes: lock(&self.changes).clone(),
+                resumes: lock(&self.resumes).clone(),
+            },
         }
     }
 
@@ -511,6 +525,8 @@ impl Shared {
             admin: self.config.admin_token.is_some(),
             needs_token: self.config.worker_token.is_some(),
             changes: lock(&self.changes).clone(),
+            resumes: lock(&self.resumes).clone(),
+            run_time_s: self.now_s(),
             recent_rejects: self.recent_rejects(),
             workers,
         }
@@ -566,6 +582,10 @@ pub struct Status {
     pub needs_token: bool,
     /// Runtime changes of τ, α, η.
     pub changes: Vec<HyperChange>,
+    /// Where the run was resumed from a checkpoint.
+    pub resumes: Vec<Resumed>,
+    /// Run time: seconds served, counted across resumes (the charts' clock).
+    pub run_time_s: f64,
     /// The most recent rejections.
     pub recent_rejects: Vec<RejectRecord>,
     /// Connected workers.

@@ -358,3 +358,130 @@ async fn a_huge_device_name_is_clipped_in_the_status() -> Result<()> {
     server.stop().await?;
     Ok(())
 }
+
+/// A TCP connection to `server` from the loopback address `from` (127.0.0.0/8 is
+/// all local on Linux, so one test can be several clients).
+async fn connect_from(
+    from: [u8; 4],
+    server: std::net::SocketAddr,
+) -> Result<tokio::net::TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind((std::net::Ipv4Addr::from(from), 0).into())?;
+    Ok(socket.connect(server).await?)
+}
+
+/// Whether the server closed `stream` (EOF or reset) within `within`.
+async fn closed_within(stream: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 256];
+    loop {
+        match tokio::time::timeout(within, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue, // a response (408 and the like) before the close
+            Err(_) => return false,
+        }
+    }
+}
+
+/// Half-open requests (headers never finished) from one address: past the
+/// per-address cap they are closed at once, the total cap holds for a second
+/// address, the rest are closed at the request timeout and every seat comes back.
+/// Before the fix every one was held forever, and a few hundred exhausted the
+/// server's descriptors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_open_requests_are_capped_and_closed() -> Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let mut cfg = quick_config("hardening-half-open", Algorithm::Easgd)?;
+    cfg.max_connections = 12;
+    cfg.max_connections_per_address = 8;
+    cfg.request_timeout = Duration::from_secs(3);
+    let server = TestServer::start(cfg).await?;
+    let metrics = &server.state.metrics;
+    let mut opened = Vec::new();
+    for from in [[127, 0, 0, 2], [127, 0, 0, 3]] {
+        for _ in 0..10 {
+            let mut s = connect_from(from, server.addr).await?;
+            s.write_all(b"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+                .await?;
+            opened.push(s);
+        }
+    }
+    // Well within the request timeout, the refused ones are closed already.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for mut s in opened {
+        if closed_within(&mut s, Duration::from_millis(20)).await {
+            refused += 1;
+        } else {
+            held.push(s);
+        }
+    }
+    // 8 from the first address (its cap), 4 from the second (the total cap of 12).
+    assert_eq!(held.len(), 12, "held");
+    assert_eq!(refused, 8, "closed at once");
+    assert_eq!(metrics.refused_connections.load(Relaxed), 8);
+    assert_eq!(metrics.open_connections.load(Relaxed), 12);
+    // The server is full, so an honest client must wait for the deadline; it does
+    // not wait for the attacker to give up.
+    let t0 = Instant::now();
+    for mut s in held {
+        assert!(
+            closed_within(&mut s, Duration::from_secs(4)).await,
+            "a half-open request is still held after {:?}",
+            t0.elapsed()
+        );
+    }
+    let state = server.state.clone();
+    let free = eventually(Duration::from_secs(2), || {
+        state.metrics.open_connections.load(Relaxed) == 0
+    })
+    .await;
+    assert!(
+        free,
+        "{} connections still open",
+        metrics.open_connections.load(Relaxed)
+    );
+    let status = http(server.addr, "GET", "/api/status", &[], b"").await?;
+    assert_eq!(status.status, 200);
+    server.stop().await?;
+    Ok(())
+}
+
+/// A body trickled slower than the request timeout is cut off with 408 and costs at
+/// most the body limit; a body over the limit is refused without being read. Before
+/// the fix a trickled body held its task forever and an unauthenticated admin
+/// request could make the server buffer 2 MB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickled_or_huge_body_is_refused() -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut cfg = quick_config("hardening-body", Algorithm::Easgd)?;
+    cfg.admin_token = Some(ADMIN.into());
+    cfg.request_timeout = Duration::from_secs(1);
+    let server = TestServer::start(cfg).await?;
+    let mut s = tokio::net::TcpStream::connect(server.addr).await?;
+    s.write_all(b"POST /api/admin/hyper HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"lr\":")
+        .await?;
+    let t0 = Instant::now();
+    let mut response = vec![0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut response)).await??;
+    let head = String::from_utf8_lossy(&response[..n]);
+    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+    let huge = vec![b' '; tether_server::MAX_BODY + 1];
+    let auth = format!("Bearer {ADMIN}");
+    let r = http(
+        server.addr,
+        "POST",
+        "/api/admin/hyper",
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/json"),
+        ],
+        &huge,
+    )
+    .await?;
+    assert_eq!(r.status, 413, "{}", r.text());
+    server.stop().await?;
+    Ok(())
+}

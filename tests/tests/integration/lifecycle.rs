@@ -40,15 +40,12 @@ impl Serve {
         if let Some(dir) = cwd {
             cmd.current_dir(dir);
         }
+        cmd.args(["serve", "--host", "127.0.0.1"]);
+        if !extra.contains(&"--eval-every") {
+            cmd.args(["--eval-every", "0"]);
+        }
         let mut child = cmd
-            .args([
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--eval-every",
-                "0",
-                "--run-dir",
-            ])
+            .arg("--run-dir")
             .arg(run_dir)
             .args(["--port", &port.to_string()])
             .args(extra)
@@ -165,6 +162,10 @@ async fn external_workers_join_die_and_the_server_resumes_from_its_checkpoint() 
             "2",
             "--checkpoint-every",
             "1",
+            "--eval-every",
+            "1",
+            "--eval-limit",
+            "200",
         ],
     )?;
     let steady = work(serve.addr, Some(24))?;
@@ -190,6 +191,12 @@ async fn external_workers_join_die_and_the_server_resumes_from_its_checkpoint() 
     let s = serve.status().await?;
     assert!(s["syncs"].as_u64() >= Some(12 + 1), "{s}");
     let version = s["center_version"].as_u64().context("version")?;
+    wait_for("an evaluation", Duration::from_secs(30), async || {
+        Ok(!serve.status().await?["history"]
+            .as_array()
+            .is_none_or(Vec::is_empty))
+    })
+    .await?;
     wait_for(
         "the killed worker was dropped",
         Duration::from_secs(90),
@@ -200,6 +207,7 @@ async fn external_workers_join_die_and_the_server_resumes_from_its_checkpoint() 
         },
     )
     .await?;
+    let before = serve.status().await?;
     serve.terminate()?;
     assert_eq!(
         newest_manifest_version(&dir)?,
@@ -207,10 +215,24 @@ async fn external_workers_join_die_and_the_server_resumes_from_its_checkpoint() 
         "the final checkpoint holds the last update"
     );
 
-    // Resume: the same run continues at the checkpoint's version.
+    // Resume: the same run continues at the checkpoint's version, and the dashboard
+    // keeps its history: every evaluation so far, the clock going on from where it
+    // stopped, and a marker where the run resumed.
     let serve = Serve::start(&dir, &["--resume"])?;
     let s = serve.status().await?;
     assert_eq!(s["center_version"].as_u64(), Some(version));
+    let evals = before["history"].as_array().context("history")?;
+    let kept = s["history"].as_array().context("history")?;
+    assert!(
+        kept.len() >= evals.len() && kept[..evals.len()] == evals[..],
+        "evaluations before: {evals:?}\nafter the resume: {kept:?}"
+    );
+    let resumes = s["resumes"].as_array().context("resumes")?;
+    assert_eq!(resumes.len(), 1, "{s}");
+    assert_eq!(resumes[0]["version"].as_u64(), Some(version));
+    let resumed_at = resumes[0]["time_s"].as_f64().context("time")?;
+    assert!(resumed_at >= before["run_time_s"].as_f64().context("run time")?);
+    assert!(s["run_time_s"].as_f64() >= Some(resumed_at));
     assert_eq!(
         s["settings"]["algorithm"], "easgd",
         "settings come from the saved run"
