@@ -191,6 +191,10 @@ pub struct ServeArgs {
     /// connection may sit idle).
     #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..))]
     pub request_timeout: u64,
+    /// Seconds one send to a client may take; a client that reads slower (a worker,
+    /// a page, a download) is dropped.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub send_timeout: u64,
     /// Seconds of silence after which a worker is dropped.
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     pub idle_timeout: u64,
@@ -294,6 +298,7 @@ impl ServeArgs {
         config.max_connections = self.max_connections as usize;
         config.max_connections_per_address = self.max_connections_per_address as usize;
         config.request_timeout = Duration::from_secs(self.request_timeout);
+        config.send_timeout = Duration::from_secs(self.send_timeout);
         config.idle_timeout = Duration::from_secs(self.idle_timeout);
         config.barrier_timeout = Duration::from_secs(self.barrier_timeout);
         config.max_staleness = self.max_staleness;

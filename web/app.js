@@ -33,32 +33,24 @@ const changeMarkers = () => ({
     draw: [(u) => {
       if (u.scales.x.time !== false || u.series[0].label !== 'time') return;
       const { ctx, bbox } = u;
+      const line = (time, label, dy) => {
+        const x = u.valToPos(time, 'x', true);
+        if (x < bbox.left || x > bbox.left + bbox.width) return;
+        ctx.beginPath();
+        ctx.moveTo(x, bbox.top);
+        ctx.lineTo(x, bbox.top + bbox.height);
+        ctx.stroke();
+        ctx.fillText(label, x + 4 * devicePixelRatio, bbox.top + dy * devicePixelRatio);
+      };
       ctx.save();
-      ctx.strokeStyle = '#b45309';
-      ctx.fillStyle = '#b45309';
-      ctx.setLineDash([5, 4]);
       ctx.lineWidth = devicePixelRatio;
       ctx.font = `${11 * devicePixelRatio}px system-ui, sans-serif`;
-      for (const c of state.changes) {
-        const x = u.valToPos(c.time_s, 'x', true);
-        if (x < bbox.left || x > bbox.left + bbox.width) continue;
-        ctx.beginPath();
-        ctx.moveTo(x, bbox.top);
-        ctx.lineTo(x, bbox.top + bbox.height);
-        ctx.stroke();
-        ctx.fillText(`τ${c.after.tau} α${c.after.alpha} η${c.after.lr}`, x + 4 * devicePixelRatio, bbox.top + 12 * devicePixelRatio);
-      }
+      ctx.strokeStyle = ctx.fillStyle = '#b45309';
+      ctx.setLineDash([5, 4]);
+      for (const c of state.changes) line(c.time_s, `τ${c.after.tau} α${c.after.alpha} η${c.after.lr}`, 12);
       ctx.strokeStyle = ctx.fillStyle = '#6d28d9';
       ctx.setLineDash([]);
-      for (const r of state.resumes) {
-        const x = u.valToPos(r.time_s, 'x', true);
-        if (x < bbox.left || x > bbox.left + bbox.width) continue;
-        ctx.beginPath();
-        ctx.moveTo(x, bbox.top);
-        ctx.lineTo(x, bbox.top + bbox.height);
-        ctx.stroke();
-        ctx.fillText(`resumed v${r.version}`, x + 4 * devicePixelRatio, bbox.top + 26 * devicePixelRatio);
-      }
+      for (const r of state.resumes) line(r.time_s, `resumed v${r.version}`, 26);
       ctx.restore();
     }],
   },

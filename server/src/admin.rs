@@ -67,7 +67,11 @@ pub async fn set_hyper(
     }
     let Json(patch) = match body {
         Ok(b) => b,
-        Err(e) => return error(e.status(), e.body_text()),
+        // A body over the limit says so (413); any other bad body is a 400.
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return error(e.status(), e.body_text());
+        }
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
     };
     let now = state.center().hyper();
     let after = Hyper {

@@ -134,8 +134,9 @@ pub struct Shared {
 
 /// A shard of the training set as workers download it (`GET /api/shard`).
 pub struct ShardFile {
-    /// The bytes ([`encode_images`]).
-    pub bytes: Vec<u8>,
+    /// The bytes ([`encode_images`]), shared by every download: a response holds
+    /// a reference, never a copy.
+    pub bytes: axum::body::Bytes,
     /// Their SHA-256, announced in the welcome.
     pub sha256: [u8; 32],
 }
@@ -274,7 +275,7 @@ impl Shared {
                 shard.index as usize,
                 shard.seed,
             );
-            let bytes = encode_images(&train.subset(&items));
+            let bytes = axum::body::Bytes::from(encode_images(&train.subset(&items)));
             let sha256 = Sha256::digest(&bytes).into();
             Arc::new(ShardFile { bytes, sha256 })
         })
@@ -465,7 +466,7 @@ impl Shared {
             .expect("the center has the model's length");
         let Evaluation { accuracy, loss } = evaluate(&net, set, self.spec.normalization, &device);
         let point = EvalPoint {
-            time_s: self.started.elapsed().as_secs_f64(),
+            time_s: self.now_s(),
             samples,
             version,
             accuracy,

@@ -73,7 +73,12 @@ pub async fn connection(state: AppState, mut socket: WebSocket, browser: bool) {
             Step::Broken => break "socket error",
         }
     };
-    tracing::info!(worker = conn.worker_id, reason, "worker disconnected");
+    tracing::info!(
+        worker = conn.worker_id,
+        reason,
+        rejected = conn.rejects,
+        "worker disconnected"
+    );
     // Leave the registry (and any round) first: that must never wait on the network.
     let members = {
         let mut workers = state.workers();
@@ -109,7 +114,12 @@ struct Conn {
     sent: Vec<f32>,
     /// The session's payload encoding and its error-feedback state.
     link: Link,
+    /// Frames rejected on this connection.
+    rejects: u64,
 }
+
+/// Rejections per connection that are logged one by one.
+const LOGGED_REJECTS: u64 = 20;
 
 enum Step {
     Continue,
@@ -122,6 +132,7 @@ async fn handshake(state: &AppState, socket: &mut WebSocket, browser: bool) -> O
         session: 0,
         worker_id: u32::MAX,
         last_seq: 0,
+        rejects: 0,
         anchor: Vec::new(),
         sent: Vec::new(),
         link: Link::new(Encoding::F32, &[]),
@@ -146,7 +157,8 @@ async fn handshake(state: &AppState, socket: &mut WebSocket, browser: bool) -> O
             ..
         }) => h,
         Ok(other) => {
-            let why = Rejection::Unexpected(format!("expected hello, got {:?}", other.message));
+            let why =
+                Rejection::Unexpected(format!("expected hello, got {}", other.message.name()));
             reject(state, &mut conn, socket, None, why).await;
             return None;
         }
@@ -346,7 +358,9 @@ async fn handle(
             .await
         }
         other => {
-            let why = Rejection::Unexpected(format!("{other:?} is not a worker message here"));
+            // Named, not echoed: a hello's strings are the client's to choose.
+            let why =
+                Rejection::Unexpected(format!("a {} is not a worker message here", other.name()));
             reject(state, conn, socket, None, why).await
         }
     }
@@ -576,11 +590,21 @@ async fn reject(
     seq: Option<u64>,
     reason: Rejection,
 ) -> Step {
-    tracing::warn!(
-        worker = conn.worker_id,
-        code = reason.code(),
-        "rejected: {reason}"
-    );
+    // A client sending garbage on and on must not flood the log (or fill its disk):
+    // the first few rejections of a connection are logged, the rest counted.
+    conn.rejects += 1;
+    if conn.rejects <= LOGGED_REJECTS {
+        tracing::warn!(
+            worker = conn.worker_id,
+            code = reason.code(),
+            "rejected: {reason}"
+        );
+    } else if conn.rejects == LOGGED_REJECTS + 1 {
+        tracing::warn!(
+            worker = conn.worker_id,
+            "more rejections on this connection are counted, not logged"
+        );
+    }
     state.metrics.reject(reason.code());
     let worker = (conn.worker_id != u32::MAX).then_some(conn.worker_id);
     state.record_reject(worker, reason.code(), reason.to_string());

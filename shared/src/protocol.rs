@@ -438,7 +438,9 @@ pub enum DecodeError {
 }
 
 impl Message {
-    fn name(&self) -> &'static str {
+    /// The message's kind in one word, for errors (never its contents, which a
+    /// client chooses).
+    pub fn name(&self) -> &'static str {
         match self {
             Self::Hello(_) => "hello",
             Self::Welcome(_) => "welcome",

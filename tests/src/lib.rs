@@ -176,7 +176,8 @@ pub mod net {
         }
     }
 
-    type Socket = tokio_tungstenite::WebSocketStream<
+    /// A client's WebSocket.
+    pub type Socket = tokio_tungstenite::WebSocketStream<
         tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
     >;
 
@@ -234,6 +235,11 @@ pub mod net {
             request.headers_mut().insert("origin", origin.parse()?);
             let (socket, _) = tokio_tungstenite::connect_async(request).await?;
             Ok(Self { socket })
+        }
+
+        /// The WebSocket itself (to split it into a sender and a receiver).
+        pub fn into_socket(self) -> Socket {
+            self.socket
         }
 
         /// Sends raw bytes as one binary frame.
@@ -365,6 +371,14 @@ pub mod net {
         }
     }
 
+    /// A TCP connection to `server` from the loopback address `from` (127.0.0.0/8 is
+    /// all local on Linux, so one test can be clients at several addresses).
+    pub async fn tcp_from(from: [u8; 4], server: SocketAddr) -> Result<tokio::net::TcpStream> {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind((std::net::Ipv4Addr::from(from), 0).into())?;
+        Ok(socket.connect(server).await?)
+    }
+
     /// `GET path` over plain HTTP/1.1; returns the body.
     pub async fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
         let mut stream = tokio::net::TcpStream::connect(addr).await?;
@@ -378,5 +392,119 @@ pub mod net {
             bail!("GET {path}: {head}");
         }
         Ok(body.to_string())
+    }
+}
+
+pub mod serve {
+    //! `tether serve` as a child process, the way an operator runs it.
+
+    use std::io::{BufRead, BufReader};
+    use std::net::SocketAddr;
+    use std::path::Path;
+    use std::process::{Child, Command, Stdio};
+
+    use anyhow::{Context, Result, bail};
+
+    use super::net::http_get;
+    use super::tether_bin;
+
+    /// A `tether serve` child, the address it printed and its line for workers.
+    pub struct Serve {
+        /// The process.
+        pub child: Child,
+        /// Where it listens.
+        pub addr: SocketAddr,
+        /// What it tells workers to run (`tether work --server …`).
+        pub join: String,
+        /// Its log, line by line (read on a thread so the pipe never fills).
+        pub stderr: std::sync::mpsc::Receiver<String>,
+    }
+
+    impl Serve {
+        /// Serves `run_dir` on a free port with `extra` flags.
+        pub fn start(run_dir: &Path, extra: &[&str]) -> Result<Self> {
+            Self::start_on(0, run_dir, extra)
+        }
+
+        /// Serves on `port` (0: any free one).
+        pub fn start_on(port: u16, run_dir: &Path, extra: &[&str]) -> Result<Self> {
+            Self::launch(None, port, run_dir, extra)
+        }
+
+        /// Serves from the working directory `cwd` (where `--tls-self-signed` keeps its files).
+        pub fn start_in(cwd: &Path, run_dir: &Path, extra: &[&str]) -> Result<Self> {
+            Self::launch(Some(cwd), 0, run_dir, extra)
+        }
+
+        fn launch(cwd: Option<&Path>, port: u16, run_dir: &Path, extra: &[&str]) -> Result<Self> {
+            let mut cmd = Command::new(tether_bin()?);
+            if let Some(dir) = cwd {
+                cmd.current_dir(dir);
+            }
+            cmd.args(["serve", "--host", "127.0.0.1"]);
+            if !extra.contains(&"--eval-every") {
+                cmd.args(["--eval-every", "0"]);
+            }
+            let mut child = cmd
+                .arg("--run-dir")
+                .arg(run_dir)
+                .args(["--port", &port.to_string()])
+                .args(extra)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()?;
+            let stdout = BufReader::new(child.stdout.take().context("stdout")?);
+            let (tx, stderr) = std::sync::mpsc::channel();
+            let err = BufReader::new(child.stderr.take().context("stderr")?);
+            std::thread::spawn(move || {
+                for line in err.lines().map_while(Result::ok) {
+                    let _ = tx.send(line);
+                }
+            });
+            let mut lines = stdout.lines();
+            let mut addr = None;
+            for line in lines.by_ref() {
+                let line = line?;
+                let line = line.trim();
+                if let Some(rest) = line.strip_prefix("dashboard: ") {
+                    let rest = rest.split_once("://").context("a URL")?.1;
+                    addr = Some(rest.split('/').next().context("address")?.parse()?);
+                } else if let (Some(addr), Some(join)) = (addr, line.strip_prefix("workers:")) {
+                    // Keep draining stdout: the server prints a summary when it stops.
+                    std::thread::spawn(move || lines.for_each(drop));
+                    return Ok(Self {
+                        child,
+                        addr,
+                        join: join.trim().to_string(),
+                        stderr,
+                    });
+                }
+            }
+            let log: Vec<String> = stderr.try_iter().collect();
+            bail!(
+                "tether serve printed no address; stderr:\n{}",
+                log.join("\n")
+            )
+        }
+
+        /// `GET /api/status` as JSON.
+        pub async fn status(&self) -> Result<serde_json::Value> {
+            Ok(serde_json::from_str(
+                &http_get(self.addr, "/api/status").await?,
+            )?)
+        }
+
+        /// SIGTERM, then wait for a clean exit.
+        pub fn terminate(mut self) -> Result<String> {
+            let ok = Command::new("kill")
+                .args(["-TERM", &self.child.id().to_string()])
+                .status()?;
+            assert!(ok.success());
+            let status = self.child.wait()?;
+            let log: Vec<String> = self.stderr.try_iter().collect();
+            let log = log.join("\n");
+            assert!(status.success(), "serve exited with {status}:\n{log}");
+            Ok(log)
+        }
     }
 }

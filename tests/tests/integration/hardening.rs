@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use tether_server::checkpoint;
 use tether_shared::algorithms::Algorithm;
 use tether_shared::protocol::{Apply, Message, Sync};
-use tether_tests::net::{RawClient, TestServer, hello, http, quick_config, sync};
+use tether_tests::net::{RawClient, TestServer, hello, http, quick_config, sync, tcp_from};
 use tether_worker::backend::BackendChoice;
 use tether_worker::client::{self, WorkConfig, WorkReport};
 use tokio::sync::watch;
@@ -112,7 +112,11 @@ async fn concurrent_checkpoint_triggers_leave_only_valid_checkpoints() -> Result
 /// malicious client sitting just under the norm guard (along −x̃, the push that
 /// flipped the center before). Returns the center's test accuracy, the pushes
 /// answered and refused, and the syncs the loss screen held.
-async fn poisoned_run(name: &str, steps: u64, attack: u32) -> Result<(f64, u32, u32, u64)> {
+pub(crate) async fn poisoned_run(
+    name: &str,
+    steps: u64,
+    attack: u32,
+) -> Result<(f64, u32, u32, u64)> {
     let mut cfg = quick_config(name, Algorithm::Eamsgd)?;
     cfg.run.tau = 4;
     cfg.run.batch = 64;
@@ -359,17 +363,6 @@ async fn a_huge_device_name_is_clipped_in_the_status() -> Result<()> {
     Ok(())
 }
 
-/// A TCP connection to `server` from the loopback address `from` (127.0.0.0/8 is
-/// all local on Linux, so one test can be several clients).
-async fn connect_from(
-    from: [u8; 4],
-    server: std::net::SocketAddr,
-) -> Result<tokio::net::TcpStream> {
-    let socket = tokio::net::TcpSocket::new_v4()?;
-    socket.bind((std::net::Ipv4Addr::from(from), 0).into())?;
-    Ok(socket.connect(server).await?)
-}
-
 /// Whether the server closed `stream` (EOF or reset) within `within`.
 async fn closed_within(stream: &mut tokio::net::TcpStream, within: Duration) -> bool {
     use tokio::io::AsyncReadExt;
@@ -400,7 +393,7 @@ async fn half_open_requests_are_capped_and_closed() -> Result<()> {
     let mut opened = Vec::new();
     for from in [[127, 0, 0, 2], [127, 0, 0, 3]] {
         for _ in 0..10 {
-            let mut s = connect_from(from, server.addr).await?;
+            let mut s = tcp_from(from, server.addr).await?;
             s.write_all(b"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
                 .await?;
             opened.push(s);
@@ -482,6 +475,28 @@ async fn a_trickled_or_huge_body_is_refused() -> Result<()> {
     )
     .await?;
     assert_eq!(r.status, 413, "{}", r.text());
+    server.stop().await?;
+    Ok(())
+}
+
+/// A frame out of place is named in its rejection, not echoed: before the fix a
+/// hello sent mid-session came back whole (every string the client chose, up to the
+/// header limit) in the rejection's text, and into the dashboard's list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejection_does_not_echo_the_frame() -> Result<()> {
+    let server = TestServer::start(quick_config("hardening-echo", Algorithm::Easgd)?).await?;
+    let (mut client, _welcome, _center) = RawClient::join(&server.ws_url(), hello()).await?;
+    let mut big = hello();
+    big.device = "y".repeat(tether_shared::protocol::MAX_HEADER_BYTES - 256);
+    client.send(&Message::Hello(big), &[]).await?;
+    match client.recv().await?.message {
+        Message::Reject { reason, .. } => {
+            let text = reason.to_string();
+            assert!(text.len() < 200, "{} bytes: {}…", text.len(), &text[..80]);
+            assert_eq!(reason.code(), "unexpected");
+        }
+        other => bail!("expected a rejection, got {other:?}"),
+    }
     server.stop().await?;
     Ok(())
 }

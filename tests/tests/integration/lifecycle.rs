@@ -2,109 +2,14 @@
 //! one killed with SIGKILL, the server stopped with SIGTERM and resumed from its
 //! checkpoint, a corrupted newest checkpoint skipped; and `tether demo`.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use tether_tests::net::http_get;
+use tether_tests::serve::Serve;
 use tether_tests::{scratch, tether_bin, tether_report};
-
-/// A `tether serve` child, the address it printed and its line for workers.
-struct Serve {
-    child: Child,
-    addr: SocketAddr,
-    /// What it tells workers to run (`tether work --server …`).
-    join: String,
-    stderr: std::sync::mpsc::Receiver<String>,
-}
-
-impl Serve {
-    fn start(run_dir: &Path, extra: &[&str]) -> Result<Self> {
-        Self::start_on(0, run_dir, extra)
-    }
-
-    fn start_on(port: u16, run_dir: &Path, extra: &[&str]) -> Result<Self> {
-        Self::launch(None, port, run_dir, extra)
-    }
-
-    /// Serves from the working directory `cwd` (where `--tls-self-signed` keeps its files).
-    fn start_in(cwd: &Path, run_dir: &Path, extra: &[&str]) -> Result<Self> {
-        Self::launch(Some(cwd), 0, run_dir, extra)
-    }
-
-    fn launch(cwd: Option<&Path>, port: u16, run_dir: &Path, extra: &[&str]) -> Result<Self> {
-        let mut cmd = Command::new(tether_bin()?);
-        if let Some(dir) = cwd {
-            cmd.current_dir(dir);
-        }
-        cmd.args(["serve", "--host", "127.0.0.1"]);
-        if !extra.contains(&"--eval-every") {
-            cmd.args(["--eval-every", "0"]);
-        }
-        let mut child = cmd
-            .arg("--run-dir")
-            .arg(run_dir)
-            .args(["--port", &port.to_string()])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        let stdout = BufReader::new(child.stdout.take().context("stdout")?);
-        let (tx, stderr) = std::sync::mpsc::channel();
-        let err = BufReader::new(child.stderr.take().context("stderr")?);
-        std::thread::spawn(move || {
-            for line in err.lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let mut lines = stdout.lines();
-        let mut addr = None;
-        for line in lines.by_ref() {
-            let line = line?;
-            let line = line.trim();
-            if let Some(rest) = line.strip_prefix("dashboard: ") {
-                let rest = rest.split_once("://").context("a URL")?.1;
-                addr = Some(rest.split('/').next().context("address")?.parse()?);
-            } else if let (Some(addr), Some(join)) = (addr, line.strip_prefix("workers:")) {
-                // Keep draining stdout: the server prints a summary when it stops.
-                std::thread::spawn(move || lines.for_each(drop));
-                return Ok(Self {
-                    child,
-                    addr,
-                    join: join.trim().to_string(),
-                    stderr,
-                });
-            }
-        }
-        let log: Vec<String> = stderr.try_iter().collect();
-        bail!(
-            "tether serve printed no address; stderr:\n{}",
-            log.join("\n")
-        )
-    }
-
-    async fn status(&self) -> Result<serde_json::Value> {
-        Ok(serde_json::from_str(
-            &http_get(self.addr, "/api/status").await?,
-        )?)
-    }
-
-    /// SIGTERM, then wait for a clean exit.
-    fn terminate(mut self) -> Result<String> {
-        let ok = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()?;
-        assert!(ok.success());
-        let status = self.child.wait()?;
-        let log: Vec<String> = self.stderr.try_iter().collect();
-        let log = log.join("\n");
-        assert!(status.success(), "serve exited with {status}:\n{log}");
-        Ok(log)
-    }
-}
 
 fn work(addr: SocketAddr, steps: Option<u64>) -> Result<Child> {
     let mut cmd = Command::new(tether_bin()?);
@@ -218,7 +123,8 @@ async fn external_workers_join_die_and_the_server_resumes_from_its_checkpoint() 
     // Resume: the same run continues at the checkpoint's version, and the dashboard
     // keeps its history: every evaluation so far, the clock going on from where it
     // stopped, and a marker where the run resumed.
-    let serve = Serve::start(&dir, &["--resume"])?;
+    let evaluating = ["--resume", "--eval-every", "1", "--eval-limit", "200"];
+    let serve = Serve::start(&dir, &evaluating)?;
     let s = serve.status().await?;
     assert_eq!(s["center_version"].as_u64(), Some(version));
     let evals = before["history"].as_array().context("history")?;
@@ -240,6 +146,28 @@ async fn external_workers_join_die_and_the_server_resumes_from_its_checkpoint() 
     assert_eq!(s["settings"]["tau"], 2);
     let w = work(serve.addr, Some(2))?.wait_with_output()?;
     assert!(w.status.success(), "{}", String::from_utf8_lossy(&w.stderr));
+    // Evaluations after the resume go on the same clock, after the marker.
+    wait_for(
+        "an evaluation of the resumed run",
+        Duration::from_secs(30),
+        async || {
+            let s = serve.status().await?;
+            let h = s["history"].as_array().cloned().unwrap_or_default();
+            Ok(h.last().and_then(|e| e["version"].as_u64()) > Some(version))
+        },
+    )
+    .await?;
+    let s = serve.status().await?;
+    let times: Vec<f64> = s["history"]
+        .as_array()
+        .context("history")?
+        .iter()
+        .filter_map(|e| e["time_s"].as_f64())
+        .collect();
+    assert!(
+        times.windows(2).all(|w| w[0] <= w[1]) && *times.last().unwrap_or(&0.0) > resumed_at,
+        "evaluation times after the resume: {times:?} (resumed at {resumed_at})"
+    );
     serve.terminate()?;
     let resumed_version = newest_manifest_version(&dir)?;
     assert_eq!(resumed_version, version + 1);

@@ -7,5 +7,6 @@ mod hardening;
 mod internet;
 mod lifecycle;
 mod protocol;
+mod reliability;
 mod training;
 mod web;
