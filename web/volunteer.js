@@ -9,7 +9,9 @@ export function mountVolunteer(root, { needsToken = false } = {}) {
     <div class="volunteer-controls">
       <button id="join" class="primary">Join with this tab</button>
       <button id="leave" hidden>Leave</button>
-      <label class="check"><input id="prefer-gpu" type="checkbox" checked> use WebGPU when available</label>
+      <label class="check">backend <select id="backend-choice">
+        <option value="auto" selected>auto</option><option value="webgpu">WebGPU</option><option value="cpu">CPU</option>
+      </select></label>
       <input id="worker-token" type="password" placeholder="worker token" autocomplete="off" ${needsToken ? '' : 'hidden'}>
     </div>
     <dl class="volunteer-stats">
@@ -23,7 +25,7 @@ export function mountVolunteer(root, { needsToken = false } = {}) {
     </dl>
     <p id="v-message" class="muted"></p>`;
   const $ = (id) => root.querySelector(`#${id}`);
-  const state = { running: false, backend: null, device: null, workerId: null, steps: 0, syncs: 0, error: null };
+  const state = { running: false, backend: null, device: null, why: null, workerId: null, steps: 0, syncs: 0, error: null };
   window.tetherVolunteer = state;
   let worker = null;
 
@@ -40,7 +42,7 @@ export function mountVolunteer(root, { needsToken = false } = {}) {
     worker = new Worker('/web/worker.js', { type: 'module' });
     worker.onmessage = (e) => handle(e.data);
     worker.onerror = (e) => handle({ type: 'error', message: e.message || 'the worker failed to load' });
-    worker.postMessage({ type: 'start', preferGpu: $('prefer-gpu').checked, token: $('worker-token').value || null });
+    worker.postMessage({ type: 'start', backend: $('backend-choice').value, token: $('worker-token').value || null });
     setRunning(true);
     show('v-state', 'starting');
   });
@@ -61,7 +63,10 @@ export function mountVolunteer(root, { needsToken = false } = {}) {
       case 'backend':
         state.backend = msg.backend;
         state.device = msg.device;
+        state.why = msg.why;
         show('v-backend', `${msg.backend} · ${msg.device}`);
+        $('v-backend').title = msg.why;
+        show('v-message', msg.why);
         break;
       case 'joined':
         state.workerId = msg.worker_id;

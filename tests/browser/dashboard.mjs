@@ -6,7 +6,13 @@
 //
 // node dashboard.mjs --base http://127.0.0.1:PORT --backend webgpu|cpu --out DIR
 //   [--min-syncs 5] [--timeout 240] [--admin-token T --tau N --batch B]
-//   [--spki BASE64 --label NAME]
+//   [--spki BASE64 --label NAME] [--choice auto|webgpu|cpu] [--adapter yes]
+//   [--expect-why TEXT]
+//
+// --backend is what the worker must end up on; --choice is what the Join panel's
+// backend menu is set to (default: webgpu for the WebGPU runs, else auto);
+// --adapter yes offers Chromium's software WebGPU adapter even in a CPU run (auto
+// must then refuse it, saying why: --expect-why checks the panel's reason).
 //
 // Over https://, --spki trusts the server's key in Chromium (its
 // --ignore-certificate-errors-spki-list), and the page must be a secure context;
@@ -24,6 +30,7 @@ const backend = args.backend || 'cpu';
 const label = args.label || backend;
 const out = args.out || '.';
 const minSyncs = Number(args['min-syncs'] || 5);
+const choice = args.choice || (backend === 'webgpu' ? 'webgpu' : 'auto');
 const timeoutMs = Number(args.timeout || 240) * 1000;
 mkdirSync(out, { recursive: true });
 
@@ -44,7 +51,7 @@ async function until(what, fn, limit = timeoutMs) {
 // Chromium exposes WebGPU headless only with this flag (a SwiftShader adapter).
 const flags = ['--no-first-run', '--disable-background-networking', '--disable-component-update',
   '--disable-sync', '--disable-quic'];
-if (backend === 'webgpu') flags.push('--enable-unsafe-webgpu');
+if (backend === 'webgpu' || args.adapter === 'yes') flags.push('--enable-unsafe-webgpu');
 if (args.spki) flags.push(`--ignore-certificate-errors-spki-list=${args.spki}`);
 const browser = await chromium.launch({ executablePath: process.env.CHROMIUM || '/usr/bin/chromium', args: flags });
 let exitCode = 0;
@@ -71,8 +78,9 @@ try {
     throw new Error('the page over https:// is not a secure context');
   }
 
+  await page.selectOption('#backend-choice', choice);
   await page.click('#join');
-  log('pressed Join');
+  log(`pressed Join (backend menu: ${choice})`);
   const joined = await until(`a browser worker with ${minSyncs} syncs`, async () => {
     const s = await status();
     const w = s.workers.find((w) => w.kind === 'browser');
@@ -86,6 +94,11 @@ try {
   report.center_version_after = joined.s.center_version;
   log(`browser worker #${joined.w.id} (${joined.w.backend}: ${joined.w.device}) has ${joined.w.syncs} syncs at ${joined.w.samples_per_s.toFixed(1)} samples/s`);
   if (joined.w.backend !== backend) throw new Error(`expected the ${backend} backend, the worker reports ${joined.w.backend}`);
+  report.why = await page.evaluate(() => window.tetherVolunteer.why);
+  log(`the panel says: ${report.why}`);
+  if (args['expect-why'] && !String(report.why).includes(args['expect-why'])) {
+    throw new Error(`the panel's reason should mention "${args['expect-why']}": ${report.why}`);
+  }
   if (!(joined.s.center_version > before.center_version)) throw new Error('the center version did not advance');
   const shown = await page.locator('#workers tbody tr[data-kind="browser"] td:nth-child(3)').first().textContent();
   if (shown.trim() !== backend) throw new Error(`the workers table shows backend ${shown}`);

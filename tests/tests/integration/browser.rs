@@ -1,7 +1,8 @@
 //! The dashboard in a real browser (Debian's Chromium, driven by playwright-core
 //! from `tests/browser/`): press Join, and the tab trains as a browser worker —
-//! once on WebGPU (Chromium's SwiftShader adapter, `--enable-unsafe-webgpu`), once
-//! on the CPU fallback (no adapter without the flag), and once on WebGPU over
+//! once on WebGPU (Chromium's SwiftShader adapter, `--enable-unsafe-webgpu`, chosen
+//! on the Join panel), once on the CPU (the same software adapter offered, which the
+//! panel's `auto` refuses, saying why), and once on WebGPU over
 //! `https://` from a server with a certificate made for the test (Chromium trusts
 //! its key; the page must be a secure context) — while a native worker trains
 //! beside it and picks up a τ changed from the operator controls.
@@ -48,7 +49,7 @@ fn missing() -> Option<String> {
 /// One browser at a time: two Chromiums training on two cores would starve each other.
 static ONE_BROWSER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-async fn dashboard_run(backend: &str, https: bool) -> Result<()> {
+async fn dashboard_run(backend: &str, https: bool, extra: &[&str]) -> Result<()> {
     let _one = ONE_BROWSER.lock().await;
     let label = if https {
         format!("{backend}-https")
@@ -122,6 +123,7 @@ async fn dashboard_run(backend: &str, https: bool) -> Result<()> {
         &label,
     ]
     .iter()
+    .chain(extra)
     .map(|s| s.to_string())
     .collect();
     let mut node = Command::new("node");
@@ -165,15 +167,26 @@ async fn dashboard_run(backend: &str, https: bool) -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn browser_worker_trains_on_webgpu_from_the_dashboard() -> Result<()> {
-    dashboard_run("webgpu", false).await
+    dashboard_run("webgpu", false, &[]).await
 }
 
+/// A software WebGPU adapter trains ~100× slower than the CPU path: `auto` must
+/// pass it over for the CPU and say so. Before, a tab that joined on SwiftShader
+/// showed 14 steps and no sync after a minute.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn browser_worker_trains_on_the_cpu_fallback_from_the_dashboard() -> Result<()> {
-    dashboard_run("cpu", false).await
+    let auto = [
+        "--adapter",
+        "yes",
+        "--choice",
+        "auto",
+        "--expect-why",
+        "software",
+    ];
+    dashboard_run("cpu", false, &auto).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn browser_worker_trains_on_webgpu_over_https() -> Result<()> {
-    dashboard_run("webgpu", true).await
+    dashboard_run("webgpu", true, &[]).await
 }
