@@ -3,11 +3,14 @@
 //! checkpoint now, download the center as safetensors.
 //!
 //! Every action is logged; hyper-parameter changes are also kept in the run's
-//! history so the dashboard marks them on its charts.
+//! history so the dashboard marks them on its charts. [`require_token`] guards the
+//! whole `/api/admin` router, before any body is read: a request without the token
+//! costs its headers and nothing more.
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use tether_shared::protocol::Hyper;
@@ -15,6 +18,19 @@ use tether_shared::protocol::Hyper;
 use crate::checkpoint;
 use crate::state::AppState;
 use crate::web::error;
+
+/// Middleware of the admin routes: refuses the request unless it carries the admin
+/// token.
+pub async fn require_token(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    match authorize(&state, request.headers()) {
+        Ok(()) => next.run(request).await,
+        Err(refused) => refused,
+    }
+}
 
 /// Refuses the request unless it carries the admin token.
 #[allow(clippy::result_large_err)] // the error is the response itself, sent once
@@ -59,12 +75,8 @@ pub struct HyperPatch {
 /// `POST /api/admin/hyper`: changes τ, α, η; workers pick them up at their next sync.
 pub async fn set_hyper(
     State(state): State<AppState>,
-    headers: HeaderMap,
     body: Result<Json<HyperPatch>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    if let Err(refused) = authorize(&state, &headers) {
-        return refused;
-    }
     let Json(patch) = match body {
         Ok(b) => b,
         // A body over the limit says so (413); any other bad body is a 400.
@@ -91,28 +103,19 @@ pub async fn set_hyper(
 }
 
 /// `POST /api/admin/pause`: workers wait at their next sync until resumed.
-pub async fn pause(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    if let Err(refused) = authorize(&state, &headers) {
-        return refused;
-    }
+pub async fn pause(State(state): State<AppState>) -> Response {
     state.set_paused(true);
     Json(serde_json::json!({ "paused": true })).into_response()
 }
 
 /// `POST /api/admin/resume`.
-pub async fn resume(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    if let Err(refused) = authorize(&state, &headers) {
-        return refused;
-    }
+pub async fn resume(State(state): State<AppState>) -> Response {
     state.set_paused(false);
     Json(serde_json::json!({ "paused": false })).into_response()
 }
 
 /// `POST /api/admin/checkpoint`: writes a checkpoint of the center now.
-pub async fn checkpoint_now(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    if let Err(refused) = authorize(&state, &headers) {
-        return refused;
-    }
+pub async fn checkpoint_now(State(state): State<AppState>) -> Response {
     match crate::write_checkpoint(&state, true).await {
         Ok(path) => {
             let version = state
@@ -132,10 +135,7 @@ pub async fn checkpoint_now(State(state): State<AppState>, headers: HeaderMap) -
 }
 
 /// `GET /api/admin/center.safetensors`: the center as it is now.
-pub async fn download_center(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    if let Err(refused) = authorize(&state, &headers) {
-        return refused;
-    }
+pub async fn download_center(State(state): State<AppState>) -> Response {
     let snap = state.snapshot();
     let name = format!(
         "attachment; filename=\"{}-v{}.safetensors\"",

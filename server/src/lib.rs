@@ -70,6 +70,16 @@ pub enum ServerError {
 /// `/api/join` and `/api/shard` for browser workers, `/api/admin/*` for the
 /// operator, and `/metrics`.
 pub fn app(state: AppState) -> Router {
+    let operator = Router::new()
+        .route("/hyper", post(admin::set_hyper))
+        .route("/pause", post(admin::pause))
+        .route("/resume", post(admin::resume))
+        .route("/checkpoint", post(admin::checkpoint_now))
+        .route("/center.safetensors", get(admin::download_center))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            admin::require_token,
+        ));
     Router::new()
         .route("/", get(web::dashboard))
         .route("/volunteer", get(web::volunteer))
@@ -79,11 +89,7 @@ pub fn app(state: AppState) -> Router {
         .route("/api/status", get(status))
         .route("/api/join", post(web::join))
         .route("/api/shard", get(web::shard))
-        .route("/api/admin/hyper", post(admin::set_hyper))
-        .route("/api/admin/pause", post(admin::pause))
-        .route("/api/admin/resume", post(admin::resume))
-        .route("/api/admin/checkpoint", post(admin::checkpoint_now))
-        .route("/api/admin/center.safetensors", get(admin::download_center))
+        .nest("/api/admin", operator)
         .route("/metrics", get(metrics))
         .layer(middleware::from_fn_with_state(state.clone(), deadline))
         // The largest body any route takes is an admin patch of a few numbers: a

@@ -441,10 +441,11 @@ async fn half_open_requests_are_capped_and_closed() -> Result<()> {
     Ok(())
 }
 
-/// A body trickled slower than the request timeout is cut off with 408 and costs at
-/// most the body limit; a body over the limit is refused without being read. Before
-/// the fix a trickled body held its task forever and an unauthenticated admin
-/// request could make the server buffer 2 MB.
+/// A body trickled slower than the request timeout is cut off with 408; a body over
+/// the limit is refused without being read (413); an admin request without the
+/// token is refused before its body is read at all (401, whatever it announces).
+/// Before the fix a trickled body held its task forever, and an unauthenticated
+/// admin request made the server read and buffer up to 2 MB before the token check.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trickled_or_huge_body_is_refused() -> Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -452,17 +453,34 @@ async fn a_trickled_or_huge_body_is_refused() -> Result<()> {
     cfg.admin_token = Some(ADMIN.into());
     cfg.request_timeout = Duration::from_secs(1);
     let server = TestServer::start(cfg).await?;
-    let mut s = tokio::net::TcpStream::connect(server.addr).await?;
-    s.write_all(b"POST /api/admin/hyper HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"lr\":")
-        .await?;
-    let t0 = Instant::now();
-    let mut response = vec![0u8; 512];
-    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut response)).await??;
-    let head = String::from_utf8_lossy(&response[..n]);
-    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
-    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
-    let huge = vec![b' '; tether_server::MAX_BODY + 1];
+    // The status line of a request whose body never comes, and how long it took.
+    let trickle = async |auth: &str, length: usize| -> Result<(String, Duration)> {
+        let mut s = tokio::net::TcpStream::connect(server.addr).await?;
+        let head = format!(
+            "POST /api/admin/hyper HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n{{\"lr\":"
+        );
+        s.write_all(head.as_bytes()).await?;
+        let t0 = Instant::now();
+        let mut response = vec![0u8; 512];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut response)).await??;
+        let line = String::from_utf8_lossy(&response[..n])
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string();
+        Ok((line, t0.elapsed()))
+    };
     let auth = format!("Bearer {ADMIN}");
+    let (line, took) = trickle(&format!("Authorization: {auth}\r\n"), 1000).await?;
+    assert!(line.starts_with("HTTP/1.1 408"), "{line}");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    let (line, took) = trickle("", 1 << 30).await?;
+    assert!(line.starts_with("HTTP/1.1 401"), "{line}");
+    assert!(
+        took < Duration::from_millis(500),
+        "refused only after {took:?}"
+    );
+    let huge = vec![b' '; tether_server::MAX_BODY + 1];
     let r = http(
         server.addr,
         "POST",
