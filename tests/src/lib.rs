@@ -280,6 +280,22 @@ pub mod net {
             }
         }
 
+        /// Sends sync `seq` of `session` (having seen `seen`) with `payload` and
+        /// returns the center version of the reply; an error for anything else.
+        pub async fn exchange(
+            &mut self,
+            session: u64,
+            seq: u64,
+            seen: u64,
+            payload: &[f32],
+        ) -> Result<u64> {
+            self.send(&sync(session, seq, seen), payload).await?;
+            match self.recv().await?.message {
+                Message::Reply(r) => Ok(r.center_version),
+                other => bail!("expected a reply, got {other:?}"),
+            }
+        }
+
         /// Sends `hello` and returns the welcome and the center it carries.
         pub async fn join(url: &str, hello: Hello) -> Result<(Self, protocol::Welcome, Vec<f32>)> {
             let mut c = Self::connect(url).await?;

@@ -84,13 +84,9 @@ async fn concurrent_checkpoint_triggers_leave_only_valid_checkpoints() -> Result
             let r = r?;
             assert_eq!(r.status, 200, "{}", r.text());
         }
-        client
-            .send(&sync(welcome.session, seq, version), &center)
+        version = client
+            .exchange(welcome.session, seq, version, &center)
             .await?;
-        match client.recv().await?.message {
-            Message::Reply(r) => version = r.center_version,
-            other => bail!("expected a reply, got {other:?}"),
-        }
     }
     server.stop().await?;
     let mut manifests = 0;

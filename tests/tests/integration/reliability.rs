@@ -584,15 +584,9 @@ async fn churn(addr: SocketAddr, acked: std::sync::Arc<std::sync::atomic::Atomic
         };
         let mut version = w.center_version;
         for seq in 1.. {
-            if c.send(&sync(w.session, seq, version), &center)
-                .await
-                .is_err()
-            {
-                return;
-            }
-            match c.recv().await.map(|f| f.message) {
-                Ok(Message::Reply(r)) => version = r.center_version,
-                _ => return,
+            match c.exchange(w.session, seq, version, &center).await {
+                Ok(v) => version = v,
+                Err(_) => return,
             }
         }
     };
@@ -707,11 +701,7 @@ async fn concurrent_triggers(size: &Size) -> Result<Row> {
             calls += 1;
             failed += usize::from(!r.is_ok_and(|r| r.status == 200));
         }
-        c.send(&sync(w.session, seq, version), &center).await?;
-        match c.recv().await?.message {
-            Message::Reply(r) => version = r.center_version,
-            other => bail!("expected a reply, got {other:?}"),
-        }
+        version = c.exchange(w.session, seq, version, &center).await?;
     }
     drop(c);
     let panicked = panics(&stop(server)?);
