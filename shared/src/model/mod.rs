@@ -6,6 +6,7 @@
 //! the usual conv → ReLU → pool, with ReLU and its backward on a 4× smaller tensor.
 
 pub mod flat;
+pub mod ops;
 pub mod paper;
 pub mod small;
 

@@ -10,6 +10,8 @@ use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig, PaddingConfig2d};
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
 
+use super::ops::{conv2d, pool2_relu};
+
 /// Parameter count: 1 664 + 204 928 + 73 792 + 147 712 + 2 570.
 pub const PARAMS: usize = 430_666;
 
@@ -57,9 +59,9 @@ impl PaperCnnConfig {
 impl PaperCnn {
     /// Logits `[N, 10]` for images `[N, 1, 28, 28]`.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
-        let x = relu(self.pool.forward(self.conv1.forward(x)));
-        let x = relu(self.pool.forward(self.conv2.forward(x)));
-        let x = relu(self.pool.forward(self.conv3.forward(x)));
+        let x = pool2_relu(&self.pool, conv2d(&self.conv1, x));
+        let x = pool2_relu(&self.pool, conv2d(&self.conv2, x));
+        let x = pool2_relu(&self.pool, conv2d(&self.conv3, x));
         let x = relu(self.fc1.forward(x.flatten::<2>(1, 3)));
         self.fc2.forward(self.dropout.forward(x))
     }

@@ -9,6 +9,8 @@ use burn::nn::{Linear, LinearConfig, PaddingConfig2d};
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
 
+use super::ops::{conv2d, pool2_relu};
+
 /// Parameter count: 320 + 18 496 + 401 536 + 1 290.
 pub const PARAMS: usize = 421_642;
 
@@ -57,8 +59,8 @@ impl SmallCnnConfig {
 impl SmallCnn {
     /// Logits `[N, 10]` for images `[N, 1, 28, 28]`.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
-        let x = relu(self.pool.forward(self.conv1.forward(x)));
-        let x = relu(self.pool.forward(self.conv2.forward(x)));
+        let x = pool2_relu(&self.pool, conv2d(&self.conv1, x));
+        let x = pool2_relu(&self.pool, conv2d(&self.conv2, x));
         let x = relu(self.fc1.forward(x.flatten::<2>(1, 3)));
         self.fc2.forward(x)
     }
