@@ -140,6 +140,7 @@ async fn sync_client(url: String, until: Instant) -> Result<u64> {
         previous_run: None,
         encodings: vec![Encoding::F32],
         needs_shard: false,
+        group: None,
     };
     ws.send(WsMessage::Binary(
         protocol::encode(&Message::Hello(hello), &[]).into(),

@@ -99,6 +99,39 @@ function workerIds() {
   for (const t of state.ticks) for (const [id] of t.workers) ids.add(id);
   return [...ids].sort((a, b) => a - b);
 }
+/// The workers table: a tab's workers (one group) together under one line with their
+/// sum, the others one row each, in id order.
+function workerRows(workers) {
+  const row = (w, grouped) => `
+    <tr data-kind="${esc(w.kind)}" data-backend="${esc(w.backend)}"${grouped ? ' class="member"' : ''}>
+      <td>#${w.id}</td>
+      <td><span class="tag ${w.kind === 'browser' ? 'browser' : ''}">${esc(w.kind)}</span></td>
+      <td>${esc(w.backend)}</td>
+      <td class="device" title="${esc(w.device)}">${esc(w.device)}</td>
+      <td>${w.syncs}</td>
+      <td>${fmt(w.samples_per_s)}</td>
+      <td>${fmt(w.distance, 3)}</td>
+      <td>${w.staleness}</td>
+      <td>${fmt(w.last_seen_s, 1)} s ago</td>
+    </tr>`;
+  const groups = new Map();
+  for (const w of workers) {
+    if (w.group) groups.set(w.group, [...(groups.get(w.group) || []), w]);
+  }
+  const shown = new Set();
+  return workers.map((w) => {
+    if (!w.group) return row(w, false);
+    if (shown.has(w.group)) return '';
+    shown.add(w.group);
+    const members = groups.get(w.group);
+    const speed = members.reduce((a, m) => a + m.samples_per_s, 0);
+    const syncs = members.reduce((a, m) => a + m.syncs, 0);
+    return `
+    <tr class="group" data-group="${esc(w.group)}"><td colspan="9">${esc(w.group)} · ${members.length} worker${members.length === 1 ? '' : 's'} · ${fmt(speed)} samples/s · ${syncs} syncs</td></tr>` +
+      members.map((m) => row(m, true)).join('');
+  }).join('');
+}
+
 function perWorker(ids, index) {
   const cols = ids.map(() => []);
   for (const t of state.ticks) {
@@ -178,18 +211,7 @@ function renderStatus(s) {
   set('f-workers', s.workers.length);
   set('f-uptime', duration(s.uptime_s));
   const body = $('workers').tBodies[0];
-  body.innerHTML = s.workers.length ? s.workers.map((w) => `
-    <tr data-kind="${esc(w.kind)}" data-backend="${esc(w.backend)}">
-      <td>#${w.id}</td>
-      <td><span class="tag ${w.kind === 'browser' ? 'browser' : ''}">${esc(w.kind)}</span></td>
-      <td>${esc(w.backend)}</td>
-      <td class="device" title="${esc(w.device)}">${esc(w.device)}</td>
-      <td>${w.syncs}</td>
-      <td>${fmt(w.samples_per_s)}</td>
-      <td>${fmt(w.distance, 3)}</td>
-      <td>${w.staleness}</td>
-      <td>${fmt(w.last_seen_s, 1)} s ago</td>
-    </tr>`).join('') : '<tr><td colspan="9" class="muted">no workers yet</td></tr>';
+  body.innerHTML = s.workers.length ? workerRows(s.workers) : '<tr><td colspan="9" class="muted">no workers yet</td></tr>';
   const rejects = (s.recent_rejects || []).slice().reverse();
   $('rejects').innerHTML = rejects.length ? rejects.map((r) => `
     <li><span class="muted">${fmt(r.time_s)} s</span> ${r.worker === null ? 'handshake' : `#${r.worker}`}

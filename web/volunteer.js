@@ -1,10 +1,21 @@
 // The "lend this tab" panel, on the dashboard and on /volunteer: starts the browser
-// worker in a Web Worker and shows what it is doing. State is also exposed as
-// `window.tetherVolunteer` for the browser tests.
+// workers, each in its own Web Worker (one per lent CPU core, or one on a GPU),
+// shows what they do together, and stops them all with one Leave. State is also
+// exposed as `window.tetherVolunteer` for the browser tests.
+import { pickBackend } from './backend.js';
 
 const fmt = (v, digits = 0) => (v === undefined || v === null || Number.isNaN(v) ? '–' : Number(v).toFixed(digits));
 
+/// A name the tab's workers share, so the dashboard shows them as one volunteer.
+function groupName() {
+  const bytes = crypto.getRandomValues(new Uint8Array(4));
+  return `tab ${Array.from(bytes, (b) => b.toString(16).padStart(2, '0')).join('')}`;
+}
+
 export function mountVolunteer(root, { needsToken = false } = {}) {
+  const cores = Math.max(1, navigator.hardwareConcurrency || 1);
+  // Half the cores by default: the volunteer keeps a usable machine.
+  const lend = Math.max(1, Math.floor(cores / 2));
   root.innerHTML = `
     <div class="volunteer-controls">
       <button id="join" class="primary">Join with this tab</button>
@@ -12,12 +23,14 @@ export function mountVolunteer(root, { needsToken = false } = {}) {
       <label class="check">backend <select id="backend-choice">
         <option value="auto" selected>auto</option><option value="webgpu">WebGPU</option><option value="cpu">CPU</option>
       </select></label>
+      <label class="check" title="each core is one worker with its own shard (on a GPU, one worker)">CPU cores
+        <input id="worker-count" type="number" min="1" max="${cores}" value="${lend}"></label>
       <input id="worker-token" type="password" placeholder="worker token" autocomplete="off" ${needsToken ? '' : 'hidden'}>
     </div>
     <dl class="volunteer-stats">
       <div><dt>state</dt><dd id="v-state">idle</dd></div>
       <div><dt>backend</dt><dd id="v-backend">–</dd></div>
-      <div><dt>worker</dt><dd id="v-worker">–</dd></div>
+      <div><dt>workers</dt><dd id="v-worker">–</dd></div>
       <div><dt>steps</dt><dd id="v-steps">0</dd></div>
       <div><dt>local loss</dt><dd id="v-loss">–</dd></div>
       <div><dt>syncs</dt><dd id="v-syncs">0</dd></div>
@@ -25,82 +38,115 @@ export function mountVolunteer(root, { needsToken = false } = {}) {
     </dl>
     <p id="v-message" class="muted"></p>`;
   const $ = (id) => root.querySelector(`#${id}`);
-  const state = { running: false, backend: null, device: null, why: null, workerId: null, steps: 0, syncs: 0, error: null };
+  const state = {
+    running: false, backend: null, device: null, why: null, group: null,
+    workers: [], workerIds: [], steps: 0, syncs: 0, error: null,
+  };
   window.tetherVolunteer = state;
-  let worker = null;
+  // One entry per Web Worker: its thread and what it last reported.
+  let crew = [];
 
   const show = (id, text) => { $(id).textContent = text; };
   const setRunning = (running) => {
     state.running = running;
     $('join').hidden = running;
     $('leave').hidden = !running;
+    $('worker-count').disabled = running;
   };
+  const sum = (key) => crew.reduce((a, w) => a + (w[key] || 0), 0);
+  function refresh() {
+    state.workers = crew.map(({ thread, ...figures }) => figures);
+    state.workerIds = crew.filter((w) => w.id !== undefined).map((w) => w.id);
+    state.steps = sum('steps');
+    state.syncs = sum('syncs');
+    show('v-steps', String(state.steps));
+    show('v-syncs', String(state.syncs));
+    const speeds = crew.filter((w) => w.speed !== undefined);
+    show('v-speed', speeds.length ? fmt(sum('speed')) : '–');
+    const losses = crew.filter((w) => Number.isFinite(w.loss));
+    show('v-loss', losses.length ? fmt(losses.reduce((a, w) => a + w.loss, 0) / losses.length, 4) : '–');
+    const ids = state.workerIds.map((id) => `#${id}`).join(', ');
+    show('v-worker', `${crew.length} running${ids ? ` (${ids})` : ''}${state.group ? ` · ${state.group}` : ''}`);
+  }
 
-  $('join').addEventListener('click', () => {
-    if (worker) return;
+  $('join').addEventListener('click', async () => {
+    if (crew.length || state.running) return;
     state.error = null;
-    worker = new Worker('/web/worker.js', { type: 'module' });
-    worker.onmessage = (e) => handle(e.data);
-    worker.onerror = (e) => handle({ type: 'error', message: e.message || 'the worker failed to load' });
-    worker.postMessage({ type: 'start', backend: $('backend-choice').value, token: $('worker-token').value || null });
     setRunning(true);
     show('v-state', 'starting');
+    // The backend is chosen once for the tab: a GPU takes one worker, the CPU one per core.
+    const { gpu, why } = await pickBackend($('backend-choice').value);
+    const wanted = Math.min(cores, Math.max(1, Math.floor(Number($('worker-count').value) || 1)));
+    const count = gpu ? 1 : wanted;
+    state.why = gpu && wanted > 1 ? `${why} (one worker: the tab's workers would share one GPU)` : why;
+    state.group = groupName();
+    show('v-message', state.why);
+    const token = $('worker-token').value || null;
+    crew = Array.from({ length: count }, (_, index) => {
+      const thread = new Worker('/web/worker.js', { type: 'module' });
+      const member = { thread, index, steps: 0, syncs: 0 };
+      thread.onmessage = (e) => handle(member, e.data);
+      thread.onerror = (e) => handle(member, { type: 'error', message: e.message || 'the worker failed to load' });
+      thread.postMessage({ type: 'start', backend: gpu ? 'webgpu' : 'cpu', group: state.group, token });
+      return member;
+    });
+    refresh();
   });
   $('leave').addEventListener('click', () => {
-    if (!worker) return;
-    worker.postMessage({ type: 'stop' });
+    if (!crew.length) return;
+    for (const w of crew) w.thread.postMessage({ type: 'stop' });
     show('v-state', 'leaving after this sync');
   });
-  // A closing tab cannot finish a sync; the browser closes the socket, and the
-  // server drops the worker at once (or by its timeouts if the network vanished).
-  window.addEventListener('pagehide', () => worker && worker.postMessage({ type: 'stop' }));
+  // A closing tab cannot finish a sync; the browser closes the sockets, and the
+  // server drops the workers at once (or by its timeouts if the network vanished).
+  window.addEventListener('pagehide', () => crew.forEach((w) => w.thread.postMessage({ type: 'stop' })));
 
-  function handle(msg) {
+  function handle(member, msg) {
     switch (msg.type) {
       case 'status':
-        show('v-message', msg.text);
+        show('v-message', crew.length > 1 ? `worker ${member.index + 1}: ${msg.text}` : msg.text);
         break;
       case 'backend':
         state.backend = msg.backend;
         state.device = msg.device;
-        state.why = msg.why;
-        show('v-backend', `${msg.backend} · ${msg.device}`);
-        $('v-backend').title = msg.why;
-        show('v-message', msg.why);
+        show('v-backend', `${msg.backend} · ${msg.device}${crew.length > 1 ? ` × ${crew.length}` : ''}`);
+        $('v-backend').title = state.why;
         break;
       case 'joined':
-        state.workerId = msg.worker_id;
-        show('v-worker', `#${msg.worker_id} · shard ${msg.shard_index + 1}/${msg.shard_count}`);
+        member.id = msg.worker_id;
+        member.shard = `${msg.shard_index + 1}/${msg.shard_count}`;
         show('v-state', `training (${msg.algorithm}, τ ${msg.tau})`);
         break;
       case 'step':
-        state.steps = msg.steps;
-        show('v-steps', String(msg.steps));
+        member.steps = msg.steps;
         break;
       case 'synced':
-        state.syncs = msg.syncs;
-        show('v-syncs', String(msg.syncs));
-        show('v-loss', fmt(msg.loss, 4));
-        show('v-speed', fmt(msg.samples_per_s));
+        member.syncs = msg.syncs;
+        member.loss = msg.loss;
+        member.speed = msg.samples_per_s;
         show('v-state', `training (center v${msg.center_version}, τ ${msg.tau})`);
         break;
       case 'stopped':
-        finish('left the run');
+        drop(member);
         break;
       case 'error':
         state.error = msg.message;
-        finish(`stopped: ${msg.message}`);
+        show('v-message', `worker ${member.index + 1} stopped: ${msg.message}`);
+        drop(member);
         break;
       default:
         break;
     }
+    refresh();
   }
 
-  function finish(text) {
-    show('v-state', text);
-    if (worker) worker.terminate();
-    worker = null;
-    setRunning(false);
+  function drop(member) {
+    member.thread.terminate();
+    crew = crew.filter((w) => w !== member);
+    if (!crew.length) {
+      show('v-state', state.error ? `stopped: ${state.error}` : 'left the run');
+      setRunning(false);
+    }
   }
   return state;
 }

@@ -1,7 +1,10 @@
 // tether's browser worker, run as a dedicated module Web Worker so the page stays
-// responsive. It owns the socket and the downloads; the wasm module (the same
-// Rust model, algorithms and frames as a native worker) does everything else.
+// responsive; a tab lending several cores runs several, each its own elastic worker
+// with its own shard and socket. It owns the socket and the downloads; the wasm
+// module (the same Rust model, algorithms and frames as a native worker) does
+// everything else.
 import init, { create_worker } from './pkg/tether_client_wasm.js';
+import { pickBackend } from './backend.js';
 
 let stopping = false;
 let volunteer = null;
@@ -24,40 +27,12 @@ class Lost extends Error {}
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
-/// Whether a WebGPU adapter is a software one (SwiftShader, lavapipe, llvmpipe):
-/// those train about 100× slower than the CPU path, so `auto` does not use them.
-function softwareAdapter(adapter, info) {
-  if (info.isFallbackAdapter ?? adapter.isFallbackAdapter) return true;
-  const name = [info.vendor, info.architecture, info.device, info.description].join(' ');
-  return /swiftshader|lavapipe|llvmpipe|software/i.test(name);
-}
-
-/// Picks the backend: `choice` is `auto` (WebGPU on a hardware adapter, else the
-/// CPU), `webgpu` (any adapter, software too) or `cpu`. Returns the adapter's name
-/// for WebGPU (or null) and why, for the Join panel.
-async function pickBackend(choice) {
-  if (choice === 'cpu') return { gpu: null, why: 'CPU, as chosen' };
-  if (!self.navigator.gpu) return { gpu: null, why: 'this browser offers no WebGPU: training on the CPU' };
-  let adapter;
-  try {
-    adapter = await self.navigator.gpu.requestAdapter();
-  } catch (err) {
-    return { gpu: null, why: `no WebGPU adapter (${err}): training on the CPU` };
-  }
-  if (!adapter) return { gpu: null, why: 'no WebGPU adapter: training on the CPU' };
-  const info = adapter.info || {};
-  const name = [info.vendor, info.architecture, info.description].filter(Boolean).join(' ') || 'adapter';
-  if (choice === 'auto' && softwareAdapter(adapter, info)) {
-    return { gpu: null, why: `the WebGPU adapter (${name}) is a software one, far slower than the CPU: training on the CPU (choose WebGPU to use it anyway)` };
-  }
-  return { gpu: `webgpu: ${name}`, why: `WebGPU on ${name}` };
-}
-
-async function run({ token, backend = 'auto' }) {
+async function run({ token, backend = 'auto', group = null }) {
   post('status', { text: 'loading the wasm module' });
   await init({ module_or_path: new URL('./pkg/tether_client_wasm_bg.wasm', import.meta.url) });
   const { gpu, why } = await pickBackend(backend);
   volunteer = await create_worker(gpu);
+  if (group) volunteer.set_group(group);
   post('backend', { backend: volunteer.backend, device: volunteer.device, why });
   let failures = 0;
   while (!stopping) {

@@ -81,6 +81,12 @@ impl BrowserWorker {
         self.inner.borrow().tau()
     }
 
+    /// Names the group this worker joins with (a tab's workers share one), from
+    /// the next hello on.
+    pub fn set_group(&self, group: &str) {
+        self.inner.borrow_mut().group = Some(group.to_string());
+    }
+
     /// The hello frame, carrying the join ticket.
     pub fn hello(&self, ticket: &str) -> Vec<u8> {
         self.inner.borrow_mut().hello(ticket)

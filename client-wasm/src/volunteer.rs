@@ -121,6 +121,8 @@ pub struct Volunteer {
     pub backend: String,
     /// The device in words.
     pub device: String,
+    /// Sent in the hello: the tab's workers share it (see `Hello::group`).
+    pub group: Option<String>,
     joined: Option<Joined>,
     center: Vec<f32>,
     link: Link,
@@ -138,6 +140,7 @@ impl Volunteer {
             worker: LocalWorker::new(device),
             backend: backend.into(),
             device: description.into(),
+            group: None,
             joined: None,
             center: Vec::new(),
             link: Link::new(Encoding::F32, &[]),
@@ -162,6 +165,7 @@ impl Volunteer {
             previous_run: None,
             encodings: Encoding::ALL.to_vec(),
             needs_shard: false,
+            group: self.group.clone(),
         };
         protocol::encode(&Message::Hello(hello), &[])
     }

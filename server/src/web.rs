@@ -49,6 +49,7 @@ const ASSETS: &[Asset] = assets![
     "app.js" => "text/javascript; charset=utf-8";
     "volunteer.js" => "text/javascript; charset=utf-8";
     "worker.js" => "text/javascript; charset=utf-8";
+    "backend.js" => "text/javascript; charset=utf-8";
     "vendor/uPlot.iife.min.js" => "text/javascript; charset=utf-8";
     "vendor/uPlot.min.css" => "text/css; charset=utf-8";
     "vendor/uPlot.LICENSE" => "text/plain; charset=utf-8";

@@ -22,6 +22,8 @@ pub struct Worker {
     pub backend: String,
     /// The device in words.
     pub device: String,
+    /// The group it joined with (a browser tab's workers share one), if any.
+    pub group: Option<String>,
     /// Its data shard.
     pub shard: Shard,
     /// When it joined (Unix seconds).
@@ -65,6 +67,8 @@ pub struct WorkerStatus {
     pub backend: String,
     /// Device in words.
     pub device: String,
+    /// The group it joined with (a browser tab's workers share one).
+    pub group: Option<String>,
     /// Shard index / count.
     pub shard: String,
     /// Accepted syncs.
@@ -130,6 +134,7 @@ impl Workers {
             kind: hello.kind,
             backend: clip(&hello.backend, MAX_NAME_CHARS),
             device: clip(&hello.device, MAX_NAME_CHARS),
+            group: hello.group.as_deref().map(|g| clip(g, MAX_NAME_CHARS)),
             shard: Shard {
                 index,
                 count: shards,
@@ -175,6 +180,7 @@ impl Workers {
                 kind: w.kind,
                 backend: w.backend.clone(),
                 device: w.device.clone(),
+                group: w.group.clone(),
                 shard: format!("{}/{}", w.shard.index, w.shard.count),
                 syncs: w.syncs,
                 rejects: w.rejects,
@@ -220,6 +226,7 @@ mod tests {
             previous_run: None,
             encodings: vec![],
             needs_shard: false,
+            group: None,
         }
     }
 
@@ -238,5 +245,28 @@ mod tests {
             w.status().iter().map(|s| s.id).collect::<Vec<_>>(),
             [1, 2, 3]
         );
+    }
+
+    #[test]
+    fn a_group_name_is_kept_and_clipped() {
+        let mut w = Workers::default();
+        let tab = Hello {
+            group: Some("tab 1a2b3c4d".into()),
+            ..hello()
+        };
+        let huge = Hello {
+            group: Some("x".repeat(10_000)),
+            ..hello()
+        };
+        w.join(1, &tab, 4, 0);
+        w.join(2, &huge, 4, 0);
+        w.join(3, &hello(), 4, 0);
+        let groups: Vec<Option<String>> = w.status().into_iter().map(|s| s.group).collect();
+        assert_eq!(groups[0].as_deref(), Some("tab 1a2b3c4d"));
+        assert_eq!(
+            groups[1].as_ref().map(|g| g.chars().count()),
+            Some(MAX_NAME_CHARS + 1)
+        );
+        assert_eq!(groups[2], None);
     }
 }

@@ -24,7 +24,7 @@ use crate::data::Normalization;
 use crate::model::ModelKind;
 
 /// Version of this protocol. A hello with another version is rejected.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Bytes before the header: its length and the payload's length.
 pub const PREFIX_BYTES: usize = 8;
@@ -72,6 +72,9 @@ pub struct Hello {
     /// Whether the worker has the training set itself; if not, it downloads its
     /// shard, whose length and digest the welcome announces.
     pub needs_shard: bool,
+    /// Workers started together (a browser tab's Web Workers) share a group name, so
+    /// the dashboard shows them as one volunteer. The server keeps 80 characters.
+    pub group: Option<String>,
 }
 
 /// The hyper-parameters a worker needs, sent in the welcome and in every reply so a
@@ -606,6 +609,7 @@ mod tests {
             previous_run: None,
             encodings: Encoding::ALL.to_vec(),
             needs_shard: false,
+            group: None,
         })
     }
 

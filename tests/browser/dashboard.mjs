@@ -7,12 +7,15 @@
 // node dashboard.mjs --base http://127.0.0.1:PORT --backend webgpu|cpu --out DIR
 //   [--min-syncs 5] [--timeout 240] [--admin-token T --tau N --batch B]
 //   [--spki BASE64 --label NAME] [--choice auto|webgpu|cpu] [--adapter yes]
-//   [--expect-why TEXT]
+//   [--expect-why TEXT] [--workers N]
 //
 // --backend is what the worker must end up on; --choice is what the Join panel's
 // backend menu is set to (default: webgpu for the WebGPU runs, else auto);
 // --adapter yes offers Chromium's software WebGPU adapter even in a CPU run (auto
 // must then refuse it, saying why: --expect-why checks the panel's reason).
+// --workers N sets the panel's CPU cores: N Web Workers must join as one group,
+// each train to --min-syncs, show under one line in the workers table, and all
+// leave on one press of Leave.
 //
 // Over https://, --spki trusts the server's key in Chromium (its
 // --ignore-certificate-errors-spki-list), and the page must be a secure context;
@@ -32,6 +35,7 @@ const out = args.out || '.';
 const minSyncs = Number(args['min-syncs'] || 5);
 const choice = args.choice || (backend === 'webgpu' ? 'webgpu' : 'auto');
 const timeoutMs = Number(args.timeout || 240) * 1000;
+const workers = Number(args.workers || 1);
 mkdirSync(out, { recursive: true });
 
 const report = { backend, label, errors: [], steps: [] };
@@ -79,17 +83,34 @@ try {
   }
 
   await page.selectOption('#backend-choice', choice);
+  await page.fill('#worker-count', String(workers));
   await page.click('#join');
-  log(`pressed Join (backend menu: ${choice})`);
-  const joined = await until(`a browser worker with ${minSyncs} syncs`, async () => {
+  log(`pressed Join (backend menu: ${choice}, ${workers} CPU core(s))`);
+  const joined = await until(`${workers} browser worker(s) with ${minSyncs} syncs each`, async () => {
     const s = await status();
-    const w = s.workers.find((w) => w.kind === 'browser');
+    const browsers = s.workers.filter((w) => w.kind === 'browser');
     if (report.errors.length) throw new Error(`page errors: ${report.errors.join(' | ')}`);
     const err = await page.evaluate(() => window.tetherVolunteer && window.tetherVolunteer.error);
     if (err) throw new Error(`browser worker stopped: ${err}`);
-    return w && w.syncs >= minSyncs ? { s, w } : null;
+    const done = browsers.length === workers && browsers.every((w) => w.syncs >= minSyncs);
+    return done ? { s, w: browsers[0], browsers } : null;
   });
   report.browser_worker = joined.w;
+  report.browser_workers = joined.browsers;
+  const group = await page.evaluate(() => window.tetherVolunteer.group);
+  if (!group || joined.browsers.some((w) => w.group !== group)) {
+    throw new Error(`the tab's workers should share the group ${group}: ${JSON.stringify(joined.browsers.map((w) => w.group))}`);
+  }
+  const shards = new Set(joined.browsers.map((w) => w.shard));
+  if (shards.size !== workers) throw new Error(`each worker needs its own shard: ${[...shards]}`);
+  log(`${workers} worker(s) in ${group}, shards ${[...shards].join(', ')}`);
+  if (workers > 1) {
+    const line = page.locator(`#workers tbody tr.group[data-group="${group}"]`);
+    await line.waitFor({ timeout: 10000 });
+    const text = await line.textContent();
+    if (!text.includes(`${workers} workers`)) throw new Error(`the workers table's group line reads: ${text}`);
+    log(`the workers table groups them: ${text.trim()}`);
+  }
   report.center_version_before = before.center_version;
   report.center_version_after = joined.s.center_version;
   log(`browser worker #${joined.w.id} (${joined.w.backend}: ${joined.w.device}) has ${joined.w.syncs} syncs at ${joined.w.samples_per_s.toFixed(1)} samples/s`);
@@ -107,8 +128,9 @@ try {
   report.native_samples_per_s = natives.map((w) => w.samples_per_s);
   if (natives.length) {
     const native = natives.reduce((a, w) => a + w.samples_per_s, 0) / natives.length;
-    report.browser_vs_native = joined.w.samples_per_s / native;
-    log(`browser ${joined.w.samples_per_s.toFixed(1)} vs native ${native.toFixed(1)} samples/s: ratio ${report.browser_vs_native.toFixed(3)}`);
+    const browser = joined.browsers.reduce((a, w) => a + w.samples_per_s, 0) / workers;
+    report.browser_vs_native = browser / native;
+    log(`browser ${browser.toFixed(1)} (per worker) vs native ${native.toFixed(1)} samples/s: ratio ${report.browser_vs_native.toFixed(3)}`);
   }
 
   // Charts must hold data (at least two ticks and, where evaluated, an accuracy point).
@@ -146,7 +168,7 @@ try {
 
   // Leave: the worker syncs once more, says goodbye, and the server drops it.
   await page.click('#leave');
-  await until('the browser worker to leave', async () => !(await status()).workers.some((w) => w.kind === 'browser'), 60000);
+  await until('every browser worker to leave', async () => !(await status()).workers.some((w) => w.kind === 'browser'), 60000);
   log('left cleanly');
   if (report.errors.length) throw new Error(`page errors: ${report.errors.join(' | ')}`);
   report.ok = true;

@@ -199,6 +199,7 @@ pub mod net {
             // Raw clients speak exact f32, so tests can compare bit for bit.
             encodings: vec![tether_shared::codec::Encoding::F32],
             needs_shard: false,
+            group: None,
         }
     }
 

@@ -261,6 +261,7 @@ pub async fn run(
         previous_run,
         encodings: config.encodings.clone(),
         needs_shard,
+        group: None,
     };
     let max_frame = protocol::max_frame_bytes(4 << 20);
     let stopped = loop {

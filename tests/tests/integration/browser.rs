@@ -1,8 +1,8 @@
 //! The dashboard in a real browser (Debian's Chromium, driven by playwright-core
 //! from `tests/browser/`): press Join, and the tab trains as a browser worker —
 //! once on WebGPU (Chromium's SwiftShader adapter, `--enable-unsafe-webgpu`, chosen
-//! on the Join panel), once on the CPU (the same software adapter offered, which the
-//! panel's `auto` refuses, saying why), and once on WebGPU over
+//! on the Join panel), once on the CPU with two cores lent (the same software adapter
+//! offered, which the panel's `auto` refuses, saying why), and once on WebGPU over
 //! `https://` from a server with a certificate made for the test (Chromium trusts
 //! its key; the page must be a secure context) — while a native worker trains
 //! beside it and picks up a τ changed from the operator controls.
@@ -172,9 +172,10 @@ async fn browser_worker_trains_on_webgpu_from_the_dashboard() -> Result<()> {
 
 /// A software WebGPU adapter trains ~100× slower than the CPU path: `auto` must
 /// pass it over for the CPU and say so. Before, a tab that joined on SwiftShader
-/// showed 14 steps and no sync after a minute.
+/// showed 14 steps and no sync after a minute. The tab lends two cores: two Web
+/// Workers, two shards, one group on the dashboard, one Leave for both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn browser_worker_trains_on_the_cpu_fallback_from_the_dashboard() -> Result<()> {
+async fn browser_workers_train_on_the_cpu_fallback_from_the_dashboard() -> Result<()> {
     let auto = [
         "--adapter",
         "yes",
@@ -182,6 +183,8 @@ async fn browser_worker_trains_on_the_cpu_fallback_from_the_dashboard() -> Resul
         "auto",
         "--expect-why",
         "software",
+        "--workers",
+        "2",
     ];
     dashboard_run("cpu", false, &auto).await
 }
