@@ -7,6 +7,9 @@ use rayon::prelude::*;
 
 use super::gemm::{Mat, sgemm};
 
+/// Rayon tasks per thread for one convolution's images.
+const TASKS_PER_THREAD: usize = 4;
+
 /// The shape of one convolution.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct ConvShape {
@@ -38,10 +41,11 @@ impl ConvShape {
     fn taps(&self) -> usize {
         self.cin * self.kernel * self.kernel
     }
-    /// Images per rayon task: one contiguous group per thread.
+    /// Images per rayon task: a few tasks per thread, so a thread that the machine
+    /// slows down (a busy core, a noisy neighbour) does not hold the others up.
     fn group(&self) -> usize {
         self.batch
-            .div_ceil(rayon::current_num_threads().max(1))
+            .div_ceil(TASKS_PER_THREAD * rayon::current_num_threads().max(1))
             .max(1)
     }
 }
