@@ -40,7 +40,7 @@ export function mountVolunteer(root, { needsToken = false } = {}) {
   const $ = (id) => root.querySelector(`#${id}`);
   const state = {
     running: false, backend: null, device: null, why: null, group: null,
-    workers: [], workerIds: [], steps: 0, syncs: 0, error: null,
+    workerIds: [], steps: 0, syncs: 0, error: null,
   };
   window.tetherVolunteer = state;
   // One entry per Web Worker: its thread and what it last reported.
@@ -55,7 +55,6 @@ export function mountVolunteer(root, { needsToken = false } = {}) {
   };
   const sum = (key) => crew.reduce((a, w) => a + (w[key] || 0), 0);
   function refresh() {
-    state.workers = crew.map(({ thread, ...figures }) => figures);
     state.workerIds = crew.filter((w) => w.id !== undefined).map((w) => w.id);
     state.steps = sum('steps');
     state.syncs = sum('syncs');

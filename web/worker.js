@@ -30,10 +30,11 @@ const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 async function run({ token, backend = 'auto', group = null }) {
   post('status', { text: 'loading the wasm module' });
   await init({ module_or_path: new URL('./pkg/tether_client_wasm_bg.wasm', import.meta.url) });
-  const { gpu, why } = await pickBackend(backend);
+  // The panel chose the backend and says why; this opens the adapter it chose.
+  const { gpu } = await pickBackend(backend);
   volunteer = await create_worker(gpu);
   if (group) volunteer.set_group(group);
-  post('backend', { backend: volunteer.backend, device: volunteer.device, why });
+  post('backend', { backend: volunteer.backend, device: volunteer.device });
   let failures = 0;
   while (!stopping) {
     let outcome;

@@ -148,16 +148,15 @@ fn conv_forward(x: &FlexTensor, weight: &FlexTensor, bias: &FlexTensor, pad: usi
     tensor(y, [s.batch, s.cout, ho, wo])
 }
 
-/// `(planes, h, w)` of an NCHW tensor.
-fn planes(x: &FlexTensor) -> (Shape, usize, usize, usize) {
-    let shape = x.shape();
+/// `(planes, h, w)` of an NCHW shape.
+fn planes(shape: &Shape) -> (usize, usize, usize) {
     assert_eq!(shape.num_dims(), 4, "pooling input must be [N, C, H, W]");
-    let (p, h, w) = (shape[0] * shape[1], shape[2], shape[3]);
-    (shape, p, h, w)
+    (shape[0] * shape[1], shape[2], shape[3])
 }
 
 fn pool_forward(x: &FlexTensor) -> (FlexTensor, Vec<u8>, Shape) {
-    let (shape, p, h, w) = planes(x);
+    let shape = x.shape();
+    let (p, h, w) = planes(&shape);
     let (y, arg) = pool::forward(&values(x), p, h, w);
     let out = tensor(y, [shape[0], shape[1], h / 2, w / 2]);
     (out, arg, shape)
@@ -221,7 +220,7 @@ impl Backward<Flex, 1> for PoolBackward {
         let dy = grads.consume::<Flex>(&ops.node);
         let (arg, shape) = ops.state;
         if let Some(node) = node_x {
-            let (p, h, w) = (shape[0] * shape[1], shape[2], shape[3]);
+            let (p, h, w) = planes(&shape);
             let dx = pool::backward(&values(&dy), &arg, p, h, w);
             grads.register::<Flex>(node.id, tensor(dx, shape));
         }

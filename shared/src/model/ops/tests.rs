@@ -5,7 +5,7 @@ use burn::nn::PaddingConfig2d;
 use burn::nn::conv::Conv2dConfig;
 use burn::nn::pool::MaxPool2dConfig;
 use burn::tensor::activation::relu;
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, Gradients, Tensor, TensorData};
 
 use super::*;
 use crate::rng::SplitMix64;
@@ -30,6 +30,24 @@ fn assert_close(what: &str, got: Tensor<4>, want: Tensor<4>) {
         .map(|(a, b)| (a - b).abs() / b.abs().max(1.0))
         .fold(0.0f32, f32::max);
     assert!(worst <= 1e-4, "{what}: off by {worst}");
+}
+
+/// Asserts that both outputs agree, then backpropagates the same random linear
+/// read-out through each (so every output's gradient differs) and returns the
+/// gradients, ours first.
+fn outputs_agree_then_backward(
+    what: &str,
+    ours: Tensor<4>,
+    theirs: Tensor<4>,
+    rng: &mut SplitMix64,
+    device: &Device,
+) -> (Gradients, Gradients) {
+    assert_close(&format!("{what}: output"), ours.clone(), theirs.clone());
+    let r = random(rng, ours.dims(), device);
+    (
+        (ours * r.clone()).sum().backward(),
+        (theirs * r).sum().backward(),
+    )
 }
 
 fn close1(what: &str, got: Tensor<1>, want: Tensor<1>) {
@@ -59,15 +77,9 @@ fn conv_matches_burn_forward_and_backward() {
             .with_padding(PaddingConfig2d::Explicit(pad, pad, pad, pad))
             .init(&device);
         let x = random(&mut rng, [batch, cin, h, w], &device).require_grad();
-        let ours = conv2d(&conv, x.clone());
-        let theirs = conv.forward(x.clone());
-        // A random linear read-out, so every output's gradient differs.
-        let r = random(&mut rng, ours.dims(), &device);
-        assert_close(&format!("{what}: output"), ours.clone(), theirs.clone());
-        let (g_ours, g_theirs) = (
-            (ours * r.clone()).sum().backward(),
-            (theirs * r).sum().backward(),
-        );
+        let (ours, theirs) = (conv2d(&conv, x.clone()), conv.forward(x.clone()));
+        let (g_ours, g_theirs) =
+            outputs_agree_then_backward(&what, ours, theirs, &mut rng, &device);
         assert_close(
             &format!("{what}: input gradient"),
             x.grad(&g_ours).unwrap(),
@@ -119,18 +131,10 @@ fn pool_relu_matches_burn_forward_and_backward() {
         [1, 1, 1, 3],
     ] {
         let x = random(&mut rng, dims, &device).require_grad();
-        let ours = pool2_relu(&pool, x.clone());
-        let theirs = relu(pool.forward(x.clone()));
-        assert_close(
-            &format!("pool {dims:?}: output"),
-            ours.clone(),
-            theirs.clone(),
-        );
-        let r = random(&mut rng, ours.dims(), &device);
-        let (g_ours, g_theirs) = (
-            (ours * r.clone()).sum().backward(),
-            (theirs * r).sum().backward(),
-        );
+        let (ours, theirs) = (pool2_relu(&pool, x.clone()), relu(pool.forward(x.clone())));
+        let what = format!("pool {dims:?}");
+        let (g_ours, g_theirs) =
+            outputs_agree_then_backward(&what, ours, theirs, &mut rng, &device);
         assert_close(
             &format!("pool {dims:?}: input gradient"),
             x.grad(&g_ours).unwrap(),
