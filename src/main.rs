@@ -321,6 +321,7 @@ fn run_bench_train(args: BenchTrainArgs) -> Result<()> {
         tether_worker::backend::select(args.backend.into(), args.threads.map(|t| t as usize))?;
     let threads = rayon_threads();
     let (_, data) = tether_dataset::load(args.data.as_deref())?;
+    let train = std::sync::Arc::new(data.train);
     println!("device: {}", selected.description);
     let sgemm = bench::sgemm_gflops(&selected.device, 1024, 5);
     println!("sgemm 1024×1024 on this backend: {sgemm:.1} GFLOP/s (the ceiling below)");
@@ -340,7 +341,7 @@ fn run_bench_train(args: BenchTrainArgs) -> Result<()> {
         let r = bench::train_throughput(
             kind,
             &selected.device,
-            &data.train,
+            std::sync::Arc::clone(&train),
             args.batch as usize,
             args.warmup as usize,
             args.steps as usize,

@@ -14,7 +14,7 @@ use thiserror::Error;
 
 use crate::algorithms::elastic::apply_difference;
 use crate::algorithms::leader::leader_pull;
-use crate::data::{Batcher, ImageSet};
+use crate::data::{BatchSource, BatchStream, Batcher, ImageSet};
 use crate::model::{ModelKind, to_flat_async};
 use crate::protocol::{Apply, RunSpec, Shard};
 use crate::train::{LocalOptimizer, Trainer};
@@ -89,38 +89,41 @@ pub struct ShardData {
     pub indices: Vec<usize>,
 }
 
-struct Session {
-    batcher: Batcher,
-    data: ShardData,
-    order: Vec<usize>,
-    cursor: usize,
-    epoch: u64,
-    batch: usize,
-}
+/// Turns a session's batch stream into the source its steps read: natives hand it
+/// to a thread that prepares batches ahead of the steps (`shared` has no threads).
+pub type Feeder = Box<dyn Fn(BatchStream) -> Box<dyn BatchSource>>;
 
 /// One worker's model, optimizer and position in its shard.
 pub struct LocalWorker {
     device: Device,
     trainer: Option<(ModelKind, LocalOptimizer, Trainer)>,
-    session: Option<Session>,
+    /// The session's batches; `None` before a session starts.
+    batches: Option<Box<dyn BatchSource>>,
+    feeder: Option<Feeder>,
     params: Vec<f32>,
     /// Steps ran since `params` was read back from the device.
     stale: bool,
-    images: Vec<f32>,
-    labels: Vec<i64>,
 }
 
 impl LocalWorker {
-    /// A worker that will train on `device` (a plain device; autodiff is added).
+    /// A worker that will train on `device` (a plain device; autodiff is added),
+    /// preparing each batch just before its step.
     pub fn new(device: Device) -> Self {
         Self {
             device,
             trainer: None,
-            session: None,
+            batches: None,
+            feeder: None,
             params: Vec::new(),
             stale: false,
-            images: Vec::new(),
-            labels: Vec::new(),
+        }
+    }
+
+    /// A worker whose sessions read their batches through `feeder`.
+    pub fn with_feeder(device: Device, feeder: Feeder) -> Self {
+        Self {
+            feeder: Some(feeder),
+            ..Self::new(device)
         }
     }
 
@@ -184,19 +187,13 @@ impl LocalWorker {
         self.stale = false;
         // Seeded by shard, so two workers on different shards shuffle differently.
         let seed = shard.seed ^ u64::from(shard.index).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        let batcher = Batcher::new(
-            data.indices.clone(),
-            spec.batch as usize,
-            seed,
-            spec.normalization,
-        );
-        self.session = Some(Session {
-            order: batcher.epoch_order(0),
-            batcher,
-            data,
-            cursor: 0,
-            epoch: 0,
-            batch: spec.batch as usize,
+        let batcher = Batcher::new(data.indices, spec.batch as usize, seed, spec.normalization);
+        // The old session's source (and a feeder's thread) ends before the new one starts.
+        self.batches = None;
+        let stream = BatchStream::new(batcher, data.set, 0);
+        self.batches = Some(match &self.feeder {
+            Some(feed) => feed(stream),
+            None => Box::new(stream),
         });
         Ok(())
     }
@@ -223,24 +220,16 @@ impl LocalWorker {
         lr: f64,
         mut stop: impl FnMut() -> bool,
     ) -> Result<(), LocalError> {
-        let (Some((_, _, trainer)), Some(s)) = (self.trainer.as_mut(), self.session.as_mut())
+        let (Some((_, _, trainer)), Some(batches)) = (self.trainer.as_mut(), self.batches.as_mut())
         else {
             return Err(LocalError::NotStarted);
         };
         trainer.set_lr(lr);
         let mut done = 0;
         while done < steps && !stop() {
-            if s.cursor >= s.order.len() {
-                s.epoch += 1;
-                s.order = s.batcher.epoch_order(s.epoch);
-                s.cursor = 0;
-            }
-            let end = (s.cursor + s.batch).min(s.order.len());
-            let items = &s.order[s.cursor..end];
-            s.cursor = end;
-            s.batcher
-                .fill(&s.data.set, items, &mut self.images, &mut self.labels);
-            let loss = trainer.step(&self.images, &self.labels);
+            let batch = batches.next_batch();
+            let samples = batch.len() as u64;
+            let loss = trainer.step(batch);
             pending.loss_sum = Some(match pending.loss_sum.take() {
                 Some(sum) => sum + loss,
                 None => loss,
@@ -248,7 +237,7 @@ impl LocalWorker {
             done += 1;
             self.stale = true;
             pending.steps += 1;
-            pending.samples += items.len() as u64;
+            pending.samples += samples;
         }
         Ok(())
     }

@@ -12,7 +12,7 @@ use burn::optim::{GradientsParams, ModuleOptimizer, SgdConfig};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
-use crate::data::{ImageSet, Normalization, batch::fill_normalized};
+use crate::data::{Batch, ImageSet, Normalization, batch::fill_normalized};
 use crate::model::{FlatError, INPUT_SHAPE, ModelKind, Net, load_flat, to_flat};
 
 /// The local optimizer's settings.
@@ -89,26 +89,27 @@ impl Trainer {
         self.net.as_ref().expect("trainer holds a network")
     }
 
-    /// One SGD step on a batch: `images` holds N normalised 1×28×28 images (N·784
-    /// values), `labels` N classes. Returns the batch's mean loss as a detached
-    /// one-element tensor, so the caller decides when to pay for reading it.
+    /// One SGD step on a batch of N normalised 1×28×28 images (taken by value: its
+    /// vectors become the input tensors without a copy). Returns the batch's mean
+    /// loss as a detached one-element tensor, so the caller decides when to pay for
+    /// reading it.
     ///
     /// # Panics
-    /// If `images.len() != labels.len() · 784` (batches come from [`crate::data::Batcher`]).
-    pub fn step(&mut self, images: &[f32], labels: &[i64]) -> Tensor<1> {
-        let n = labels.len();
+    /// If the batch has other than 784 values per label (batches come from
+    /// [`crate::data::Batcher`]).
+    pub fn step(&mut self, batch: Batch) -> Tensor<1> {
+        let n = batch.len();
         let [c, h, w] = INPUT_SHAPE;
         assert_eq!(
-            images.len(),
+            batch.images.len(),
             n * c * h * w,
             "batch images and labels disagree"
         );
         let x = Tensor::<4>::from_data(
-            TensorData::new(images.to_vec(), [n, c, h, w]),
+            TensorData::new(batch.images, [n, c, h, w]),
             &self.train_device,
         );
-        let y =
-            Tensor::<1, Int>::from_data(TensorData::new(labels.to_vec(), [n]), &self.train_device);
+        let y = Tensor::<1, Int>::from_data(TensorData::new(batch.labels, [n]), &self.train_device);
         let net = self.net.take().expect("trainer holds a network");
         let loss = self.loss.forward(net.forward(x), y);
         let grads = GradientsParams::from_grads(loss.backward(), &net);
@@ -224,12 +225,10 @@ mod tests {
         let mut trainer = Trainer::new(ModelKind::Small, LocalOptimizer::default(), &device);
         let before = trainer.evaluate(&set, norm);
         let batcher = Batcher::new((0..set.len()).collect(), 20, 1, norm);
-        let (mut x, mut y) = (Vec::new(), Vec::new());
         for epoch in 0..3 {
             let order = batcher.epoch_order(epoch);
             for items in order.chunks(20) {
-                batcher.fill(&set, items, &mut x, &mut y);
-                let loss: f32 = trainer.step(&x, &y).into_scalar();
+                let loss: f32 = trainer.step(batcher.batch(&set, items)).into_scalar();
                 assert!(loss.is_finite());
             }
         }
@@ -251,15 +250,8 @@ mod tests {
         // Still trainable after a load: a step moves the parameters.
         let set = toy_set(10);
         let norm = Normalization::of(&set);
-        let (mut x, mut y) = (Vec::new(), Vec::new());
-        fill_normalized(
-            &set,
-            &(0..10).collect::<Vec<_>>(),
-            &norm.table(),
-            &mut x,
-            &mut y,
-        );
-        a.step(&x, &y);
+        let batcher = Batcher::new((0..10).collect(), 10, 0, norm);
+        a.step(batcher.batch(&set, &(0..10).collect::<Vec<_>>()));
         assert_ne!(a.params(), b.params());
     }
 }

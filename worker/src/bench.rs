@@ -5,14 +5,17 @@
 use std::hint::black_box;
 use std::path::Path;
 use std::process::Command;
+use std::sync::Arc;
 use std::time::Instant;
 
 use burn::tensor::{Device, Distribution, Tensor};
 use serde::Serialize;
 use tether_shared::algorithms::elastic;
-use tether_shared::data::{Batcher, ImageSet, Normalization};
+use tether_shared::data::{BatchSource, BatchStream, Batcher, ImageSet, Normalization};
 use tether_shared::model::ModelKind;
 use tether_shared::train::{LocalOptimizer, Trainer};
+
+use crate::prefetch::Prefetch;
 
 /// Training throughput of one model.
 #[derive(Clone, Debug, Serialize)]
@@ -34,36 +37,32 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
-/// Times `steps` training steps (after `warmup` untimed ones) on consecutive real
-/// batches, `repeats` times from a fresh network, as the peer's bench.py does.
+/// Times `steps` training steps (after `warmup` untimed ones) on real batches,
+/// `repeats` times from a fresh network, as the peer's bench.py does. Batches come
+/// the way a worker's do: shuffled, prepared ahead on their own thread.
 pub fn train_throughput(
     kind: ModelKind,
     device: &Device,
-    train: &ImageSet,
+    train: Arc<ImageSet>,
     batch: usize,
     warmup: usize,
     steps: usize,
     repeats: usize,
 ) -> TrainBench {
-    let norm = Normalization::of(train);
+    let norm = Normalization::of(&train);
     let batcher = Batcher::new((0..train.len()).collect(), batch, 0, norm);
-    let order: Vec<usize> = (0..train.len()).collect();
-    let batches: Vec<&[usize]> = order.chunks_exact(batch).collect();
     let mut runs = Vec::with_capacity(repeats);
     for _ in 0..repeats.max(1) {
         let mut trainer = Trainer::new(kind, LocalOptimizer::default(), device);
-        let (mut x, mut y) = (Vec::new(), Vec::new());
-        let mut step = |i: usize| {
-            batcher.fill(train, batches[i % batches.len()], &mut x, &mut y);
-            trainer.step(&x, &y)
-        };
-        for i in 0..warmup {
-            let _: f32 = step(i).into_scalar();
+        let mut batches = Prefetch::spawn(BatchStream::new(batcher.clone(), Arc::clone(&train), 0));
+        let mut step = || trainer.step(batches.next_batch());
+        for _ in 0..warmup {
+            let _: f32 = step().into_scalar();
         }
         let t0 = Instant::now();
         let mut last = None;
-        for i in warmup..warmup + steps {
-            last = Some(step(i));
+        for _ in 0..steps {
+            last = Some(step());
         }
         // Reading the last loss waits for all queued work (matters on GPUs).
         if let Some(loss) = last {
@@ -106,9 +105,12 @@ pub fn peer_throughput(
     threads: usize,
     batch: usize,
 ) -> Result<f64, String> {
-    if !script.is_file() {
-        return Err(format!("peer script {} not found", script.display()));
-    }
+    // Absolute, since the script runs from its own folder (for its imports).
+    let script = match script.canonicalize() {
+        Ok(path) if path.is_file() => path,
+        _ => return Err(format!("peer script {} not found", script.display())),
+    };
+    let script = script.as_path();
     let report = std::env::temp_dir().join(format!(
         "tether-peer-{}-{}.json",
         model.name(),

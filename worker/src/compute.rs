@@ -6,7 +6,8 @@
 //! A reply that arrives while steps run is left in a mailbox that the thread checks
 //! before every step: it is applied to the parameters of that moment (see
 //! `LocalWorker::apply`). If the steps end first, the network side takes it back and
-//! applies it with [`Compute::apply`].
+//! applies it with [`Compute::apply`]. Batches are prepared ahead on a thread of
+//! their own ([`crate::prefetch`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
@@ -16,6 +17,8 @@ use burn::tensor::Device;
 use tether_shared::local::{LocalWorker, Pending, ShardData, Trained};
 use tether_shared::protocol::{Apply, RunSpec, Shard};
 use tokio::sync::oneshot;
+
+use crate::prefetch::Prefetch;
 
 /// What τ local steps produced, and the seconds they took (read-back included).
 pub type Timed = (Trained, f64);
@@ -70,7 +73,7 @@ impl Compute {
         std::thread::Builder::new()
             .name("tether-compute".into())
             .spawn(move || {
-                let mut worker = LocalWorker::new(device);
+                let mut worker = LocalWorker::with_feeder(device, Prefetch::feeder());
                 while let Ok(job) = rx.recv() {
                     run(&mut worker, job);
                 }

@@ -10,5 +10,6 @@ pub mod bench;
 pub mod client;
 pub mod compute;
 pub mod connect;
+pub mod prefetch;
 pub mod progress;
 pub mod train;

@@ -1,18 +1,21 @@
 //! `tether train`: the single-node trainer, the baseline every distributed run is
 //! compared with. An explicit loop over epochs and batches with a progress bar,
-//! test accuracy after every epoch, and a JSON-serialisable report.
+//! test accuracy after every epoch, and a JSON-serialisable report. Batches are
+//! prepared ahead on their own thread, so a GPU never waits for the next one.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use burn::tensor::Tensor;
 use serde::Serialize;
-use tether_shared::data::{Batcher, Normalization};
+use tether_shared::data::{BatchSource, BatchStream, Batcher, Normalization};
 use tether_shared::model::{INPUT_SHAPE, ModelKind};
 use tether_shared::train::{LocalOptimizer, Trainer};
 use thiserror::Error;
 
 use crate::backend::{self, BackendChoice, BackendError};
+use crate::prefetch::Prefetch;
 use crate::progress;
 use tether_dataset::{self as dataset, LoadError};
 
@@ -182,27 +185,23 @@ pub fn run(config: &TrainConfig) -> Result<TrainReport, TrainError> {
     selected.device.seed(config.seed);
     let mut trainer = Trainer::new(config.model, config.optimizer, &selected.device);
     let batcher = Batcher::new((0..train_n).collect(), config.batch, config.seed, norm);
-    let (mut images, mut labels) = (Vec::new(), Vec::new());
+    let steps = batcher.batches_per_epoch();
+    // Epoch e trains on the shuffle of epoch e; a thread prepares batches ahead.
+    let mut batches = Prefetch::spawn(BatchStream::new(batcher, Arc::new(data.train), 1));
     let mut epochs = Vec::with_capacity(config.epochs);
     let mut train_seconds_total = 0.0;
     for epoch in 1..=config.epochs {
-        let bar = progress::bar(
-            batcher.batches_per_epoch() as u64,
-            &format!("epoch {epoch}/{}", config.epochs),
-        );
-        let order = batcher.epoch_order(epoch as u64);
+        let bar = progress::bar(steps as u64, &format!("epoch {epoch}/{}", config.epochs));
         let t0 = Instant::now();
         // Losses are summed on the device and read back only every READ_EVERY steps:
         // a read waits for the device, which on a GPU would stall every step.
         const READ_EVERY: usize = 10;
         let mut loss_sum = 0.0f64;
         let mut pending: Option<Tensor<1>> = None;
-        let steps = batcher.batches_per_epoch();
-        for (step, items) in order.chunks(config.batch).enumerate() {
-            batcher.fill(&data.train, items, &mut images, &mut labels);
-            let weighted = trainer
-                .step(&images, &labels)
-                .mul_scalar(items.len() as f64);
+        for step in 0..steps {
+            let batch = batches.next_batch();
+            let images = batch.len() as f64;
+            let weighted = trainer.step(batch).mul_scalar(images);
             pending = Some(match pending {
                 Some(p) => p + weighted,
                 None => weighted,

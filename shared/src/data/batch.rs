@@ -1,4 +1,7 @@
-//! Minibatches: per-epoch shuffles of a shard, and pixel normalisation to f32.
+//! Minibatches: per-epoch shuffles of a shard, pixel normalisation to f32, and the
+//! endless stream of a shard's batches that a worker's steps consume.
+
+use std::sync::Arc;
 
 use super::ImageSet;
 use crate::rng::SplitMix64;
@@ -89,16 +92,83 @@ impl Batcher {
         order.chunks(self.batch)
     }
 
-    /// Writes the normalised pixels of `items` into `images` (N·C·H·W, row-major) and
-    /// their labels into `labels`, replacing what was there.
-    pub fn fill(
-        &self,
-        set: &ImageSet,
-        items: &[usize],
-        images: &mut Vec<f32>,
-        labels: &mut Vec<i64>,
-    ) {
-        fill_normalized(set, items, &self.table, images, labels);
+    /// The normalised pixels of `items` (N·C·H·W, row-major) and their labels.
+    pub fn batch(&self, set: &ImageSet, items: &[usize]) -> Batch {
+        let mut batch = Batch::default();
+        fill_normalized(
+            set,
+            items,
+            &self.table,
+            &mut batch.images,
+            &mut batch.labels,
+        );
+        batch
+    }
+}
+
+/// One minibatch, ready for a step.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Batch {
+    /// N normalised images, N·C·H·W values, row-major.
+    pub images: Vec<f32>,
+    /// Their N classes.
+    pub labels: Vec<i64>,
+}
+
+impl Batch {
+    /// Images in the batch.
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    /// Whether the batch holds no image.
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+}
+
+/// Where a worker's steps take their batches from: a [`BatchStream`] itself, or
+/// (native workers) a thread that runs one ahead of the steps.
+pub trait BatchSource {
+    /// The next batch to train on.
+    fn next_batch(&mut self) -> Batch;
+}
+
+/// A shard's batches, epoch after epoch, each epoch in its own shuffle
+/// ([`Batcher::epoch_order`]); an epoch's last batch may be short.
+#[derive(Clone, Debug)]
+pub struct BatchStream {
+    batcher: Batcher,
+    set: Arc<ImageSet>,
+    order: Vec<usize>,
+    cursor: usize,
+    epoch: u64,
+}
+
+impl BatchStream {
+    /// The batches of `batcher`'s items of `set`, starting with epoch `first_epoch`.
+    pub fn new(batcher: Batcher, set: Arc<ImageSet>, first_epoch: u64) -> Self {
+        Self {
+            order: batcher.epoch_order(first_epoch),
+            batcher,
+            set,
+            cursor: 0,
+            epoch: first_epoch,
+        }
+    }
+}
+
+impl BatchSource for BatchStream {
+    fn next_batch(&mut self) -> Batch {
+        if self.cursor >= self.order.len() {
+            self.epoch += 1;
+            self.order = self.batcher.epoch_order(self.epoch);
+            self.cursor = 0;
+        }
+        let end = (self.cursor + self.batcher.batch).min(self.order.len());
+        let batch = self.batcher.batch(&self.set, &self.order[self.cursor..end]);
+        self.cursor = end;
+        batch
     }
 }
 
@@ -174,7 +244,7 @@ mod tests {
     }
 
     #[test]
-    fn fill_writes_pixels_and_labels_in_item_order() {
+    fn a_batch_holds_pixels_and_labels_in_item_order() {
         let s = set();
         let b = Batcher::new(
             vec![0, 1, 2],
@@ -185,9 +255,29 @@ mod tests {
                 std: 1.0,
             },
         );
-        let (mut x, mut y) = (Vec::new(), Vec::new());
-        b.fill(&s, &[2, 0], &mut x, &mut y);
-        assert_eq!(y, [3, 1]);
-        assert_eq!(x, [0.2, 0.2, 0.0, 1.0]);
+        let batch = b.batch(&s, &[2, 0]);
+        assert_eq!(batch.labels, [3, 1]);
+        assert_eq!(batch.images, [0.2, 0.2, 0.0, 1.0]);
+    }
+
+    #[test]
+    fn a_stream_walks_each_epoch_in_its_own_order_with_a_short_tail() {
+        let s = Arc::new(set());
+        let b = Batcher::new(
+            vec![0, 1, 2],
+            2,
+            7,
+            Normalization {
+                mean: 0.0,
+                std: 1.0,
+            },
+        );
+        let mut stream = BatchStream::new(b.clone(), Arc::clone(&s), 1);
+        for epoch in 1..4 {
+            let order = b.epoch_order(epoch);
+            for items in b.chunks_with_tail(&order) {
+                assert_eq!(stream.next_batch(), b.batch(&s, items), "epoch {epoch}");
+            }
+        }
     }
 }

@@ -199,13 +199,12 @@ fn wgpu_backend_agrees_with_the_cpu_backend() -> Result<()> {
     let mut gpu = Trainer::new(ModelKind::Small, LocalOptimizer::default(), &wgpu.device);
     let start = cpu.params();
     gpu.set_params(&start)?;
-    let (mut x, mut y) = (Vec::new(), Vec::new());
     let order = batcher.epoch_order(0);
     for items in order.chunks(64).take(5) {
-        batcher.fill(&data.train, items, &mut x, &mut y);
+        let batch = batcher.batch(&data.train, items);
         let (lc, lg): (f32, f32) = (
-            cpu.step(&x, &y).into_scalar(),
-            gpu.step(&x, &y).into_scalar(),
+            cpu.step(batch.clone()).into_scalar(),
+            gpu.step(batch).into_scalar(),
         );
         // Different summation orders in f32: losses agree to ~1e-5 relative; 1e-3 leaves margin.
         assert!(
