@@ -1,11 +1,15 @@
-//! 2-D convolution (stride 1, square kernel, zero padding) that stays in NCHW: each
-//! image's forward pass, weight gradient and input gradient is one GEMM against its
-//! im2col matrix. Images are split over the rayon pool; each thread keeps its own
-//! scratch and weight-gradient accumulator, so there is no locking.
+//! 2-D convolution (stride 1, square kernel, zero padding) that stays in NCHW. Two
+//! ways to compute it: directly from padded images where the CPU has AVX2 and FMA
+//! (`direct.rs`), else each image's forward pass, weight gradient and input gradient
+//! as one GEMM against its im2col matrix (here). Images are split over the rayon
+//! pool; each task keeps its own scratch and weight-gradient accumulator, so there
+//! is no locking.
 
 use rayon::prelude::*;
 
+use super::direct;
 use super::gemm::{Mat, sgemm};
+use super::tile::Kernel;
 
 /// Rayon tasks per thread for one convolution's images.
 const TASKS_PER_THREAD: usize = 4;
@@ -30,10 +34,10 @@ impl ConvShape {
             self.width + 2 * self.pad + 1 - self.kernel,
         )
     }
-    fn image_in(&self) -> usize {
+    pub(super) fn image_in(&self) -> usize {
         self.cin * self.height * self.width
     }
-    fn image_out(&self) -> usize {
+    pub(super) fn image_out(&self) -> usize {
         let (ho, wo) = self.out_hw();
         self.cout * ho * wo
     }
@@ -43,7 +47,7 @@ impl ConvShape {
     }
     /// Images per rayon task: a few tasks per thread, so a thread that the machine
     /// slows down (a busy core, a noisy neighbour) does not hold the others up.
-    fn group(&self) -> usize {
+    pub(super) fn group(&self) -> usize {
         self.batch
             .div_ceil(TASKS_PER_THREAD * rayon::current_num_threads().max(1))
             .max(1)
@@ -103,8 +107,51 @@ fn col2im_add(s: &ConvShape, col: &[f32], dx: &mut [f32]) {
     }
 }
 
+/// How convolutions run on this CPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Path {
+    /// `direct.rs` with this tile kernel.
+    Direct(Kernel),
+    /// im2col + GEMM.
+    Gemm,
+}
+
+impl Path {
+    /// Direct where the CPU has a SIMD tile kernel; else GEMM, whose kernels cover
+    /// more targets (wasm's SIMD128 among them).
+    pub fn detect() -> Self {
+        match Kernel::detect() {
+            Kernel::Portable => Self::Gemm,
+            kernel => Self::Direct(kernel),
+        }
+    }
+}
+
 /// `y = conv(x, w) + b` for `x` [N, Cin, H, W], `w` [Cout, Cin, k, k], `b` [Cout].
-pub(crate) fn forward(s: &ConvShape, x: &[f32], w: &[f32], b: &[f32]) -> Vec<f32> {
+pub(crate) fn forward(s: &ConvShape, path: Path, x: &[f32], w: &[f32], b: &[f32]) -> Vec<f32> {
+    match path {
+        Path::Direct(kernel) => direct::forward(s, kernel, x, w, b),
+        Path::Gemm => forward_gemm(s, x, w, b),
+    }
+}
+
+/// Gradients of [`forward`] given `dy` [N, Cout, Ho, Wo]: `(dx, dw, db)`, with `dx`
+/// only when asked for (the first layer's input needs none).
+pub(crate) fn backward(
+    s: &ConvShape,
+    path: Path,
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    want_dx: bool,
+) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
+    match path {
+        Path::Direct(kernel) => direct::backward(s, kernel, x, w, dy, want_dx),
+        Path::Gemm => backward_gemm(s, x, w, dy, want_dx),
+    }
+}
+
+fn forward_gemm(s: &ConvShape, x: &[f32], w: &[f32], b: &[f32]) -> Vec<f32> {
     let (ho, wo) = s.out_hw();
     let (hw, taps, group) = (ho * wo, s.taps(), s.group());
     assert_eq!(x.len(), s.batch * s.image_in(), "input has the wrong size");
@@ -130,9 +177,7 @@ pub(crate) fn forward(s: &ConvShape, x: &[f32], w: &[f32], b: &[f32]) -> Vec<f32
     y
 }
 
-/// Gradients of [`forward`] given `dy` [N, Cout, Ho, Wo]: `(dx, dw, db)`, with `dx`
-/// only when asked for (the first layer's input needs none).
-pub(crate) fn backward(
+fn backward_gemm(
     s: &ConvShape,
     x: &[f32],
     w: &[f32],
@@ -200,4 +245,82 @@ pub(crate) fn backward(
         db.iter_mut().zip(&pb).for_each(|(a, b)| *a += b);
     }
     (dx, dw, db)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::SplitMix64;
+
+    fn random(rng: &mut SplitMix64, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|_| (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0)
+            .collect()
+    }
+
+    fn assert_close(what: &str, got: &[f32], want: &[f32]) {
+        assert_eq!(got.len(), want.len(), "{what}: lengths differ");
+        let worst = got
+            .iter()
+            .zip(want)
+            .map(|(a, b)| (a - b).abs() / b.abs().max(1.0))
+            .fold(0.0f32, f32::max);
+        assert!(worst <= 1e-4, "{what}: off by {worst}");
+    }
+
+    /// Every path against the GEMM one, which the Burn tests (`tests.rs`) hold to
+    /// Burn's layers on machines where the direct path is not the one chosen; where
+    /// it is, they hold the direct path to Burn and this holds GEMM to direct.
+    #[test]
+    fn every_path_agrees_with_im2col_and_gemm() {
+        let mut rng = SplitMix64::new(3);
+        let mut paths = vec![Path::Direct(Kernel::Portable), Path::detect()];
+        paths.dedup();
+        // Channel counts around the 16-lane blocks, 6-pixel tiles with tails, pads
+        // 0 to k − 1, batch 1 and more images than tasks.
+        let cases = [
+            (1, 1, 1, 1, 1, 1, 0),
+            (2, 3, 17, 5, 7, 3, 2),
+            (3, 16, 5, 6, 9, 5, 4),
+            (1, 33, 31, 7, 4, 3, 1),
+            (9, 2, 16, 4, 4, 3, 0),
+            (2, 64, 128, 14, 14, 5, 2),
+        ];
+        for (batch, cin, cout, height, width, kernel, pad) in cases {
+            let s = ConvShape {
+                batch,
+                cin,
+                cout,
+                height,
+                width,
+                kernel,
+                pad,
+            };
+            let x = random(&mut rng, batch * s.image_in());
+            let w = random(&mut rng, cout * s.taps());
+            let b = random(&mut rng, cout);
+            let dy = random(&mut rng, batch * s.image_out());
+            let want_y = forward_gemm(&s, &x, &w, &b);
+            let (want_dx, want_dw, want_db) = backward_gemm(&s, &x, &w, &dy, true);
+            for &path in &paths {
+                let what = format!("{path:?} {s:?}");
+                assert_close(
+                    &format!("{what}: y"),
+                    &forward(&s, path, &x, &w, &b),
+                    &want_y,
+                );
+                let (dx, dw, db) = backward(&s, path, &x, &w, &dy, true);
+                assert_close(
+                    &format!("{what}: dx"),
+                    &dx.unwrap(),
+                    want_dx.as_ref().unwrap(),
+                );
+                assert_close(&format!("{what}: dw"), &dw, &want_dw);
+                assert_close(&format!("{what}: db"), &db, &want_db);
+                let (none, dw, _) = backward(&s, path, &x, &w, &dy, false);
+                assert!(none.is_none());
+                assert_close(&format!("{what}: dw without dx"), &dw, &want_dw);
+            }
+        }
+    }
 }

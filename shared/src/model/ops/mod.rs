@@ -10,8 +10,10 @@
 //! `Autodiff<Flex>` implementation below).
 
 mod conv;
+mod direct;
 mod gemm;
 mod pool;
+mod tile;
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -31,7 +33,7 @@ use burn::nn::pool::MaxPool2d;
 use burn::tensor::activation::relu;
 use burn::tensor::{DType, Shape, Tensor, TensorData};
 
-use conv::ConvShape;
+use conv::{ConvShape, Path};
 
 /// The operations tether adds to the CPU backend.
 #[backend_extension(Flex, Autodiff)]
@@ -143,7 +145,13 @@ fn conv_shape(x: &FlexTensor, weight: &FlexTensor, pad: usize) -> ConvShape {
 
 fn conv_forward(x: &FlexTensor, weight: &FlexTensor, bias: &FlexTensor, pad: usize) -> FlexTensor {
     let s = conv_shape(x, weight, pad);
-    let y = conv::forward(&s, &values(x), &values(weight), &values(bias));
+    let y = conv::forward(
+        &s,
+        Path::detect(),
+        &values(x),
+        &values(weight),
+        &values(bias),
+    );
     let (ho, wo) = s.out_hw();
     tensor(y, [s.batch, s.cout, ho, wo])
 }
@@ -191,6 +199,7 @@ impl Backward<Flex, 3> for ConvBackward {
         let s = conv_shape(&x, &weight, pad);
         let (dx, dw, db) = conv::backward(
             &s,
+            Path::detect(),
             &values(&x),
             &values(&weight),
             &values(&dy),

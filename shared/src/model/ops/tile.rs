@@ -1,0 +1,234 @@
+//! The direct convolution's register tile: 6 × 16 accumulators updated as
+//! `acc[j] += vecs[i] · src[outer[i] + inner[j]]` for every i, with AVX2 + FMA where
+//! the CPU has them (checked at run time) and plain Rust elsewhere.
+//!
+//! One kernel serves the forward pass, the input gradient and the weight gradient:
+//! the 16 lanes are output channels (forward, input gradient) or output channels of
+//! the weight gradient, and the six broadcast operands are six output pixels read
+//! through per-pixel offsets, or six taps read through per-tap offsets (`direct.rs`).
+
+/// Lanes of a tile: 16 f32, two AVX registers.
+pub(crate) const LANES: usize = 16;
+/// Broadcast operands of a tile.
+pub(crate) const SLOTS: usize = 6;
+
+/// A tile of accumulators: `SLOTS` rows of `LANES` values.
+pub(crate) type Acc = [[f32; LANES]; SLOTS];
+
+/// Offsets into a source, with their maximum computed once (the kernel's bound).
+pub(crate) struct Offsets {
+    list: Vec<u32>,
+    max: usize,
+}
+
+impl Offsets {
+    /// # Panics
+    /// If an offset does not fit in `u32` (no layer of ours comes near).
+    pub fn new(list: impl IntoIterator<Item = usize>) -> Self {
+        let list: Vec<u32> = list
+            .into_iter()
+            .map(|o| u32::try_from(o).expect("offset fits in u32"))
+            .collect();
+        let max = list.iter().copied().max().unwrap_or(0) as usize;
+        Self { list, max }
+    }
+
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    /// The `i`-th offset.
+    pub fn get(&self, i: usize) -> usize {
+        self.list[i] as usize
+    }
+}
+
+/// Which implementation [`tile`] runs, decided once per operation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kernel {
+    /// AVX2 and FMA intrinsics.
+    #[cfg(target_arch = "x86_64")]
+    Avx2Fma,
+    /// Portable Rust (what LLVM vectorises for the target).
+    Portable,
+}
+
+impl Kernel {
+    /// The fastest this CPU runs.
+    pub fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            return Self::Avx2Fma;
+        }
+        Self::Portable
+    }
+}
+
+/// `acc[j][l] += vecs[i·16 + l] · src[outer[i] + inner[j]]` for every i of `outer`.
+///
+/// # Panics
+/// If `vecs` holds fewer than `outer.len()` rows of 16, or an offset sum falls
+/// outside `src`: every index is checked here, before the kernel runs.
+pub(crate) fn tile(
+    kernel: Kernel,
+    vecs: &[f32],
+    src: &[f32],
+    outer: &Offsets,
+    inner: &[usize; SLOTS],
+    acc: &mut Acc,
+) {
+    assert!(vecs.len() >= outer.len() * LANES, "too few vectors");
+    let inner_max = inner.iter().copied().max().unwrap_or(0);
+    assert!(
+        outer.len() == 0 || outer.max + inner_max < src.len(),
+        "tile reads past its source"
+    );
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx2Fma => {
+            assert!(
+                std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma"),
+                "AVX2/FMA kernel chosen on a CPU without them"
+            );
+            // SAFETY: the CPU has AVX2 and FMA (checked just above); every read is
+            // `vecs[i·16 .. i·16 + 16]` for i < outer.len() (checked against
+            // vecs.len()) or `src[outer[i] + inner[j]]`, at most `outer.max +
+            // inner_max`, checked against src.len(); `acc` is a whole array.
+            #[allow(unsafe_code)]
+            unsafe {
+                avx2::tile(vecs.as_ptr(), src.as_ptr(), &outer.list, inner, acc)
+            }
+        }
+        Kernel::Portable => portable(vecs, src, &outer.list, inner, acc),
+    }
+}
+
+fn portable(vecs: &[f32], src: &[f32], outer: &[u32], inner: &[usize; SLOTS], acc: &mut Acc) {
+    for (v, &o) in vecs.chunks_exact(LANES).zip(outer) {
+        for (row, &off) in acc.iter_mut().zip(inner) {
+            let b = src[o as usize + off];
+            for (a, x) in row.iter_mut().zip(v) {
+                *a += x * b;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod avx2 {
+    use std::arch::x86_64::{
+        __m256, _mm256_broadcast_ss, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_storeu_ps,
+    };
+
+    use super::{Acc, SLOTS};
+
+    /// The loop of [`super::tile`] in twelve registers.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; `vecs` points at `outer.len()` rows of 16 floats;
+    /// `src + outer[i] + inner[j]` is readable for every i, j.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn tile(
+        vecs: *const f32,
+        src: *const f32,
+        outer: &[u32],
+        inner: &[usize; SLOTS],
+        acc: &mut Acc,
+    ) {
+        // SAFETY (whole body): reads within the bounds the caller guarantees; `acc`'s
+        // rows are 16 floats each, read and written as two halves.
+        unsafe {
+            let mut lo: [__m256; SLOTS] = [_mm256_loadu_ps(acc[0].as_ptr()); SLOTS];
+            let mut hi: [__m256; SLOTS] = [_mm256_loadu_ps(acc[0].as_ptr().add(8)); SLOTS];
+            for j in 0..SLOTS {
+                lo[j] = _mm256_loadu_ps(acc[j].as_ptr());
+                hi[j] = _mm256_loadu_ps(acc[j].as_ptr().add(8));
+            }
+            let s = inner.map(|off| src.add(off));
+            let mut v = vecs;
+            for &o in outer {
+                let o = o as usize;
+                let (v0, v1) = (_mm256_loadu_ps(v), _mm256_loadu_ps(v.add(8)));
+                for j in 0..SLOTS {
+                    let b = _mm256_broadcast_ss(&*s[j].add(o));
+                    lo[j] = _mm256_fmadd_ps(v0, b, lo[j]);
+                    hi[j] = _mm256_fmadd_ps(v1, b, hi[j]);
+                }
+                v = v.add(16);
+            }
+            for j in 0..SLOTS {
+                _mm256_storeu_ps(acc[j].as_mut_ptr(), lo[j]);
+                _mm256_storeu_ps(acc[j].as_mut_ptr().add(8), hi[j]);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(vecs: &[f32], src: &[f32], outer: &[usize], inner: &[usize; SLOTS], acc: &mut Acc) {
+        for (i, &o) in outer.iter().enumerate() {
+            for j in 0..SLOTS {
+                for l in 0..LANES {
+                    acc[j][l] += vecs[i * LANES + l] * src[o + inner[j]];
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_kernel_matches_the_naive_loop() {
+        let src: Vec<f32> = (0..500).map(|i| (i as f32 * 0.37).sin()).collect();
+        let outer: Vec<usize> = (0..37).map(|i| (i * 7) % 300).collect();
+        let vecs: Vec<f32> = (0..37 * LANES).map(|i| (i as f32 * 0.11).cos()).collect();
+        let inner = [0, 3, 5, 199, 150, 3];
+        let start: Acc = std::array::from_fn(|j| std::array::from_fn(|l| (j * 16 + l) as f32));
+        let mut want = start;
+        naive(&vecs, &src, &outer, &inner, &mut want);
+        let offsets = Offsets::new(outer.iter().copied());
+        let mut kernels = vec![Kernel::Portable, Kernel::detect()];
+        kernels.dedup();
+        for kernel in kernels {
+            let mut got = start;
+            tile(kernel, &vecs, &src, &offsets, &inner, &mut got);
+            for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
+                assert!((g - w).abs() < 1e-4, "{kernel:?}: {g} vs {w}");
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "past its source")]
+    fn an_offset_past_the_source_is_refused() {
+        let src = [0.0; 10];
+        let vecs = [0.0; LANES];
+        let mut acc = [[0.0; LANES]; SLOTS];
+        tile(
+            Kernel::detect(),
+            &vecs,
+            &src,
+            &Offsets::new([5]),
+            &[0, 0, 0, 0, 0, 5],
+            &mut acc,
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "too few vectors")]
+    fn too_few_vectors_are_refused() {
+        let mut acc = [[0.0; LANES]; SLOTS];
+        tile(
+            Kernel::detect(),
+            &[0.0; LANES],
+            &[0.0; 10],
+            &Offsets::new([0, 1]),
+            &[0; SLOTS],
+            &mut acc,
+        );
+    }
+}
