@@ -7,6 +7,7 @@ use std::rc::Rc;
 use burn::tensor::Device;
 use burn::tensor::wgpu::WgpuBackend;
 use js_sys::{Promise, Uint8Array};
+use tether_shared::model::ops::cpu_conv;
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::future_to_promise;
 
@@ -47,7 +48,11 @@ pub async fn create_worker(gpu: Option<String>) -> BrowserWorker {
     };
     let inner = match webgpu {
         Some((device, description)) => Volunteer::new(device, "webgpu", &description),
-        None => Volunteer::new(Device::flex(), "cpu", "cpu (wasm, 1 thread)"),
+        None => Volunteer::new(
+            Device::flex(),
+            "cpu",
+            &format!("cpu (wasm, 1 thread, {})", cpu_conv().0),
+        ),
     };
     BrowserWorker {
         inner: Rc::new(RefCell::new(inner)),

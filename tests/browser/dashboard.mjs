@@ -7,7 +7,7 @@
 // node dashboard.mjs --base http://127.0.0.1:PORT --backend webgpu|cpu --out DIR
 //   [--min-syncs 5] [--timeout 240] [--admin-token T --tau N --batch B]
 //   [--spki BASE64 --label NAME] [--choice auto|webgpu|cpu] [--adapter yes]
-//   [--expect-why TEXT] [--workers N]
+//   [--expect-why TEXT] [--expect-device TEXT] [--workers N]
 //
 // --backend is what the worker must end up on; --choice is what the Join panel's
 // backend menu is set to (default: webgpu for the WebGPU runs, else auto);
@@ -117,6 +117,9 @@ try {
   if (joined.w.backend !== backend) throw new Error(`expected the ${backend} backend, the worker reports ${joined.w.backend}`);
   report.why = await page.evaluate(() => window.tetherVolunteer.why);
   log(`the panel says: ${report.why}`);
+  if (args['expect-device'] && !String(joined.w.device).includes(args['expect-device'])) {
+    throw new Error(`the worker's device should mention "${args['expect-device']}": ${joined.w.device}`);
+  }
   if (args['expect-why'] && !String(report.why).includes(args['expect-why'])) {
     throw new Error(`the panel's reason should mention "${args['expect-why']}": ${report.why}`);
   }

@@ -3,6 +3,7 @@
 
 use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
+use tether_shared::model::ops::cpu_conv;
 use thiserror::Error;
 
 /// What the user asked for.
@@ -162,7 +163,7 @@ pub fn select(choice: BackendChoice, threads: Option<usize>) -> Result<Selected,
     Ok(Selected {
         device: Device::flex(),
         backend: "cpu",
-        description: format!("cpu (flex, {threads} threads)"),
+        description: format!("cpu (flex, {threads} threads, {})", cpu_conv().0),
     })
 }
 

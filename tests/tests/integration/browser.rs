@@ -173,7 +173,9 @@ async fn browser_worker_trains_on_webgpu_from_the_dashboard() -> Result<()> {
 /// A software WebGPU adapter trains ~100× slower than the CPU path: `auto` must
 /// pass it over for the CPU and say so. Before, a tab that joined on SwiftShader
 /// showed 14 steps and no sync after a minute. The tab lends two cores: two Web
-/// Workers, two shards, one group on the dashboard, one Leave for both.
+/// Workers, two shards, one group on the dashboard, one Leave for both. Their
+/// convolutions run the SIMD128 direct kernel, which passed its check against
+/// im2col + GEMM inside this browser (else the device would name GEMM).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn browser_workers_train_on_the_cpu_fallback_from_the_dashboard() -> Result<()> {
     let auto = [
@@ -183,6 +185,8 @@ async fn browser_workers_train_on_the_cpu_fallback_from_the_dashboard() -> Resul
         "auto",
         "--expect-why",
         "software",
+        "--expect-device",
+        "direct conv (SIMD128)",
         "--workers",
         "2",
     ];

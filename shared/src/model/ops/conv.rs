@@ -5,11 +5,14 @@
 //! pool; each task keeps its own scratch and weight-gradient accumulator, so there
 //! is no locking.
 
+use std::sync::OnceLock;
+
 use rayon::prelude::*;
 
 use super::direct;
 use super::gemm::{Mat, sgemm};
 use super::tile::Kernel;
+use crate::rng::SplitMix64;
 
 /// Rayon tasks per thread for one convolution's images.
 const TASKS_PER_THREAD: usize = 4;
@@ -125,6 +128,83 @@ impl Path {
             kernel => Self::Direct(kernel),
         }
     }
+
+    /// The path every convolution here takes, chosen once per process: the
+    /// [`detect`](Self::detect)ed one if it agrees with im2col + GEMM on test
+    /// convolutions run on this very machine (a kernel that computes wrongly here,
+    /// say under a browser engine's bug, must not train), else GEMM. The second
+    /// value is the worst disagreement seen.
+    pub fn chosen() -> (Self, f32) {
+        static CHOSEN: OnceLock<(Path, f32)> = OnceLock::new();
+        *CHOSEN.get_or_init(|| {
+            let path = Self::detect();
+            let worst = disagreement(path);
+            (if worst <= 1e-4 { path } else { Self::Gemm }, worst)
+        })
+    }
+
+    /// In words, for device descriptions.
+    pub fn name(self) -> &'static str {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Self::Direct(Kernel::Avx2Fma) => "direct conv (AVX2+FMA)",
+            #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+            Self::Direct(Kernel::Simd128) => "direct conv (SIMD128)",
+            Self::Direct(Kernel::Portable) => "direct conv (portable)",
+            Self::Gemm => "im2col+GEMM conv",
+        }
+    }
+}
+
+/// The worst relative difference between `path` and im2col + GEMM over the
+/// outputs and gradients of two small convolutions (channel blocks with tails,
+/// pixel tiles with tails, padding), on fixed pseudo-random values.
+fn disagreement(path: Path) -> f32 {
+    let mut rng = SplitMix64::new(0x7e57);
+    let mut values = |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|_| (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0)
+            .collect()
+    };
+    let worst = |got: &[f32], want: &[f32]| -> f32 {
+        if got.len() != want.len() {
+            return f32::INFINITY;
+        }
+        got.iter()
+            .zip(want)
+            // NaN compares as the worst possible.
+            .map(|(a, b)| {
+                let d = (a - b).abs() / b.abs().max(1.0);
+                if d.is_nan() { f32::INFINITY } else { d }
+            })
+            .fold(0.0, f32::max)
+    };
+    let shapes = [(2, 3, 17, 5, 7, 3, 2), (1, 5, 20, 6, 6, 5, 2)];
+    let mut max = 0.0f32;
+    for (batch, cin, cout, height, width, kernel, pad) in shapes {
+        let s = ConvShape {
+            batch,
+            cin,
+            cout,
+            height,
+            width,
+            kernel,
+            pad,
+        };
+        let x = values(batch * s.image_in());
+        let w = values(cout * s.taps());
+        let b = values(cout);
+        let dy = values(batch * s.image_out());
+        let y = forward(&s, path, &x, &w, &b);
+        let (dx, dw, db) = backward(&s, path, &x, &w, &dy, true);
+        let (gdx, gdw, gdb) = backward_gemm(&s, &x, &w, &dy, true);
+        max = max
+            .max(worst(&y, &forward_gemm(&s, &x, &w, &b)))
+            .max(worst(&dx.unwrap_or_default(), &gdx.unwrap_or_default()))
+            .max(worst(&dw, &gdw))
+            .max(worst(&db, &gdb));
+    }
+    max
 }
 
 /// `y = conv(x, w) + b` for `x` [N, Cin, H, W], `w` [Cout, Cin, k, k], `b` [Cout].
@@ -250,7 +330,6 @@ fn backward_gemm(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rng::SplitMix64;
 
     fn random(rng: &mut SplitMix64, n: usize) -> Vec<f32> {
         (0..n)
@@ -266,6 +345,13 @@ mod tests {
             .map(|(a, b)| (a - b).abs() / b.abs().max(1.0))
             .fold(0.0f32, f32::max);
         assert!(worst <= 1e-4, "{what}: off by {worst}");
+    }
+
+    #[test]
+    fn the_detected_path_passes_its_own_check() {
+        let (chosen, worst) = Path::chosen();
+        assert_eq!(chosen, Path::detect(), "off by {worst}");
+        assert!(worst <= 1e-4);
     }
 
     /// Every path against the GEMM one, which the Burn tests (`tests.rs`) hold to

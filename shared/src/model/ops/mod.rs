@@ -1,9 +1,10 @@
 //! CPU kernels for the layers that dominate a training step, plugged into Burn
-//! through its backend extension: a convolution that stays in NCHW (forward, weight
-//! gradient and input gradient each one GEMM per image) and 2×2 max-pooling fused
-//! with ReLU. They run when a tensor lives on the CPU backend (`flex`, native or
-//! wasm); on any other device the same functions call Burn's own layers, so the
-//! models have one `forward` for every worker.
+//! through its backend extension: a convolution that stays in NCHW (computed
+//! directly from padded images with a SIMD register tile where the CPU has one,
+//! else as one GEMM per image for the forward pass, weight gradient and input
+//! gradient) and 2×2 max-pooling fused with ReLU. They run when a tensor lives on
+//! the CPU backend (`flex`, native or wasm); on any other device the same functions
+//! call Burn's own layers, so the models have one `forward` for every worker.
 //!
 //! Burn's modules keep the parameters, its autodiff the graph and its optimizer the
 //! step; only these two operations' forward and backward are ours (see the
@@ -48,6 +49,14 @@ pub trait CpuOps: Backend {
 
     /// `relu(max_pool2d(x, 2, stride 2))`.
     fn pool2_relu(x: FloatTensor<Self>) -> FloatTensor<Self>;
+}
+
+/// How this machine's CPU convolutions run, in words ("direct conv (AVX2+FMA)",
+/// "im2col+GEMM conv", ...), and the worst disagreement of its kernel with im2col +
+/// GEMM on the test convolutions it passed (or failed) before it was chosen.
+pub fn cpu_conv() -> (&'static str, f32) {
+    let (path, worst) = Path::chosen();
+    (path.name(), worst)
 }
 
 /// Whether `t` is an f32 tensor on the CPU backend (with or without autodiff).
@@ -147,7 +156,7 @@ fn conv_forward(x: &FlexTensor, weight: &FlexTensor, bias: &FlexTensor, pad: usi
     let s = conv_shape(x, weight, pad);
     let y = conv::forward(
         &s,
-        Path::detect(),
+        Path::chosen().0,
         &values(x),
         &values(weight),
         &values(bias),
@@ -199,7 +208,7 @@ impl Backward<Flex, 3> for ConvBackward {
         let s = conv_shape(&x, &weight, pad);
         let (dx, dw, db) = conv::backward(
             &s,
-            Path::detect(),
+            Path::chosen().0,
             &values(&x),
             &values(&weight),
             &values(&dy),
