@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Browser vs native training speed per core (issue #11): one server, one native
+# worker on one thread, one tab lending one CPU core (a Web Worker on the wasm CPU
+# backend); prints the samples/s of each and their ratio once the tab has 12 syncs.
+#
+#   scripts/browser-per-core.sh [path/to/tether] [port]
+#
+# Needs what scripts/test-all.sh installs (Debian's Chromium, playwright-core in
+# tests/browser). Run it on an idle machine, several times, interleaved with the
+# build it is compared with: the machine's noise is larger than one run shows.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+bin="$(realpath "${1:-$root/target/release/tether}")"
+port="${2:-18111}"
+dir="$(mktemp -d)"
+trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null; rm -rf "$dir"' EXIT
+cd "$dir"
+"$bin" serve --port "$port" --tau 16 --screen-batch 0 >serve.log 2>&1 &
+sleep 3
+"$bin" work --server "ws://127.0.0.1:$port" --threads 1 >work.log 2>&1 &
+(cd "$root/tests/browser" && node dashboard.mjs --base "http://127.0.0.1:$port" \
+  --backend cpu --choice cpu --workers 1 --min-syncs 12 --out "$dir") | grep -E 'browser worker|ratio|FAILED'
