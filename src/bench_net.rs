@@ -141,6 +141,7 @@ async fn sync_client(url: String, until: Instant) -> Result<u64> {
         encodings: vec![Encoding::F32],
         needs_shard: false,
         group: None,
+        url: None,
     };
     ws.send(WsMessage::Binary(
         protocol::encode(&Message::Hello(hello), &[]).into(),
@@ -171,6 +172,7 @@ async fn sync_client(url: String, until: Instant) -> Result<u64> {
             loss: 1.0,
             samples_per_s: 0.0,
             wait_s: 0.0,
+            members: 0,
         };
         ws.send(WsMessage::Binary(
             protocol::encode(&Message::Sync(sync), &x).into(),
@@ -254,6 +256,7 @@ pub fn run_bench_server(args: BenchServerArgs) -> Result<()> {
                 loss: 1.0,
                 samples_per_s: 0.0,
                 wait_s: 0.0,
+                members: 0,
             }),
             &vec![0.0; model.param_count()],
         )

@@ -145,15 +145,8 @@ impl RunFlags {
 pub struct ServeArgs {
     #[command(flatten)]
     pub run: RunFlags,
-    /// Address to listen on.
-    #[arg(long, default_value = "0.0.0.0")]
-    pub host: String,
-    /// Port to listen on (0: any free port).
-    #[arg(long, default_value_t = 8080)]
-    pub port: u16,
-    /// IDX data directory [default: the shipped Fashion-MNIST].
-    #[arg(long)]
-    pub data: Option<PathBuf>,
+    #[command(flatten)]
+    pub serving: ServingFlags,
     /// Run directory for checkpoints [default: ./runs/<run-id>].
     #[arg(long)]
     pub run_dir: Option<PathBuf>,
@@ -167,6 +160,35 @@ pub struct ServeArgs {
     /// Checkpoints kept on disk.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
     pub keep_checkpoints: u64,
+    /// End the run once workers have reported this many training images in all
+    /// (then: final checkpoint, `report.json`, workers told the run finished).
+    #[arg(long)]
+    pub max_samples: Option<u64>,
+    /// End the run after this many seconds of serving (counted across resumes).
+    #[arg(long)]
+    pub max_time: Option<u64>,
+    /// End the run at the first evaluation whose test accuracy reaches this
+    /// fraction (0.85 = 85 %; needs --eval-every above 0).
+    #[arg(long)]
+    pub target_accuracy: Option<f64>,
+    /// Write the final summary here as JSON.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+}
+
+/// What a server needs to serve workers and pages, whether it is a root (`tether
+/// serve`) or a relay (`tether relay`).
+#[derive(Args, Debug)]
+pub struct ServingFlags {
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub host: String,
+    /// Port to listen on (0: any free port).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// IDX data directory [default: the shipped Fashion-MNIST].
+    #[arg(long)]
+    pub data: Option<PathBuf>,
     /// Token for operator actions (sent as a header by the dashboard).
     #[arg(long, env = "TETHER_ADMIN_TOKEN")]
     pub admin_token: Option<String>,
@@ -207,17 +229,6 @@ pub struct ServeArgs {
     /// Reject updates whose progress exceeds this multiple of the run's typical progress.
     #[arg(long, default_value_t = 10.0)]
     pub max_update_ratio: f64,
-    /// End the run once workers have reported this many training images in all
-    /// (then: final checkpoint, `report.json`, workers told the run finished).
-    #[arg(long)]
-    pub max_samples: Option<u64>,
-    /// End the run after this many seconds of serving (counted across resumes).
-    #[arg(long)]
-    pub max_time: Option<u64>,
-    /// End the run at the first evaluation whose test accuracy reaches this
-    /// fraction (0.85 = 85 %; needs --eval-every above 0).
-    #[arg(long)]
-    pub target_accuracy: Option<f64>,
     /// Training images in the loss screen's secret batch: an update that would raise
     /// the center's loss on it is answered but does not move the center (0: off).
     #[arg(long, default_value_t = 64)]
@@ -245,9 +256,6 @@ pub struct ServeArgs {
     /// A name or address the self-signed certificate also covers (repeatable).
     #[arg(long = "tls-name", requires = "tls_self_signed")]
     pub tls_names: Vec<String>,
-    /// Write the final summary here as JSON.
-    #[arg(long)]
-    pub report: Option<PathBuf>,
 }
 
 fn secs(s: u64) -> Option<Duration> {
@@ -286,11 +294,25 @@ impl ServeArgs {
             _ => None,
         };
         let mut config = ServerConfig::new(self.run.resolve(base)?);
-        config.data = self.data.clone();
+        self.serving.apply(&mut config);
         config.run_dir = run_dir;
         config.resume = self.resume;
         config.checkpoint_every = secs(self.checkpoint_every);
         config.keep_checkpoints = self.keep_checkpoints as usize;
+        config.finish = tether_server::Finish {
+            max_samples: self.max_samples,
+            max_time: self.max_time.map(Duration::from_secs),
+            target_accuracy: self.target_accuracy,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+impl ServingFlags {
+    /// Sets what these flags say in `config`.
+    fn apply(&self, config: &mut ServerConfig) {
+        config.data = self.data.clone();
         config.admin_token = self.admin_token.clone();
         config.worker_token = self.worker_token.clone();
         config.allowed_origins = self.allow_origins.clone();
@@ -305,16 +327,9 @@ impl ServeArgs {
         config.max_update_ratio = self.max_update_ratio;
         config.host_names.extend(self.tls_names.iter().cloned());
         config.screen_batch = self.screen_batch;
-        config.finish = tether_server::Finish {
-            max_samples: self.max_samples,
-            max_time: self.max_time.map(Duration::from_secs),
-            target_accuracy: self.target_accuracy,
-        };
         config.eval_every = secs(self.eval_every);
         config.eval_limit = self.eval_limit.map(|n| n as usize);
         config.encoding = self.encoding;
-        config.validate()?;
-        Ok(config)
     }
 
     /// The certificate to serve, if TLS was asked for.
@@ -334,6 +349,23 @@ impl ServeArgs {
             &Path::new("runs").join("tls"),
             &names,
         )?))
+    }
+
+    /// Binds the port: first, so a server that cannot listen leaves nothing behind.
+    async fn listen(&self) -> Result<tokio::net::TcpListener> {
+        let addr = format!("{}:{}", self.host, self.port);
+        tokio::net::TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("listening on {addr}"))
+    }
+}
+
+/// How to reach a listener bound to `local` from this machine.
+fn shown_addr(local: SocketAddr) -> String {
+    if local.ip().is_unspecified() {
+        format!("127.0.0.1:{}", local.port())
+    } else {
+        local.to_string()
     }
 }
 
@@ -362,21 +394,14 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
 
 pub fn run_serve(args: ServeArgs) -> Result<()> {
     let mut config = args.config()?;
-    let certificate = args.certificate().context("setting up TLS")?;
+    let certificate = args.serving.certificate().context("setting up TLS")?;
     config.tls = certificate.as_ref().map(|c| c.config.clone());
     runtime()?.block_on(async move {
         // The port first: a serve that cannot listen must not leave a run behind.
-        let addr = format!("{}:{}", args.host, args.port);
-        let listener = tokio::net::TcpListener::bind(&addr)
-            .await
-            .with_context(|| format!("listening on {addr}"))?;
+        let listener = args.serving.listen().await?;
         let server = tether_server::Server::new(config).context("preparing the run")?;
         let local: SocketAddr = listener.local_addr()?;
-        let shown = if local.ip().is_unspecified() {
-            format!("127.0.0.1:{}", local.port())
-        } else {
-            local.to_string()
-        };
+        let shown = shown_addr(local);
         let s = server.state();
         println!(
             "tether serving run {} ({}, {} model)",
@@ -438,6 +463,119 @@ pub fn run_serve(args: ServeArgs) -> Result<()> {
                 .map_or("none".into(), |p| p.display().to_string())
         );
         write_report(args.report.as_deref(), &summary)
+    })
+}
+
+#[derive(Args, Debug)]
+pub struct RelayArgs {
+    /// The upstream server (the root, or another relay): ws://host:port or
+    /// wss://host:port.
+    #[arg(long)]
+    pub upstream: String,
+    /// Trust the certificates in this PEM file for a wss:// upstream, besides the
+    /// system's roots.
+    #[arg(long)]
+    pub upstream_ca_cert: Option<PathBuf>,
+    /// The upstream's worker token.
+    #[arg(long, env = "TETHER_UPSTREAM_TOKEN")]
+    pub upstream_token: Option<String>,
+    /// Updates of this relay's own workers between exchanges with the upstream.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub tau_up: u32,
+    /// Longest time between exchanges with the upstream, in seconds, even without
+    /// updates.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub max_wait: u64,
+    /// Elastic rate α of this relay's own workers [default: the upstream's α].
+    #[arg(long)]
+    pub alpha: Option<f32>,
+    /// Workers this relay expects: its shard of the upstream's data is cut into
+    /// this many slices.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub expected_workers: u32,
+    /// This relay's address as browsers reach it (http(s)://host:port), given to
+    /// the upstream so it can send volunteers here.
+    #[arg(long)]
+    pub public_url: Option<String>,
+    /// Seconds to keep trying the upstream before the first welcome (a relay can
+    /// serve nothing before it); once joined, a relay waits for its upstream forever.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    pub connect_timeout: u64,
+    #[command(flatten)]
+    pub serving: ServingFlags,
+}
+
+pub fn run_relay(args: RelayArgs) -> Result<()> {
+    if let Some(a) = args.alpha
+        && !(a > 0.0 && a < 1.0)
+    {
+        bail!("--alpha must lie in (0, 1), got {a}");
+    }
+    let mut upstream = WorkConfig::new(args.upstream.clone());
+    upstream.ca_cert = args.upstream_ca_cert.clone();
+    upstream.token = args.upstream_token.clone();
+    upstream.connect_timeout = Duration::from_secs(args.connect_timeout);
+    upstream.give_up_after = Duration::MAX;
+    upstream.progress = false;
+    upstream.endpoint()?;
+    // The run's settings come from the upstream's welcome; these are placeholders
+    // the relay overwrites, and its own cut of the data.
+    let mut run = RunSettings::defaults(Algorithm::Eamsgd);
+    run.expected_workers = args.expected_workers;
+    let mut config = ServerConfig::new(run);
+    args.serving.apply(&mut config);
+    config.checkpoint_every = None;
+    let certificate = args.serving.certificate().context("setting up TLS")?;
+    config.tls = certificate.as_ref().map(|c| c.config.clone());
+    let (data_dir, data) = tether_dataset::load(args.serving.data.as_deref())?;
+    let (train, test) = (std::sync::Arc::new(data.train), data.test);
+    let test = match config.eval_limit {
+        Some(n) => test.subset(&(0..n.min(test.len())).collect::<Vec<_>>()),
+        None => test,
+    };
+    runtime()?.block_on(async move {
+        let listener = args.serving.listen().await?;
+        let local: SocketAddr = listener.local_addr()?;
+        let shown = shown_addr(local);
+        let (http, ws) = if certificate.is_some() {
+            ("https", "wss")
+        } else {
+            ("http", "ws")
+        };
+        println!("tether relay for {} (data: {})", args.upstream, data_dir.display());
+        println!("  dashboard: {http}://{shown}/   status: {http}://{shown}/api/status");
+        println!("  workers:   tether work --server {ws}://{shown}");
+        println!("  (serving starts once the upstream has welcomed this relay)");
+        let (stop_tx, stop_rx) = watch::channel(false);
+        tokio::spawn(async move {
+            interrupted().await;
+            eprintln!("stopping: a last exchange with the upstream, then telling the workers");
+            let _ = stop_tx.send(true);
+        });
+        let summary = tether_relay::run(
+            listener,
+            tether_relay::RelayConfig {
+                server: config,
+                upstream,
+                tau_up: args.tau_up,
+                max_wait: Duration::from_secs(args.max_wait),
+                alpha: args.alpha,
+                public_url: args.public_url.clone(),
+                train,
+                test,
+            },
+            stop_rx,
+        )
+        .await
+        .context("relay failed")?;
+        println!(
+            "relay done ({}): {} exchanges with the upstream, {} updates from its own workers, {} reconnects",
+            summary.upstream.stopped,
+            summary.upstream.syncs,
+            summary.syncs,
+            summary.upstream.reconnects
+        );
+        Ok(())
     })
 }
 

@@ -166,6 +166,7 @@ impl Volunteer {
             encodings: Encoding::ALL.to_vec(),
             needs_shard: false,
             group: self.group.clone(),
+            url: None,
         };
         protocol::encode(&Message::Hello(hello), &[])
     }
@@ -314,6 +315,7 @@ impl Volunteer {
             },
             samples_per_s: self.progress.samples_per_s as f32,
             wait_s: self.last_wait_s,
+            members: 0,
         };
         let values = self.link.params_payload(&trained.params);
         let (bytes, decoded) =

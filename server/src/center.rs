@@ -1,7 +1,8 @@
 //! The center variable x̃ and the only code that writes it. Every change — an
 //! asynchronous elastic exchange, a DOWNPOUR push, a synchronous round, a new LSGD
-//! leader — goes through [`Center`], which the server keeps behind one lock, so each
-//! update is applied atomically and none ever sees a half-written center.
+//! leader, a relay's exchange with its upstream — goes through [`Center`], which the
+//! server keeps behind one lock, so each update is applied atomically and none ever
+//! sees a half-written center.
 //!
 //! Validation that needs the center (staleness, the norm guard) happens here too,
 //! before anything is written: a rejected update leaves the center bit-identical.
@@ -14,6 +15,7 @@ use tether_shared::algorithms::outer::{
     DILOCO_OUTER_LR, DILOCO_OUTER_MOMENTUM, mean_delta, outer_nesterov_step,
 };
 use tether_shared::algorithms::{Algorithm, Norms, norms};
+use tether_shared::local::apply_reply;
 use tether_shared::protocol::{Apply, Hyper, Rejection, first_non_finite};
 
 use tokio::sync::oneshot;
@@ -405,6 +407,27 @@ impl Center {
             self.guard.accept(session, progress);
         }
         Ok(outcome)
+    }
+
+    /// Applies a reply from this server's own upstream (a relay's exchange with its
+    /// parent) to x̃, as a worker applies a reply to xⁱ ([`apply_reply`]): `sent`
+    /// is the x̃ the relay's sync carried. A new version, committed only if finite.
+    pub fn apply_upstream(
+        &mut self,
+        apply: Apply,
+        payload: &[f32],
+        lambda: f32,
+        sent: Option<&[f32]>,
+    ) -> Result<(), Rejection> {
+        if payload.len() != self.params.len() {
+            return Err(Rejection::WrongLength {
+                expected: self.params.len() as u64,
+                got: payload.len() as u64,
+            });
+        }
+        let mut next = self.draft();
+        apply_reply(&mut next, apply, payload, lambda, sent);
+        self.commit(next, None)
     }
 
     /// A copy of x̃ to write the next center into (reusing the last one's buffer).

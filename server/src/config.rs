@@ -10,6 +10,7 @@ use tether_shared::algorithms::Algorithm;
 use tether_shared::algorithms::leader::LSGD_LAMBDA;
 use tether_shared::codec::Encoding;
 use tether_shared::model::ModelKind;
+use tether_shared::protocol::Shard;
 use thiserror::Error;
 
 /// The paper's β = pα for elastic algorithms (SPEC.md).
@@ -268,6 +269,18 @@ pub struct ServerConfig {
     /// under another name is refused unless `allowed_origins` lists it (DNS
     /// rebinding). Default: `localhost` and the host name.
     pub host_names: Vec<String>,
+    /// Set when this server is a relay: what it serves is a part of its upstream's
+    /// run, so it keeps no checkpoints and writes no report (the root holds the run).
+    pub relay: Option<RelayRole>,
+}
+
+/// A relay's place in the tree.
+#[derive(Clone, Debug)]
+pub struct RelayRole {
+    /// The upstream it syncs with, as given (for the status page).
+    pub upstream: String,
+    /// Its own shard of the upstream's cut: its workers get slices of it.
+    pub within: Shard,
 }
 
 /// The payload encoding a run uses unless the operator says otherwise. Every
@@ -313,6 +326,7 @@ impl ServerConfig {
             tls: None,
             finish: Finish::default(),
             host_names: crate::tls::host_names([0, 0, 0, 0].into(), &[]),
+            relay: None,
         }
     }
 

@@ -33,15 +33,15 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
 use serde::Serialize;
-use tether_shared::data::Normalization;
+use tether_shared::data::{ImageSet, Normalization};
 use tether_shared::model::{INPUT_SHAPE, to_flat};
 use tether_shared::protocol::{self, Hyper, RunSpec, StopReason};
 use thiserror::Error;
 use tokio::net::TcpListener;
 
 use crate::center::Center;
-use crate::checkpoint::CheckpointError;
-pub use crate::config::{ConfigError, Finish, RunSettings, ServerConfig};
+use crate::checkpoint::{CheckpointError, History};
+pub use crate::config::{ConfigError, Finish, RelayRole, RunSettings, ServerConfig};
 pub use crate::state::{AppState, EvalPoint, Status};
 use tether_dataset::{self as dataset, LoadError};
 
@@ -179,15 +179,8 @@ impl Server {
     /// Loads the data, creates or resumes the run, and saves its settings.
     pub fn new(config: ServerConfig) -> Result<Self, ServerError> {
         config.validate()?;
-        let (data_dir, data) = dataset::load(config.data.as_deref())?;
-        for set in [&data.train, &data.test] {
-            set.expect_shape(INPUT_SHAPE).map_err(LoadError::from)?;
-        }
-        let mut test = data.test;
-        if let Some(n) = config.eval_limit {
-            test = test.subset(&(0..n.min(test.len())).collect::<Vec<_>>());
-        }
-        let normalization = Normalization::of(&data.train);
+        let (data_dir, train, test) = load_data(&config)?;
+        let normalization = Normalization::of(&train);
         let run = &config.run;
         let (run_id, run_dir, params, velocity, version, samples, history) = if config.resume {
             let dir = config
@@ -258,7 +251,7 @@ impl Server {
             batch: run.batch,
             leader_pull: run.leader_pull(),
             normalization,
-            train_items: data.train.len() as u64,
+            train_items: train.len() as u64,
         };
         let center = Center::new(
             run.algorithm,
@@ -271,13 +264,76 @@ impl Server {
             config.max_update_ratio,
         );
         tracing::info!(run = %spec.run_id, data = %data_dir.display(), dir = %run_dir.display(), "run ready");
-        let train = Arc::new(data.train);
-        let state = AppState::new(config, spec, run_dir, train, test, center, history);
+        let state = AppState::new(
+            config,
+            spec,
+            run_dir,
+            Arc::new(train),
+            test,
+            center,
+            history,
+        );
         state.metrics.samples.store(samples, Ordering::Relaxed);
         if version > 0 {
             *state.last_checkpoint.lock().expect("fresh lock") =
                 Some((version, state.run_dir.clone()));
         }
+        Ok(Self { state })
+    }
+
+    /// A relay's server: serves `spec` (its upstream's run) from `center`, on this
+    /// machine's copy of the run's data (`train`, `test`, as [`load_data`] gives
+    /// them), keeping no checkpoints (`config.relay` must be set; the root keeps
+    /// the run).
+    pub fn relay(
+        config: ServerConfig,
+        spec: RunSpec,
+        center: Vec<f32>,
+        train: Arc<ImageSet>,
+        test: ImageSet,
+    ) -> Result<Self, ServerError> {
+        config.validate()?;
+        let Some(role) = &config.relay else {
+            return Err(ConfigError("a relay's server needs its place in the tree".into()).into());
+        };
+        if train.len() as u64 != spec.train_items {
+            return Err(ConfigError(format!(
+                "the upstream's run trains on {} images, this relay's data has {}: give the relay the run's data with --data",
+                spec.train_items,
+                train.len()
+            ))
+            .into());
+        }
+        if center.len() != spec.model.param_count() {
+            return Err(ConfigError(format!(
+                "the upstream's center has {} values, the {} model {}",
+                center.len(),
+                spec.model.name(),
+                spec.model.param_count()
+            ))
+            .into());
+        }
+        let center = Center::new(
+            spec.algorithm,
+            center,
+            Vec::new(),
+            0,
+            spec.hyper,
+            config.run.momentum as f32,
+            config.max_staleness,
+            config.max_update_ratio,
+        );
+        let run_dir = PathBuf::from("runs").join(format!("relay-{}", spec.run_id));
+        tracing::info!(run = %spec.run_id, upstream = %role.upstream, "relay ready");
+        let state = AppState::new(
+            config,
+            spec,
+            run_dir,
+            train,
+            test,
+            center,
+            History::default(),
+        );
         Ok(Self { state })
     }
 
@@ -322,8 +378,14 @@ impl Server {
         sampler.abort();
         finisher.abort();
         let _ = evaluator.await;
-        let checkpoint = write_checkpoint(&state, true).await?;
-        write_report(&state, checkpoint.as_deref()).await?;
+        // A relay's center is a part of its upstream's run, which the root keeps.
+        let checkpoint = if state.config.relay.is_none() {
+            let checkpoint = write_checkpoint(&state, true).await?;
+            write_report(&state, checkpoint.as_deref()).await?;
+            checkpoint
+        } else {
+            None
+        };
         let m = &state.metrics;
         Ok(Summary {
             run_id: state.spec.run_id.clone(),
@@ -336,6 +398,20 @@ impl Server {
             checkpoint,
         })
     }
+}
+
+/// The training and test sets (`--data` or the shipped ones), checked for the
+/// models' input shape; the test set cut to `--eval-limit`.
+pub fn load_data(config: &ServerConfig) -> Result<(PathBuf, ImageSet, ImageSet), ServerError> {
+    let (data_dir, data) = dataset::load(config.data.as_deref())?;
+    for set in [&data.train, &data.test] {
+        set.expect_shape(INPUT_SHAPE).map_err(LoadError::from)?;
+    }
+    let mut test = data.test;
+    if let Some(n) = config.eval_limit {
+        test = test.subset(&(0..n.min(test.len())).collect::<Vec<_>>());
+    }
+    Ok((data_dir, data.train, test))
 }
 
 /// Prepares the run in `config` and serves it on `listener` until `shutdown`.

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tether_shared::data::{ImageSet, encode_images, shard_indices};
 use tether_shared::model::load_flat;
-use tether_shared::protocol::{Hyper, RunSpec, Shard, ShardDownload, StopReason};
+use tether_shared::protocol::{Hyper, RunSpec, Shard, ShardDownload, StopReason, WorkerKind};
 use tether_shared::train::{Evaluation, evaluate};
 use tokio::sync::watch;
 
@@ -22,7 +22,7 @@ use crate::config::{RunSettings, ServerConfig};
 use crate::events::Timeline;
 use crate::metrics::Metrics;
 use crate::screen::Screen;
-use crate::workers::{WorkerStatus, Workers};
+use crate::workers::{ShardPlan, WorkerStatus, Workers};
 
 /// One evaluation of the center on the test set.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -245,6 +245,15 @@ fn data_id(set: &ImageSet) -> String {
 }
 
 impl Shared {
+    /// How this server cuts the training set for its workers.
+    pub fn shard_plan(&self) -> ShardPlan {
+        ShardPlan {
+            count: self.config.run.expected_workers,
+            seed: self.config.run.seed,
+            within: self.config.relay.as_ref().map(|r| r.within),
+        }
+    }
+
     /// The center, locked. Hold it briefly: every sync waits for it.
     pub fn center(&self) -> MutexGuard<'_, Center> {
         lock(&self.center)
@@ -529,9 +538,23 @@ impl Shared {
             resumes: lock(&self.resumes).clone(),
             run_time_s: self.now_s(),
             recent_rejects: self.recent_rejects(),
+            upstream: self.config.relay.as_ref().map(|r| r.upstream.clone()),
+            subtree_workers: subtree_workers(&workers),
             workers,
         }
     }
+}
+
+/// Training workers below a server whose connected workers are `workers`: one for
+/// each worker, a relay's own count for each relay.
+pub fn subtree_workers(workers: &[WorkerStatus]) -> u64 {
+    workers
+        .iter()
+        .map(|w| match w.kind {
+            WorkerKind::Relay => u64::from(w.members),
+            _ => 1,
+        })
+        .sum()
 }
 
 /// `GET /api/status`.
@@ -589,6 +612,10 @@ pub struct Status {
     pub run_time_s: f64,
     /// The most recent rejections.
     pub recent_rejects: Vec<RejectRecord>,
+    /// The server this one relays to, if it is a relay.
+    pub upstream: Option<String>,
+    /// Training workers in the tree below this server: its own, and each relay's.
+    pub subtree_workers: u64,
     /// Connected workers.
     pub workers: Vec<WorkerStatus>,
 }

@@ -26,6 +26,10 @@ pub struct Worker {
     pub group: Option<String>,
     /// Its data shard.
     pub shard: Shard,
+    /// A relay's own page for browsers (validated), if it gave one.
+    pub url: Option<String>,
+    /// Workers it serves (a relay's, from its last sync; 0 for a worker).
+    pub members: u32,
     /// When it joined (Unix seconds).
     pub joined_unix: f64,
     /// When it last sent anything.
@@ -71,6 +75,10 @@ pub struct WorkerStatus {
     pub group: Option<String>,
     /// Shard index / count.
     pub shard: String,
+    /// A relay's own page for browsers.
+    pub url: Option<String>,
+    /// Workers it serves (a relay's; 0 for a worker).
+    pub members: u32,
     /// Accepted syncs.
     pub syncs: u64,
     /// Rejected frames.
@@ -119,15 +127,20 @@ impl Workers {
         self.by_session.is_empty()
     }
 
-    /// Registers a worker and gives it the lowest shard no connected worker trains
-    /// (or, when all are taken, shares one round-robin).
-    pub fn join(&mut self, session: u64, hello: &Hello, shards: u32, seed: u64) -> &Worker {
+    /// Registers a worker and gives it the lowest shard of `plan` no connected
+    /// worker trains (or, when all are taken, shares one round-robin).
+    pub fn join(&mut self, session: u64, hello: &Hello, plan: ShardPlan) -> &Worker {
         let id = self.next_id;
         self.next_id += 1;
         let taken: Vec<u32> = self.by_session.values().map(|w| w.shard.index).collect();
-        let index = (0..shards)
-            .find(|i| !taken.contains(i))
+        let shards = plan.count.max(1);
+        let j = (0..shards)
+            .find(|&j| !taken.contains(&plan.shard(j).index))
             .unwrap_or(id % shards);
+        let url = match hello.kind {
+            WorkerKind::Relay => hello.url.as_deref().and_then(relay_url),
+            _ => None,
+        };
         let worker = Worker {
             id,
             session,
@@ -135,11 +148,9 @@ impl Workers {
             backend: clip(&hello.backend, MAX_NAME_CHARS),
             device: clip(&hello.device, MAX_NAME_CHARS),
             group: hello.group.as_deref().map(|g| clip(g, MAX_NAME_CHARS)),
-            shard: Shard {
-                index,
-                count: shards,
-                seed,
-            },
+            shard: plan.shard(j),
+            url,
+            members: 0,
             joined_unix: unix_now(),
             last_seen: Instant::now(),
             syncs: 0,
@@ -182,6 +193,8 @@ impl Workers {
                 device: w.device.clone(),
                 group: w.group.clone(),
                 shard: format!("{}/{}", w.shard.index, w.shard.count),
+                url: w.url.clone(),
+                members: w.members,
                 syncs: w.syncs,
                 rejects: w.rejects,
                 held: w.held,
@@ -203,6 +216,55 @@ impl Workers {
     }
 }
 
+/// How a server cuts the training set for its workers: `count` shards, each the
+/// part of a seeded permutation ([`tether_shared::data::shard_indices`]). A relay
+/// cuts only its own shard of its upstream's cut (`within`): its j-th worker gets
+/// part `index·count + j` of `within.count·count`, which is exactly the j-th of
+/// `count` equal slices of the relay's part, since parts are contiguous ranges of
+/// the same permutation. So a tree of relays never trains one image on two shards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShardPlan {
+    /// Shards this server hands out.
+    pub count: u32,
+    /// The permutation's seed.
+    pub seed: u64,
+    /// This server's own shard of its upstream's cut (relays only).
+    pub within: Option<Shard>,
+}
+
+impl ShardPlan {
+    /// The j-th shard of this server's workers.
+    pub fn shard(&self, j: u32) -> Shard {
+        match self.within {
+            None => Shard {
+                index: j,
+                count: self.count,
+                seed: self.seed,
+            },
+            Some(up) => Shard {
+                index: up.index * self.count + j,
+                count: up.count * self.count,
+                seed: up.seed,
+            },
+        }
+    }
+}
+
+/// A relay's URL as kept: `http://` or `https://` and a host, at most 200
+/// printable ASCII characters without spaces, quotes or angle brackets; else none.
+fn relay_url(url: &str) -> Option<String> {
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))?;
+    let clean = url.len() <= 200
+        && !rest.is_empty()
+        && !rest.starts_with('/')
+        && url
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && !b"\"'<>`\\".contains(&b));
+    clean.then(|| url.trim_end_matches('/').to_string())
+}
+
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> f64 {
     SystemTime::now()
@@ -213,6 +275,7 @@ pub fn unix_now() -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tether_shared::data::shard_indices;
     use tether_shared::protocol::PROTOCOL_VERSION;
 
     fn hello() -> Hello {
@@ -227,18 +290,27 @@ mod tests {
             encodings: vec![],
             needs_shard: false,
             group: None,
+            url: None,
+        }
+    }
+
+    fn plan(count: u32) -> ShardPlan {
+        ShardPlan {
+            count,
+            seed: 0,
+            within: None,
         }
     }
 
     #[test]
     fn shards_go_to_the_lowest_free_index_and_are_reused() {
         let mut w = Workers::default();
-        let a = w.join(10, &hello(), 2, 0).shard.index;
-        let b = w.join(11, &hello(), 2, 0).shard.index;
+        let a = w.join(10, &hello(), plan(2)).shard.index;
+        let b = w.join(11, &hello(), plan(2)).shard.index;
         assert_eq!((a, b), (0, 1));
         w.leave(10);
-        assert_eq!(w.join(12, &hello(), 2, 0).shard.index, 0);
-        let d = w.join(13, &hello(), 2, 0);
+        assert_eq!(w.join(12, &hello(), plan(2)).shard.index, 0);
+        let d = w.join(13, &hello(), plan(2));
         assert!(d.shard.index < 2);
         assert_eq!(w.len(), 3);
         assert_eq!(
@@ -258,9 +330,9 @@ mod tests {
             group: Some("x".repeat(10_000)),
             ..hello()
         };
-        w.join(1, &tab, 4, 0);
-        w.join(2, &huge, 4, 0);
-        w.join(3, &hello(), 4, 0);
+        w.join(1, &tab, plan(4));
+        w.join(2, &huge, plan(4));
+        w.join(3, &hello(), plan(4));
         let groups: Vec<Option<String>> = w.status().into_iter().map(|s| s.group).collect();
         assert_eq!(groups[0].as_deref(), Some("tab 1a2b3c4d"));
         assert_eq!(
@@ -268,5 +340,67 @@ mod tests {
             Some(MAX_NAME_CHARS + 1)
         );
         assert_eq!(groups[2], None);
+    }
+
+    #[test]
+    fn a_relays_shards_split_its_own_shard_exactly() {
+        let within = Shard {
+            index: 1,
+            count: 3,
+            seed: 9,
+        };
+        let plan = ShardPlan {
+            count: 4,
+            seed: 0,
+            within: Some(within),
+        };
+        let n = 1003;
+        let mut parts: Vec<usize> = (0..4)
+            .flat_map(|j| {
+                let s = plan.shard(j);
+                shard_indices(n, s.count as usize, s.index as usize, s.seed)
+            })
+            .collect();
+        parts.sort_unstable();
+        assert_eq!(parts, shard_indices(n, 3, 1, 9));
+        let mut w = Workers::default();
+        let shards: Vec<u32> = (0..5)
+            .map(|i| w.join(i, &hello(), plan).shard.index)
+            .collect();
+        assert_eq!(&shards[..4], [4, 5, 6, 7]);
+        assert!((4..8).contains(&shards[4]));
+    }
+
+    #[test]
+    fn only_a_relay_keeps_a_url_and_only_a_clean_one() {
+        let mut w = Workers::default();
+        let relay = |url: &str| Hello {
+            kind: WorkerKind::Relay,
+            url: Some(url.into()),
+            ..hello()
+        };
+        w.join(1, &relay("https://relay-1.example:8443/"), plan(4));
+        w.join(2, &relay("javascript:alert(1)"), plan(4));
+        w.join(3, &relay("https://x.example/\"<script>"), plan(4));
+        w.join(
+            4,
+            &Hello {
+                url: Some("https://w.example".into()),
+                ..hello()
+            },
+            plan(4),
+        );
+        w.join(5, &relay(&format!("https://{}", "a".repeat(300))), plan(4));
+        let urls: Vec<Option<String>> = w.status().into_iter().map(|s| s.url).collect();
+        assert_eq!(
+            urls,
+            [
+                Some("https://relay-1.example:8443".into()),
+                None,
+                None,
+                None,
+                None
+            ]
+        );
     }
 }

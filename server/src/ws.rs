@@ -190,8 +190,7 @@ async fn handshake(state: &AppState, socket: &mut WebSocket, browser: bool) -> O
     let joined = {
         let mut workers = state.workers();
         (workers.len() < state.config.max_workers as usize).then(|| {
-            let run = &state.config.run;
-            let w = workers.join(session, &hello, run.expected_workers, run.seed);
+            let w = workers.join(session, &hello, state.shard_plan());
             (w.id, w.shard)
         })
     };
@@ -543,6 +542,11 @@ fn record_sync(state: &AppState, conn: &Conn, sync: &Sync, version: u64, norm: f
             .saturating_sub(1)
             .saturating_sub(sync.center_version);
         w.distance = norm;
+        w.members = if w.kind == WorkerKind::Relay {
+            sync.members
+        } else {
+            0
+        };
     }
 }
 

@@ -313,19 +313,42 @@ impl LocalWorker {
             self.params = trainer.params();
             self.stale = false;
         }
-        match (apply, sent) {
-            (Apply::Subtract, _) => apply_difference(&mut self.params, &payload),
-            (Apply::Replace, Some(sent)) if sent.len() == payload.len() => {
-                for ((x, v), s) in self.params.iter_mut().zip(&payload).zip(sent) {
-                    *x = v + (*x - s);
-                }
-            }
-            (Apply::Replace, _) => self.params = payload,
-            (Apply::PullToward, _) => leader_pull(&mut self.params, &payload, lambda),
-        }
+        apply_reply(&mut self.params, apply, &payload, lambda, sent);
         trainer
             .set_params(&self.params)
             .expect("length checked against the model above");
         Ok(())
+    }
+}
+
+/// Applies a reply's `payload` to the parameters `x` it answers, as `apply` says:
+/// subtract the elastic difference, take the new center (keeping the change made
+/// since `sent`, the parameters the sync carried, when given), or pull toward the
+/// leader by `lambda`. Workers apply replies to xⁱ with it; a relay applies its
+/// upstream's replies to its own center with it.
+///
+/// # Panics
+/// If `payload` and `x` differ in length (checked where replies enter).
+pub fn apply_reply(
+    x: &mut [f32],
+    apply: Apply,
+    payload: &[f32],
+    lambda: f32,
+    sent: Option<&[f32]>,
+) {
+    assert_eq!(
+        x.len(),
+        payload.len(),
+        "reply and parameters differ in length"
+    );
+    match (apply, sent) {
+        (Apply::Subtract, _) => apply_difference(x, payload),
+        (Apply::Replace, Some(sent)) if sent.len() == payload.len() => {
+            for ((x, v), s) in x.iter_mut().zip(payload).zip(sent) {
+                *x = v + (*x - s);
+            }
+        }
+        (Apply::Replace, _) => x.copy_from_slice(payload),
+        (Apply::PullToward, _) => leader_pull(x, payload, lambda),
     }
 }

@@ -24,7 +24,7 @@ use crate::data::Normalization;
 use crate::model::ModelKind;
 
 /// Version of this protocol. A hello with another version is rejected.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Bytes before the header: its length and the payload's length.
 pub const PREFIX_BYTES: usize = 8;
@@ -47,6 +47,9 @@ pub enum WorkerKind {
     Native,
     /// A browser tab running the wasm worker.
     Browser,
+    /// A `tether relay`: a server for its own workers that syncs its center with
+    /// this one as one worker would.
+    Relay,
 }
 
 /// A worker's first frame.
@@ -75,6 +78,9 @@ pub struct Hello {
     /// Workers started together (a browser tab's Web Workers) share a group name, so
     /// the dashboard shows them as one volunteer. The server keeps 80 characters.
     pub group: Option<String>,
+    /// A relay's own page (`http(s)://host:port`), where this server may send
+    /// volunteers; only a relay's URL is kept, and only an http(s) one.
+    pub url: Option<String>,
 }
 
 /// The hyper-parameters a worker needs, sent in the welcome and in every reply so a
@@ -181,6 +187,8 @@ pub struct Sync {
     pub samples_per_s: f32,
     /// Seconds the worker spent waiting for its previous sync's reply.
     pub wait_s: f32,
+    /// Workers the sender serves (a relay's own workers; 0 for a worker).
+    pub members: u32,
 }
 
 /// How a worker applies a reply's payload to its parameters.
@@ -610,6 +618,7 @@ mod tests {
             encodings: Encoding::ALL.to_vec(),
             needs_shard: false,
             group: None,
+            url: None,
         })
     }
 
@@ -623,6 +632,7 @@ mod tests {
             loss: 0.5,
             samples_per_s: 900.0,
             wait_s: 0.001,
+            members: 0,
         })
     }
 
@@ -837,7 +847,7 @@ mod tests {
             ) {
                 let mut bytes = encode(&Message::Sync(Sync {
                     session: 1, seq: 2, center_version: 3, steps: 4, samples: 5,
-                    loss: 0.25, samples_per_s: 10.0, wait_s: 0.0,
+                    loss: 0.25, samples_per_s: 10.0, wait_s: 0.0, members: 0,
                 }), &payload);
                 for (at, v) in flips {
                     let i = at % bytes.len();

@@ -200,6 +200,7 @@ pub mod net {
             encodings: vec![tether_shared::codec::Encoding::F32],
             needs_shard: false,
             group: None,
+            url: None,
         }
     }
 
@@ -215,6 +216,7 @@ pub mod net {
             loss: 1.0,
             samples_per_s: 100.0,
             wait_s: 0.0,
+            members: 0,
         })
     }
 
@@ -425,7 +427,8 @@ pub mod serve {
     use super::net::http_get;
     use super::tether_bin;
 
-    /// A `tether serve` child, the address it printed and its line for workers.
+    /// A `tether serve` (or `tether relay`) child, the address it printed and its
+    /// line for workers.
     pub struct Serve {
         /// The process.
         pub child: Child,
@@ -462,14 +465,31 @@ pub mod serve {
             if !extra.contains(&"--eval-every") {
                 cmd.args(["--eval-every", "0"]);
             }
-            let mut child = cmd
-                .arg("--run-dir")
+            cmd.arg("--run-dir")
                 .arg(run_dir)
                 .args(["--port", &port.to_string()])
-                .args(extra)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()?;
+                .args(extra);
+            Self::spawn(cmd, "tether serve")
+        }
+
+        /// `tether relay` of `upstream` on `port` (0: any free one), from the
+        /// working directory `cwd`, with `extra` flags.
+        pub fn relay(cwd: &Path, port: u16, upstream: SocketAddr, extra: &[&str]) -> Result<Self> {
+            let mut cmd = Command::new(tether_bin()?);
+            cmd.current_dir(cwd)
+                .args(["relay", "--host", "127.0.0.1", "--port", &port.to_string()])
+                .arg("--upstream")
+                .arg(format!("ws://{upstream}"));
+            if !extra.contains(&"--eval-every") {
+                cmd.args(["--eval-every", "0"]);
+            }
+            cmd.args(extra);
+            Self::spawn(cmd, "tether relay")
+        }
+
+        /// Starts `cmd` and reads the address and the workers' line it prints.
+        fn spawn(mut cmd: Command, what: &str) -> Result<Self> {
+            let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
             let stdout = BufReader::new(child.stdout.take().context("stdout")?);
             let (tx, stderr) = std::sync::mpsc::channel();
             let err = BufReader::new(child.stderr.take().context("stderr")?);
@@ -498,10 +518,7 @@ pub mod serve {
                 }
             }
             let log: Vec<String> = stderr.try_iter().collect();
-            bail!(
-                "tether serve printed no address; stderr:\n{}",
-                log.join("\n")
-            )
+            bail!("{what} printed no address; stderr:\n{}", log.join("\n"))
         }
 
         /// `GET /api/status` as JSON.

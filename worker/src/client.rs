@@ -25,6 +25,7 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 use crate::backend::{self, BackendChoice, BackendError};
 use crate::compute::{self, Compute, Mailbox};
 use crate::connect::{ConnectError, Endpoint, Socket};
+use crate::engine::{Engine, Identity};
 use crate::progress;
 
 /// Settings of `tether work`.
@@ -187,9 +188,9 @@ enum Source {
 }
 
 /// What a session needs besides its socket.
-struct Ctx<'a> {
+struct Ctx<'a, E> {
     endpoint: &'a Endpoint,
-    compute: &'a Compute,
+    engine: &'a E,
     config: &'a WorkConfig,
     bar: &'a indicatif::ProgressBar,
     started: Instant,
@@ -197,14 +198,37 @@ struct Ctx<'a> {
 
 /// Joins the run at `config.server` and trains until `stop` turns true, the step
 /// budget is spent, the run finishes, or the server stays away too long.
-pub async fn run(
-    config: WorkConfig,
-    mut stop: watch::Receiver<bool>,
-) -> Result<WorkReport, WorkError> {
-    let endpoint = config.endpoint()?;
+pub async fn run(config: WorkConfig, stop: watch::Receiver<bool>) -> Result<WorkReport, WorkError> {
+    config.endpoint()?;
     if config.threads == Some(0) {
         return Err(WorkError::Config("--threads must be at least 1".into()));
     }
+    let selected = backend::select(config.backend, config.threads)?;
+    let threads = if selected.backend == "cpu" {
+        rayon::current_num_threads() as u32
+    } else {
+        0
+    };
+    let identity = Identity {
+        kind: WorkerKind::Native,
+        backend: selected.backend.to_string(),
+        device: selected.description.clone(),
+        threads,
+        url: None,
+    };
+    let compute = Compute::spawn(selected.device.clone());
+    run_with(config, &compute, identity, stop).await
+}
+
+/// The session loop of [`run`] around any [`Engine`]: a worker's compute thread,
+/// or a relay's own center.
+pub async fn run_with<E: Engine>(
+    config: WorkConfig,
+    engine: &E,
+    identity: Identity,
+    mut stop: watch::Receiver<bool>,
+) -> Result<WorkReport, WorkError> {
+    let endpoint = config.endpoint()?;
     if config.max_steps == Some(0) {
         return Err(WorkError::Config("--steps must be at least 1".into()));
     }
@@ -213,18 +237,11 @@ pub async fn run(
             "the encodings offered must include f32".into(),
         ));
     }
-    let selected = backend::select(config.backend, config.threads)?;
     let mut source = match (&config.preloaded, &config.data) {
         (Some(set), _) => Source::Whole(set.clone()),
         (None, Some(dir)) => Source::Whole(Arc::new(dataset::load(Some(dir))?.1.train)),
         (None, None) => Source::Download(None),
     };
-    let threads = if selected.backend == "cpu" {
-        rayon::current_num_threads() as u32
-    } else {
-        0
-    };
-    let compute = Compute::spawn(selected.device.clone());
     let bar = if config.progress {
         match config.max_steps {
             Some(n) => progress::bar(n, "training"),
@@ -235,13 +252,13 @@ pub async fn run(
     };
     let started = Instant::now();
     let mut report = WorkReport {
-        device: selected.description.clone(),
+        device: identity.device.clone(),
         last_loss: f32::NAN,
         ..WorkReport::default()
     };
     let ctx = Ctx {
         endpoint: &endpoint,
-        compute: &compute,
+        engine,
         config: &config,
         bar: &bar,
         started,
@@ -253,15 +270,16 @@ pub async fn run(
     let mut attempt = 0u32;
     let hello = |previous_run: Option<String>, needs_shard: bool| Hello {
         protocol: PROTOCOL_VERSION,
-        kind: WorkerKind::Native,
-        backend: selected.backend.to_string(),
-        device: selected.description.clone(),
-        threads,
+        kind: identity.kind,
+        backend: identity.backend.clone(),
+        device: identity.device.clone(),
+        threads: identity.threads,
         token: config.token.clone(),
         previous_run,
         encodings: config.encodings.clone(),
         needs_shard,
         group: None,
+        url: identity.url.clone(),
     };
     let max_frame = protocol::max_frame_bytes(4 << 20);
     let stopped = loop {
@@ -355,8 +373,8 @@ pub async fn run(
 
 /// This session's shard: cut from the local set, or downloaded (checked against
 /// the welcome's length and SHA-256, and cached).
-async fn shard_data(
-    ctx: &Ctx<'_>,
+async fn shard_data<E>(
+    ctx: &Ctx<'_, E>,
     source: &mut Source,
     welcome: &Welcome,
     report: &mut WorkReport,
@@ -488,10 +506,10 @@ struct InFlight {
 
 /// One session: hello, welcome, shard, then train-and-sync until it ends. Returns
 /// how it ended and the run id it belonged to.
-async fn session(
+async fn session<E: Engine>(
     mut socket: Socket,
     hello: Hello,
-    ctx: &Ctx<'_>,
+    ctx: &Ctx<'_, E>,
     source: &mut Source,
     stop: &mut watch::Receiver<bool>,
     report: &mut WorkReport,
@@ -546,7 +564,7 @@ async fn session(
         Err(end) => return Ok((end, run_id)),
     };
     let mut link = Link::new(welcome.encoding, &center);
-    ctx.compute
+    ctx.engine
         .start(
             spec.clone(),
             welcome.shard,
@@ -617,11 +635,10 @@ async fn session(
         let steps = u64::from(hyper.tau).min(budget) as u32;
         halt.store(false, Ordering::Relaxed);
         let chunk_start = ctx.started.elapsed().as_secs_f64();
-        let mut training =
-            Box::pin(
-                ctx.compute
-                    .train(steps, hyper.lr, halt.clone(), mailbox.clone()),
-            );
+        let mut training = Box::pin(
+            ctx.engine
+                .train(steps, hyper, halt.clone(), mailbox.clone()),
+        );
         let mut server_stop: Option<StopReason> = None;
         let mut lost: Option<String> = None;
         let mut refused: Option<protocol::Rejection> = None;
@@ -726,7 +743,7 @@ async fn session(
             };
             let unapplied = mailbox.lock().unwrap_or_else(|e| e.into_inner()).take();
             if let Some(late) = unapplied {
-                params = ctx.compute.apply(late).await.map_err(WorkError::Refused)?;
+                params = ctx.engine.apply(late).await.map_err(WorkError::Refused)?;
             }
             seen = reply.center_version;
             hyper = reply.hyper;
@@ -750,6 +767,7 @@ async fn session(
             },
             samples_per_s: (trained.samples as f64 / seconds.max(1e-9)) as f32,
             wait_s: last_wait,
+            members: ctx.engine.members(),
         });
         let values = link.params_payload(&params);
         let (bytes, decoded) = protocol::encode_decoded(&header, values, link.encoding());
@@ -775,7 +793,7 @@ async fn session(
             let values = link
                 .receive_reply(r.apply, frame.encoding, frame.payload)
                 .map_err(|e| WorkError::Refused(format!("unusable reply: {e}")))?;
-            ctx.compute
+            ctx.engine
                 .apply(compute::Reply {
                     apply: r.apply,
                     values,

@@ -10,6 +10,7 @@ pub mod bench;
 pub mod client;
 pub mod compute;
 pub mod connect;
+pub mod engine;
 pub mod prefetch;
 pub mod progress;
 pub mod train;

@@ -9,4 +9,5 @@ mod lifecycle;
 mod protocol;
 mod reliability;
 mod training;
+mod tree;
 mod web;

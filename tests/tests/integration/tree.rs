@@ -1,0 +1,233 @@
+//! A tree of real processes: a root `tether serve`, two `tether relay`s of it, two
+//! `tether work`ers under each. The root's center improves through the relays; a
+//! relay killed with SIGKILL and restarted gets its workers back; the root killed
+//! and resumed from its checkpoint gets its relays back; the root's status lists
+//! the tree all along.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+use tether_tests::net::http_get;
+use tether_tests::serve::Serve;
+use tether_tests::{scratch, tether_bin};
+
+/// `/api/status` of `addr`, or `None` while it does not answer (restarting).
+async fn status(addr: SocketAddr) -> Option<Value> {
+    let body = tokio::time::timeout(Duration::from_secs(5), http_get(addr, "/api/status"))
+        .await
+        .ok()?
+        .ok()?;
+    serde_json::from_str(&body).ok()
+}
+
+async fn wait_for(
+    what: &str,
+    limit: Duration,
+    addr: SocketAddr,
+    check: impl Fn(&Value) -> bool,
+) -> Result<Value> {
+    let t0 = Instant::now();
+    let mut last = None;
+    while t0.elapsed() < limit {
+        if let Some(s) = status(addr).await {
+            if check(&s) {
+                return Ok(s);
+            }
+            last = Some(s);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    bail!("timed out after {limit:?} waiting until {what}; last status: {last:?}")
+}
+
+/// The relays a status lists, with their worker counts.
+fn relays(s: &Value) -> Vec<(u64, u64)> {
+    s["workers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|w| w["kind"] == "relay")
+        .map(|w| {
+            (
+                w["id"].as_u64().unwrap_or(0),
+                w["members"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect()
+}
+
+fn work(cache: &Path, relay: SocketAddr) -> Result<Child> {
+    Ok(Command::new(tether_bin()?)
+        .env("TETHER_CACHE", cache)
+        .args(["work", "--backend", "cpu", "--threads", "1", "--server"])
+        .arg(format!("ws://{relay}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?)
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn kill(child: &mut Child) -> Result<()> {
+    child.kill()?;
+    child.wait()?;
+    Ok(())
+}
+
+const ROOT: [&str; 14] = [
+    "--algorithm",
+    "eamsgd",
+    "--tau",
+    "4",
+    "--batch",
+    "32",
+    "--expected-workers",
+    "2",
+    "--checkpoint-every",
+    "1",
+    "--eval-every",
+    "1",
+    "--eval-limit",
+    "500",
+];
+const RELAY: [&str; 6] = [
+    "--expected-workers",
+    "2",
+    "--tau-up",
+    "4",
+    "--max-wait",
+    "2",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tree_of_relays_trains_and_survives_a_relay_and_a_root_restart() -> Result<()> {
+    let base = scratch("tree")?;
+    let (dir, cache) = (base.join("run"), base.join("cache"));
+    let root_port = free_port()?;
+    let mut root = Serve::start_on(root_port, &dir, &ROOT)?;
+    let root_addr = root.addr;
+    let first = wait_for(
+        "the root evaluated its first center",
+        Duration::from_secs(60),
+        root_addr,
+        |s| s["evaluation"]["accuracy"].is_f64(),
+    )
+    .await?;
+    let untrained = first["evaluation"]["accuracy"]
+        .as_f64()
+        .context("accuracy")?;
+    let ports = [free_port()?, free_port()?];
+    let mut relay_a = Serve::relay(&base, ports[0], root_addr, &RELAY)?;
+    let relay_b = Serve::relay(&base, ports[1], root_addr, &RELAY)?;
+    let mut workers = Vec::new();
+    for relay in [relay_a.addr, relay_b.addr] {
+        for _ in 0..2 {
+            workers.push(work(&cache, relay)?);
+        }
+    }
+
+    // The tree trains: both relays listed with two workers each, the root's center
+    // better than it started.
+    let s = wait_for(
+        "two relays of two workers each and a better root center",
+        Duration::from_secs(240),
+        root_addr,
+        |s| {
+            relays(s).iter().filter(|r| r.1 == 2).count() == 2
+                && s["evaluation"]["accuracy"].as_f64() > Some(untrained + 0.2)
+        },
+    )
+    .await?;
+    assert_eq!(s["subtree_workers"], 4, "{s}");
+    assert_eq!(
+        relays(&s).len(),
+        s["workers"].as_array().map_or(0, Vec::len),
+        "only relays are the root's own workers: {s}"
+    );
+    let a = status(relay_a.addr).await.context("relay A answers")?;
+    assert_eq!(a["upstream"], format!("ws://{root_addr}"), "{a}");
+    // The relay's workers train slices of the relay's shard of the root's cut.
+    let within = s["workers"][0]["shard"]
+        .as_str()
+        .context("shard")?
+        .to_string();
+    assert!(within.ends_with("/2"), "{within}");
+
+    // A relay killed and restarted on its port: its workers come back to it, and
+    // the root sees it again with both.
+    kill(&mut relay_a.child)?;
+    let version = status(root_addr).await.context("root")?["center_version"]
+        .as_u64()
+        .context("version")?;
+    relay_a = Serve::relay(&base, ports[0], root_addr, &RELAY)?;
+    wait_for(
+        "relay A has its two workers back",
+        Duration::from_secs(120),
+        relay_a.addr,
+        |s| s["workers"].as_array().map_or(0, Vec::len) == 2 && s["syncs"].as_u64() >= Some(2),
+    )
+    .await?;
+    wait_for(
+        "the root lists both relays with their workers and moves on",
+        Duration::from_secs(120),
+        root_addr,
+        |s| {
+            relays(s).iter().filter(|r| r.1 == 2).count() == 2
+                && s["center_version"].as_u64() > Some(version + 2)
+        },
+    )
+    .await?;
+
+    // The root killed and resumed from its newest checkpoint: the relays rejoin
+    // without being touched, and the run goes on from where it was.
+    kill(&mut root.child)?;
+    let root = Serve::start_on(
+        root_port,
+        &dir,
+        &["--resume", "--eval-every", "1", "--eval-limit", "500"],
+    )?;
+    let resumed = wait_for(
+        "the resumed root answers",
+        Duration::from_secs(60),
+        root_addr,
+        |_| true,
+    )
+    .await?;
+    let from = resumed["center_version"].as_u64().context("version")?;
+    assert!(from > 0, "resumed from a checkpoint: {resumed}");
+    let s = wait_for(
+        "both relays back at the resumed root, exchanging",
+        Duration::from_secs(120),
+        root_addr,
+        |s| {
+            relays(s).iter().filter(|r| r.1 == 2).count() == 2
+                && s["center_version"].as_u64() > Some(from + 2)
+        },
+    )
+    .await?;
+    assert!(
+        s["resumes"].as_array().is_some_and(|r| !r.is_empty()),
+        "{s}"
+    );
+    assert!(
+        s["evaluation"]["accuracy"].as_f64() > Some(untrained + 0.2),
+        "still trained after the restarts: {s}"
+    );
+
+    for w in &mut workers {
+        kill(w)?;
+    }
+    for relay in [relay_a, relay_b] {
+        relay.terminate()?;
+    }
+    root.terminate()?;
+    Ok(())
+}
