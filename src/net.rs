@@ -195,6 +195,10 @@ pub struct ServingFlags {
     /// Token every worker must present (browsers: typed into the join form).
     #[arg(long, env = "TETHER_WORKER_TOKEN")]
     pub worker_token: Option<String>,
+    /// The token a relay must present (as its --upstream-token) to be trusted with
+    /// volunteers: its --public-url is then shown and handed to joining browsers.
+    #[arg(long, env = "TETHER_RELAY_TOKEN")]
+    pub relay_token: Option<String>,
     /// An origin besides this server's own whose pages may join browser workers
     /// (repeatable), e.g. `https://lab.example.org` behind a proxy.
     #[arg(long = "allow-origin")]
@@ -315,6 +319,7 @@ impl ServingFlags {
         config.data = self.data.clone();
         config.admin_token = self.admin_token.clone();
         config.worker_token = self.worker_token.clone();
+        config.relay_token = self.relay_token.clone();
         config.allowed_origins = self.allow_origins.clone();
         config.max_workers = self.max_workers;
         config.max_connections = self.max_connections as usize;

@@ -99,15 +99,22 @@ function workerIds() {
   for (const t of state.ticks) for (const [id] of t.workers) ids.add(id);
   return [...ids].sort((a, b) => a - b);
 }
+/// A relay's device cell: the workers below it, and its own page (its dashboard
+/// shows its subtree).
+function relayCell(w) {
+  const page = w.url ? ` · <a href="${esc(w.url)}/" rel="noopener">${esc(w.url)}</a>` : '';
+  return `<td class="device" title="${esc(w.device)}">${w.members} worker${w.members === 1 ? '' : 's'} below${page}</td>`;
+}
+
 /// The workers table: a tab's workers (one group) together under one line with their
 /// sum, the others one row each, in id order.
 function workerRows(workers) {
   const row = (w, grouped) => `
     <tr data-kind="${esc(w.kind)}" data-backend="${esc(w.backend)}"${grouped ? ' class="member"' : ''}>
       <td>#${w.id}</td>
-      <td><span class="tag ${w.kind === 'browser' ? 'browser' : ''}">${esc(w.kind)}</span></td>
+      <td><span class="tag ${w.kind === 'browser' || w.kind === 'relay' ? w.kind : ''}">${esc(w.kind)}</span></td>
       <td>${esc(w.backend)}</td>
-      <td class="device" title="${esc(w.device)}">${esc(w.device)}</td>
+      ${w.kind === 'relay' ? relayCell(w) : `<td class="device" title="${esc(w.device)}">${esc(w.device)}</td>`}
       <td>${w.syncs}</td>
       <td>${fmt(w.samples_per_s)}</td>
       <td>${fmt(w.distance, 3)}</td>
@@ -193,7 +200,7 @@ function renderStatus(s) {
   state.status = s;
   state.changes = s.changes || [];
   state.resumes = s.resumes || [];
-  $('run-id').textContent = `run ${s.run_id}`;
+  $('run-id').textContent = s.upstream ? `run ${s.run_id} · relay of ${s.upstream}` : `run ${s.run_id}`;
   const pill = $('run-state');
   const label = s.stopping ? 'stopping' : s.paused ? 'paused' : 'running';
   pill.textContent = label;
@@ -208,7 +215,8 @@ function renderStatus(s) {
   set('f-version', s.center_version);
   set('f-accuracy', s.evaluation ? `${fmt(s.evaluation.accuracy * 100, 2)} %` : 'not yet');
   set('f-samples', human(s.samples));
-  set('f-workers', s.workers.length);
+  const below = s.subtree_workers ?? s.workers.length;
+  set('f-workers', below === s.workers.length ? s.workers.length : `${s.workers.length} (${below} in the tree)`);
   set('f-uptime', duration(s.uptime_s));
   const body = $('workers').tBodies[0];
   body.innerHTML = s.workers.length ? workerRows(s.workers) : '<tr><td colspan="9" class="muted">no workers yet</td></tr>';

@@ -73,6 +73,15 @@ export function mountVolunteer(root, { needsToken = false } = {}) {
     state.error = null;
     setRunning(true);
     show('v-state', 'starting');
+    // A server with relays below it sends volunteers to the least loaded one: the
+    // tab opens that relay's page, which joins at once with the same choices.
+    const sent = await fetch('/api/relay').then((r) => (r.ok ? r.json() : {})).catch(() => ({}));
+    if (sent.relay) {
+      show('v-message', `this run trains through relays: joining ${sent.relay}`);
+      const wish = `${$('worker-count').value},${$('backend-choice').value}`;
+      window.location.assign(`${sent.relay}/volunteer#join=${encodeURIComponent(wish)}`);
+      return;
+    }
     // The backend is chosen once for the tab: a GPU takes one worker, the CPU one per core.
     const { gpu, why } = await pickBackend($('backend-choice').value);
     const wanted = Math.min(cores, Math.max(1, Math.floor(Number($('worker-count').value) || 1)));
@@ -96,6 +105,15 @@ export function mountVolunteer(root, { needsToken = false } = {}) {
     for (const w of crew) w.thread.postMessage({ type: 'stop' });
     show('v-state', 'leaving after this sync');
   });
+  // Sent here by the server above this one (see Join): join with the choices made there.
+  const wish = /^#join=(.*)$/.exec(window.location.hash);
+  if (wish) {
+    const [count, backend] = decodeURIComponent(wish[1]).split(',');
+    if (Number(count) >= 1) $('worker-count').value = String(Math.min(cores, Math.floor(Number(count))));
+    if (['auto', 'webgpu', 'cpu'].includes(backend)) $('backend-choice').value = backend;
+    history.replaceState(null, '', window.location.pathname);
+    if (!needsToken) $('join').click();
+  }
   // A closing tab cannot finish a sync; the browser closes the sockets, and the
   // server drops the workers at once (or by its timeouts if the network vanished).
   window.addEventListener('pagehide', () => crew.forEach((w) => w.thread.postMessage({ type: 'stop' })));

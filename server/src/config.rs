@@ -269,6 +269,10 @@ pub struct ServerConfig {
     /// under another name is refused unless `allowed_origins` lists it (DNS
     /// rebinding). Default: `localhost` and the host name.
     pub host_names: Vec<String>,
+    /// The token a relay presents to be trusted with volunteers: its page is shown
+    /// on the dashboard and handed to joining browsers (`GET /api/relay`). Without
+    /// it relays join like workers and their pages are ignored.
+    pub relay_token: Option<String>,
     /// Set when this server is a relay: what it serves is a part of its upstream's
     /// run, so it keeps no checkpoints and writes no report (the root holds the run).
     pub relay: Option<RelayRole>,
@@ -326,6 +330,7 @@ impl ServerConfig {
             tls: None,
             finish: Finish::default(),
             host_names: crate::tls::host_names([0, 0, 0, 0].into(), &[]),
+            relay_token: None,
             relay: None,
         }
     }

@@ -88,6 +88,7 @@ pub fn app(state: AppState) -> Router {
         .route("/api/events", get(events::feed))
         .route("/api/status", get(status))
         .route("/api/join", post(web::join))
+        .route("/api/relay", get(web::relay))
         .route("/api/shard", get(web::shard))
         .nest("/api/admin", operator)
         .route("/metrics", get(metrics))
@@ -139,14 +140,12 @@ async fn status(State(state): State<AppState>) -> Json<Status> {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
-    let workers = state.workers().len();
+    let workers = state.workers().status();
     let version = state.center().version();
     let accuracy = state.latest_eval().map(|e| e.accuracy);
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(workers, version, accuracy),
-    )
-        .into_response()
+    let mut text = state.metrics.render(workers.len(), version, accuracy);
+    metrics::render_tree(&mut text, &workers);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 /// What a server reports when it stops.

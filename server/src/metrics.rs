@@ -1,10 +1,15 @@
-//! Run-wide counters and the sync latency histogram, rendered in the Prometheus text
-//! format at `GET /metrics`.
+//! Run-wide counters, the sync latency histogram and the tree of relays below this
+//! server, rendered in the Prometheus text format at `GET /metrics`.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use tether_shared::protocol::WorkerKind;
+
+use crate::state::subtree_workers;
+use crate::workers::WorkerStatus;
 
 /// Upper bounds (seconds) of the sync latency histogram's buckets.
 pub const LATENCY_BUCKETS: [f64; 12] = [
@@ -178,6 +183,69 @@ impl Metrics {
             h.count, h.sum, h.count
         );
         out
+    }
+}
+
+/// The tree below this server: its training workers in all, and one series per
+/// relay, labelled `relay="<worker id>"` (and `url` when the relay gave one; it was
+/// validated to printable ASCII without quotes or backslashes when it joined).
+pub fn render_tree(out: &mut String, workers: &[WorkerStatus]) {
+    let _ = writeln!(
+        out,
+        "# HELP tether_subtree_workers Training workers below this server (its own, and each relay's).\n# TYPE tether_subtree_workers gauge\ntether_subtree_workers {}",
+        subtree_workers(workers)
+    );
+    let relays: Vec<&WorkerStatus> = workers
+        .iter()
+        .filter(|w| w.kind == WorkerKind::Relay)
+        .collect();
+    type Series = (
+        &'static str,
+        &'static str,
+        &'static str,
+        fn(&WorkerStatus) -> f64,
+    );
+    let series: [Series; 5] = [
+        (
+            "tether_relay_workers",
+            "gauge",
+            "Training workers below a relay.",
+            |w| f64::from(w.members),
+        ),
+        (
+            "tether_relay_samples_per_second",
+            "gauge",
+            "A relay's subtree's training speed at its last exchange.",
+            |w| w.samples_per_s,
+        ),
+        (
+            "tether_relay_distance",
+            "gauge",
+            "Distance between a relay's center and this server's at its last exchange.",
+            |w| w.distance,
+        ),
+        (
+            "tether_relay_syncs_total",
+            "counter",
+            "Exchanges a relay made with this server.",
+            |w| w.syncs as f64,
+        ),
+        (
+            "tether_relay_samples_total",
+            "counter",
+            "Training images a relay's subtree reported.",
+            |w| w.samples as f64,
+        ),
+    ];
+    for (name, kind, help, value) in series {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for w in &relays {
+            let url = w
+                .url
+                .as_deref()
+                .map_or(String::new(), |u| format!(",url=\"{u}\""));
+            let _ = writeln!(out, "{name}{{relay=\"{}\"{url}}} {}", w.id, value(w));
+        }
     }
 }
 

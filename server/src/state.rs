@@ -4,7 +4,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::ops::Deref;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -130,6 +130,8 @@ pub struct Shared {
     stop: watch::Sender<Option<StopReason>>,
     connections: watch::Sender<usize>,
     shards: Mutex<HashMap<(u32, u32), Arc<ShardFile>>>,
+    /// Browsers sent to relays so far (round-robin among the least loaded).
+    pub relay_turn: AtomicU64,
 }
 
 /// A shard of the training set as workers download it (`GET /api/shard`).
@@ -231,6 +233,7 @@ impl AppState {
             stop,
             connections,
             shards: Mutex::new(HashMap::new()),
+            relay_turn: AtomicU64::new(0),
         }))
     }
 }

@@ -8,6 +8,7 @@
 
 use std::io::Read;
 use std::sync::OnceLock;
+use std::sync::atomic::Ordering;
 
 use axum::Json;
 use axum::extract::{Query, State};
@@ -269,6 +270,18 @@ pub async fn join(State(state): State<AppState>, headers: HeaderMap) -> Response
         data: state.data_id.clone(),
     })
     .into_response()
+}
+
+/// `GET /api/relay`: where a volunteer of this page should train. `relay` is a
+/// trusted relay's page (the least loaded, round-robin among equals) or `null`:
+/// train here. Held to the same origins as `/api/join`.
+pub async fn relay(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if let Err(refused) = check_origin(&state, &headers) {
+        return refused;
+    }
+    let turn = state.relay_turn.fetch_add(1, Ordering::Relaxed);
+    let relay = state.workers().relay_for_volunteer(turn);
+    Json(serde_json::json!({ "relay": relay })).into_response()
 }
 
 /// `GET /api/shard` parameters: the shard from a welcome, and the data id.

@@ -128,8 +128,9 @@ impl Workers {
     }
 
     /// Registers a worker and gives it the lowest shard of `plan` no connected
-    /// worker trains (or, when all are taken, shares one round-robin).
-    pub fn join(&mut self, session: u64, hello: &Hello, plan: ShardPlan) -> &Worker {
+    /// worker trains (or, when all are taken, shares one round-robin). A relay's
+    /// page is kept only if it is a `trusted` relay (it presented the relay token).
+    pub fn join(&mut self, session: u64, hello: &Hello, plan: ShardPlan, trusted: bool) -> &Worker {
         let id = self.next_id;
         self.next_id += 1;
         let taken: Vec<u32> = self.by_session.values().map(|w| w.shard.index).collect();
@@ -138,7 +139,7 @@ impl Workers {
             .find(|&j| !taken.contains(&plan.shard(j).index))
             .unwrap_or(id % shards);
         let url = match hello.kind {
-            WorkerKind::Relay => hello.url.as_deref().and_then(relay_url),
+            WorkerKind::Relay if trusted => hello.url.as_deref().and_then(relay_url),
             _ => None,
         };
         let worker = Worker {
@@ -213,6 +214,22 @@ impl Workers {
             .collect();
         out.sort_by_key(|w| w.id);
         out
+    }
+}
+
+impl Workers {
+    /// The page of a trusted relay to send the `turn`-th joining browser to: among
+    /// the relays with the fewest workers below them, round-robin by `turn`.
+    pub fn relay_for_volunteer(&self, turn: u64) -> Option<String> {
+        let pages: Vec<&Worker> = self
+            .by_session
+            .values()
+            .filter(|w| w.url.is_some())
+            .collect();
+        let least = pages.iter().map(|w| w.members).min()?;
+        let mut least: Vec<&&Worker> = pages.iter().filter(|w| w.members == least).collect();
+        least.sort_by_key(|w| w.id);
+        least[(turn % least.len() as u64) as usize].url.clone()
     }
 }
 
@@ -305,12 +322,12 @@ mod tests {
     #[test]
     fn shards_go_to_the_lowest_free_index_and_are_reused() {
         let mut w = Workers::default();
-        let a = w.join(10, &hello(), plan(2)).shard.index;
-        let b = w.join(11, &hello(), plan(2)).shard.index;
+        let a = w.join(10, &hello(), plan(2), false).shard.index;
+        let b = w.join(11, &hello(), plan(2), false).shard.index;
         assert_eq!((a, b), (0, 1));
         w.leave(10);
-        assert_eq!(w.join(12, &hello(), plan(2)).shard.index, 0);
-        let d = w.join(13, &hello(), plan(2));
+        assert_eq!(w.join(12, &hello(), plan(2), false).shard.index, 0);
+        let d = w.join(13, &hello(), plan(2), false);
         assert!(d.shard.index < 2);
         assert_eq!(w.len(), 3);
         assert_eq!(
@@ -330,9 +347,9 @@ mod tests {
             group: Some("x".repeat(10_000)),
             ..hello()
         };
-        w.join(1, &tab, plan(4));
-        w.join(2, &huge, plan(4));
-        w.join(3, &hello(), plan(4));
+        w.join(1, &tab, plan(4), false);
+        w.join(2, &huge, plan(4), false);
+        w.join(3, &hello(), plan(4), false);
         let groups: Vec<Option<String>> = w.status().into_iter().map(|s| s.group).collect();
         assert_eq!(groups[0].as_deref(), Some("tab 1a2b3c4d"));
         assert_eq!(
@@ -365,41 +382,63 @@ mod tests {
         assert_eq!(parts, shard_indices(n, 3, 1, 9));
         let mut w = Workers::default();
         let shards: Vec<u32> = (0..5)
-            .map(|i| w.join(i, &hello(), plan).shard.index)
+            .map(|i| w.join(i, &hello(), plan, false).shard.index)
             .collect();
         assert_eq!(&shards[..4], [4, 5, 6, 7]);
         assert!((4..8).contains(&shards[4]));
     }
 
     #[test]
-    fn only_a_relay_keeps_a_url_and_only_a_clean_one() {
+    fn only_a_trusted_relay_keeps_a_url_and_only_a_clean_one() {
         let mut w = Workers::default();
         let relay = |url: &str| Hello {
             kind: WorkerKind::Relay,
             url: Some(url.into()),
             ..hello()
         };
-        w.join(1, &relay("https://relay-1.example:8443/"), plan(4));
-        w.join(2, &relay("javascript:alert(1)"), plan(4));
-        w.join(3, &relay("https://x.example/\"<script>"), plan(4));
+        w.join(1, &relay("https://relay-1.example:8443/"), plan(4), true);
+        w.join(2, &relay("javascript:alert(1)"), plan(4), true);
+        w.join(3, &relay("https://x.example/\"<script>"), plan(4), true);
+        let worker = Hello {
+            url: Some("https://w.example".into()),
+            ..hello()
+        };
+        w.join(4, &worker, plan(4), true);
         w.join(
-            4,
-            &Hello {
-                url: Some("https://w.example".into()),
-                ..hello()
-            },
+            5,
+            &relay(&format!("https://{}", "a".repeat(300))),
             plan(4),
+            true,
         );
-        w.join(5, &relay(&format!("https://{}", "a".repeat(300))), plan(4));
+        // A relay that did not present the relay token: its page is not trusted.
+        w.join(6, &relay("https://untrusted.example"), plan(4), false);
         let urls: Vec<Option<String>> = w.status().into_iter().map(|s| s.url).collect();
+        let mut want = vec![None; 6];
+        want[0] = Some("https://relay-1.example:8443".to_string());
+        assert_eq!(urls, want);
+    }
+
+    #[test]
+    fn volunteers_go_to_the_least_loaded_relays_in_turn() {
+        let mut w = Workers::default();
+        let relay = |url: &str| Hello {
+            kind: WorkerKind::Relay,
+            url: Some(url.into()),
+            ..hello()
+        };
+        assert_eq!(w.relay_for_volunteer(0), None);
+        w.join(1, &relay("https://a.example"), plan(3), true);
+        w.join(2, &relay("https://b.example"), plan(3), true);
+        w.join(3, &relay("https://c.example"), plan(3), true);
+        w.get_mut(1).unwrap().members = 5;
+        let sent: Vec<String> = (0..4).filter_map(|t| w.relay_for_volunteer(t)).collect();
         assert_eq!(
-            urls,
+            sent,
             [
-                Some("https://relay-1.example:8443".into()),
-                None,
-                None,
-                None,
-                None
+                "https://b.example",
+                "https://c.example",
+                "https://b.example",
+                "https://c.example"
             ]
         );
     }

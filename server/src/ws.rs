@@ -190,7 +190,10 @@ async fn handshake(state: &AppState, socket: &mut WebSocket, browser: bool) -> O
     let joined = {
         let mut workers = state.workers();
         (workers.len() < state.config.max_workers as usize).then(|| {
-            let w = workers.join(session, &hello, state.shard_plan());
+            // admit() checked a relay's token when the run has one: only then is
+            // its page trusted.
+            let trusted = hello.kind == WorkerKind::Relay && state.config.relay_token.is_some();
+            let w = workers.join(session, &hello, state.shard_plan(), trusted);
             (w.id, w.shard)
         })
     };
@@ -259,7 +262,13 @@ fn admit(state: &AppState, hello: &Hello, browser: bool) -> Result<(), Rejection
             got: hello.protocol,
         });
     }
-    if browser || hello.kind == WorkerKind::Browser {
+    if hello.kind == WorkerKind::Relay
+        && let Some(token) = &state.config.relay_token
+    {
+        if hello.token.as_deref() != Some(token.as_str()) {
+            return Err(Rejection::Unauthorized);
+        }
+    } else if browser || hello.kind == WorkerKind::Browser {
         if !hello
             .token
             .as_deref()

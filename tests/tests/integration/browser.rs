@@ -5,7 +5,9 @@
 //! offered, which the panel's `auto` refuses, saying why), and once on WebGPU over
 //! `https://` from a server with a certificate made for the test (Chromium trusts
 //! its key; the page must be a secure context) — while a native worker trains
-//! beside it and picks up a τ changed from the operator controls.
+//! beside it and picks up a τ changed from the operator controls. And a volunteer
+//! of a root with a relay below it: Join on the root's page lands the tab on the
+//! relay's page, where it trains.
 //!
 //! Skipped when Node, playwright-core or Chromium are missing, unless
 //! `TETHER_REQUIRE_BROWSER` is set (the README's test command installs them and
@@ -19,6 +21,7 @@ use anyhow::{Context, Result, bail};
 use tether_server::{RunSettings, ServerConfig, tls};
 use tether_shared::algorithms::Algorithm;
 use tether_tests::net::TestServer;
+use tether_tests::serve::Serve;
 use tether_tests::{read_json, scratch};
 use tether_worker::backend::BackendChoice;
 use tether_worker::client::{self, WorkConfig};
@@ -196,4 +199,68 @@ async fn browser_workers_train_on_the_cpu_fallback_from_the_dashboard() -> Resul
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn browser_worker_trains_on_webgpu_over_https() -> Result<()> {
     dashboard_run("webgpu", true, &[]).await
+}
+
+/// The root hands a joining browser its relay: a `tether serve` with a relay token,
+/// a `tether relay` that presents it with its public page, and Chromium pressing
+/// Join on the root's page must end up training at the relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volunteer_of_the_root_is_sent_to_its_relay() -> Result<()> {
+    let _one = ONE_BROWSER.lock().await;
+    if let Some(why) = missing() {
+        if std::env::var_os("TETHER_REQUIRE_BROWSER").is_some() {
+            bail!("browser test required but cannot run: {why}");
+        }
+        eprintln!("skipping the relay hand-off test: {why}");
+        return Ok(());
+    }
+    let base = scratch("browser-relay")?;
+    let root = Serve::start(
+        &base.join("run"),
+        &["--relay-token", "relay-secret", "--batch", "16"],
+    )?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let page = format!("http://127.0.0.1:{port}");
+    let relay = Serve::relay(
+        &base,
+        port,
+        root.addr,
+        &[
+            "--upstream-token",
+            "relay-secret",
+            "--public-url",
+            &page,
+            "--tau-up",
+            "2",
+        ],
+    )?;
+    // The relay serves once the root has welcomed it, and shows there with its page.
+    let t0 = std::time::Instant::now();
+    loop {
+        let s = root.status().await?;
+        if s["workers"][0]["url"] == page.as_str() {
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            bail!("the root never listed the relay's page: {s}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let out = Command::new("node")
+        .current_dir(browser_dir())
+        .arg("relay-handoff.mjs")
+        .args(["--root", &format!("http://{}", root.addr), "--relay", &page])
+        .arg("--out")
+        .arg(&base)
+        .output()?;
+    let log = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{log}{}", String::from_utf8_lossy(&out.stderr));
+    if !out.status.success() {
+        bail!("the hand-off failed:\n{log}");
+    }
+    relay.terminate()?;
+    root.terminate()?;
+    Ok(())
 }

@@ -152,6 +152,14 @@ async fn a_tree_of_relays_trains_and_survives_a_relay_and_a_root_restart() -> Re
         s["workers"].as_array().map_or(0, Vec::len),
         "only relays are the root's own workers: {s}"
     );
+    let metrics = http_get(root_addr, "/metrics").await?;
+    assert!(metrics.contains("tether_subtree_workers 4"), "{metrics}");
+    let per_relay: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("tether_relay_workers{relay="))
+        .collect();
+    assert_eq!(per_relay.len(), 2, "{metrics}");
+    assert!(per_relay.iter().all(|l| l.ends_with(" 2")), "{metrics}");
     let a = status(relay_a.addr).await.context("relay A answers")?;
     assert_eq!(a["upstream"], format!("ws://{root_addr}"), "{a}");
     // The relay's workers train slices of the relay's shard of the root's cut.
