@@ -118,7 +118,9 @@ impl RunFlags {
             s.batch = b;
         }
         if let Some(seed) = self.seed {
-            if resuming {
+            // The same seed again is no change (a supervisor restarting a server
+            // with its flags); another one would cut other shards mid-run.
+            if resuming && seed != s.seed {
                 bail!(
                     "--seed fixes a run's initial center and shards; it cannot change on --resume"
                 );
@@ -154,6 +156,11 @@ pub struct ServeArgs {
     /// newest checkpoint that verifies.
     #[arg(long)]
     pub resume: bool,
+    /// Continue the run in --run-dir if it holds a checkpoint that verifies, else
+    /// start a new run there: for supervisors that restart a server with the same
+    /// flags (Kubernetes, systemd).
+    #[arg(long, requires = "run_dir", conflicts_with = "resume")]
+    pub resume_or_start: bool,
     /// Seconds between checkpoints (0: only at shutdown).
     #[arg(long, default_value_t = 60)]
     pub checkpoint_every: u64,
@@ -293,14 +300,39 @@ impl ServeArgs {
             (None, true) => Some(newest_run()?),
             (None, false) => None,
         };
-        let base = match (&run_dir, self.resume) {
+        let resume = self.resume
+            || match (&run_dir, self.resume_or_start) {
+                (Some(d), true) if d.exists() => match checkpoint::load_newest(d) {
+                    Ok(_) => true,
+                    Err(checkpoint::CheckpointError::NoneValid { skipped, .. })
+                        if skipped.is_empty() =>
+                    {
+                        false
+                    }
+                    // Checkpoints that all fail to verify are not "nothing to resume":
+                    // a new run would start beside them, so stop and let the operator look.
+                    Err(e) => return Err(e).context("--resume-or-start"),
+                },
+                _ => false,
+            };
+        if self.resume_or_start {
+            tracing::info!(
+                "--resume-or-start: {}",
+                if resume {
+                    "a checkpoint verifies: resuming"
+                } else {
+                    "no checkpoint yet: starting a new run"
+                }
+            );
+        }
+        let base = match (&run_dir, resume) {
             (Some(d), true) => Some(checkpoint::load_settings(d)?),
             _ => None,
         };
         let mut config = ServerConfig::new(self.run.resolve(base)?);
         self.serving.apply(&mut config);
         config.run_dir = run_dir;
-        config.resume = self.resume;
+        config.resume = resume;
         config.checkpoint_every = secs(self.checkpoint_every);
         config.keep_checkpoints = self.keep_checkpoints as usize;
         config.finish = tether_server::Finish {
@@ -491,7 +523,8 @@ pub struct RelayArgs {
     /// updates.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub max_wait: u64,
-    /// Elastic rate α of this relay's own workers [default: the upstream's α].
+    /// Elastic rate α of this relay's own workers [default: β 0.9 over
+    /// --expected-workers, as `tether serve` sets it].
     #[arg(long)]
     pub alpha: Option<f32>,
     /// Workers this relay expects: its shard of the upstream's data is cut into

@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use tether_server::config::{DEFAULT_BETA, has_elastic_force};
 use tether_server::{AppState, RelayRole, Server, ServerConfig, ServerError};
 use tether_shared::data::ImageSet;
 use tether_shared::local::{ShardData, Trained};
@@ -42,7 +43,9 @@ pub struct RelayConfig {
     /// Longest wait between exchanges, even with no update (a relay without
     /// workers still follows the upstream's center and shows in its status).
     pub max_wait: Duration,
-    /// The elastic rate α of its own workers (default: the upstream's α).
+    /// The elastic rate α of its own workers (default: β 0.9 over the workers it
+    /// expects, as `tether serve` sets it; the upstream's α for algorithms without
+    /// an elastic force).
     pub alpha: Option<f32>,
     /// Its own page, given to the upstream so volunteers can be sent here.
     pub public_url: Option<String>,
@@ -127,7 +130,13 @@ impl RelayEngine {
         config.run.model = spec.model;
         config.run.tau = spec.hyper.tau;
         config.run.lr = spec.hyper.lr;
-        config.run.alpha = self.alpha.unwrap_or(spec.hyper.alpha);
+        // Its own workers' α: as `tether serve` sets it, β 0.9 over the workers it
+        // expects (the upstream's α is tuned to the upstream's members, not these).
+        config.run.alpha = self.alpha.unwrap_or(if has_elastic_force(spec.algorithm) {
+            DEFAULT_BETA / config.run.expected_workers as f32
+        } else {
+            spec.hyper.alpha
+        });
         config.run.batch = spec.batch;
         config.run.weight_decay = spec.weight_decay;
         config.run.seed = shard.seed;

@@ -294,12 +294,13 @@ pub async fn run_with<E: Engine>(
             config.connect_timeout
         };
         let left = limit.saturating_sub(since.elapsed());
-        tracing::info!(
-            url = %endpoint.url,
-            attempt,
-            "connecting (giving up in {:.0} s)",
-            left.as_secs_f64()
-        );
+        // A relay retries its upstream for ever (Duration::MAX): no countdown then.
+        let giving_up = if left > Duration::from_secs(365 * 86_400) {
+            "never giving up".to_string()
+        } else {
+            format!("giving up in {:.0} s", left.as_secs_f64())
+        };
+        tracing::info!(url = %endpoint.url, attempt, "connecting ({giving_up})");
         let connected = tokio::select! {
             c = endpoint.websocket(max_frame) => c,
             _ = until_stopped(&mut stop) => break "stopped".to_string(),

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use tether_tests::serve::Serve;
-use tether_tests::{scratch, tether_bin, tether_report};
+use tether_tests::{scratch, tether, tether_bin, tether_report};
 
 fn work(addr: SocketAddr, steps: Option<u64>) -> Result<Child> {
     let mut cmd = Command::new(tether_bin()?);
@@ -291,6 +291,49 @@ async fn a_worker_rides_out_a_server_restart_and_keeps_its_training() -> Result<
     );
     assert!(s["center_version"].as_u64() > Some(checkpointed), "{s}");
     serve.terminate()?;
+    Ok(())
+}
+
+/// A supervisor restarts the server with the same flags: the first start begins a
+/// run in --run-dir, every later one resumes it (the same seed given again is no
+/// change).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_or_start_begins_a_run_then_resumes_it() -> Result<()> {
+    let dir = scratch("resume-or-start")?.join("run");
+    let flags = ["--resume-or-start", "--seed", "7", "--tau", "3"];
+    let first = Serve::start(&dir, &flags)?;
+    let run_id = first.status().await?["run_id"].clone();
+    let log = first.terminate()?;
+    assert!(log.contains("starting a new run"), "{log}");
+    let again = Serve::start(&dir, &flags)?;
+    let s = again.status().await?;
+    assert_eq!(s["run_id"], run_id, "{s}");
+    assert_eq!(s["resumes"].as_array().map(Vec::len), Some(1), "{s}");
+    assert_eq!(s["hyper"]["tau"], 3, "{s}");
+    let log = again.terminate()?;
+    assert!(log.contains("resuming"), "{log}");
+    // Checkpoints that all fail to verify are not an empty directory: no new run
+    // starts beside them.
+    for entry in std::fs::read_dir(&dir)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "safetensors") {
+            std::fs::write(&path, b"torn")?;
+        }
+    }
+    let dir_arg = dir.to_str().context("utf-8 path")?;
+    let out = tether(&[
+        "serve",
+        "--port",
+        "0",
+        "--run-dir",
+        dir_arg,
+        "--resume-or-start",
+    ])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("no valid checkpoint"),
+        "{err}"
+    );
     Ok(())
 }
 
