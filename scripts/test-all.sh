@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Installs what tether's tests need and runs them all: formatting, clippy with
-# warnings denied, the check that the committed browser worker (web/pkg) is what
-# the sources build, and every test (release build: the tests train real models;
-# the browser tests drive Debian's Chromium). This is the README's test command;
-# .ci/run calls it.
+# warnings denied, the deployment files against the Kubernetes schemas, the check
+# that the committed browser worker (web/pkg) is what the sources build, and every
+# test (release build: the tests train real models; the browser tests drive
+# Debian's Chromium). This is the README's test command; .ci/run calls it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -63,6 +63,16 @@ cargo clippy --manifest-path xtask/Cargo.toml --release --locked -- -D warnings
 
 step "web/pkg is what the browser worker's sources build (cargo xtask web --check)"
 cargo xtask web --check
+
+step "deployment files: Kubernetes schemas (kubernetes-validate from PyPI), kustomization, compose, every command line"
+cargo build --release --locked -p tether
+deploy_venv="$HOME/.cache/tether-deploy-venv"
+if [ ! -x "$deploy_venv/bin/kubernetes-validate" ]; then
+  python3 -m venv "$deploy_venv" 2>/dev/null || {
+    rm -rf "$deploy_venv"; apt_install python3-venv && python3 -m venv "$deploy_venv"; }
+  "$deploy_venv/bin/pip" install -q kubernetes-validate
+fi
+"$deploy_venv/bin/python" scripts/validate_deploy.py --tether "${CARGO_TARGET_DIR:-target}/release/tether"
 
 step "cargo test (release)"
 log=$(mktemp)

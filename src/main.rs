@@ -3,6 +3,7 @@
 //! and writes them there as JSON.
 
 mod bench_net;
+mod bench_tree;
 mod demo;
 mod net;
 mod sim;
@@ -173,6 +174,9 @@ enum BenchCommand {
     /// A worker on an emulated slow link: bytes per sync, compute utilisation and
     /// accuracy per τ, encoding and overlap, against f32 without overlap.
     Link(bench_net::BenchLinkArgs),
+    /// The same workers straight to a root and behind relays (real processes): the
+    /// root's updates/s, bytes and CPU per worker sync, and accuracy at equal samples.
+    Tree(bench_tree::BenchTreeArgs),
 }
 
 #[derive(Args, Debug)]
@@ -259,6 +263,7 @@ fn main() -> Result<()> {
         Command::Bench(BenchCommand::Sync(args)) => bench_net::run_bench_sync(args),
         Command::Bench(BenchCommand::Stats(args)) => bench_net::run_bench_stats(args),
         Command::Bench(BenchCommand::Link(args)) => bench_net::run_bench_link(args),
+        Command::Bench(BenchCommand::Tree(args)) => bench_tree::run_bench_tree(args),
     }
 }
 
