@@ -2,7 +2,8 @@
 //! `tether work`ers under each. The root's center improves through the relays; a
 //! relay killed with SIGKILL and restarted gets its workers back; the root killed
 //! and resumed from its checkpoint gets its relays back; the root's status lists
-//! the tree all along.
+//! the tree all along. And a relay of a relay: training reaches the root through
+//! two levels.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -236,6 +237,64 @@ async fn a_tree_of_relays_trains_and_survives_a_relay_and_a_root_restart() -> Re
     for relay in [relay_a, relay_b] {
         relay.terminate()?;
     }
+    root.terminate()?;
+    Ok(())
+}
+
+/// Relays nest: a worker under a relay of a relay. Its training reaches the root
+/// through two levels, each level counts it in its subtree, and the shard cut nests
+/// (root 2 parts, 4 below the first relay, 8 below the second).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relays_nest_and_the_root_trains_through_two_levels() -> Result<()> {
+    let base = scratch("tree-nested")?;
+    let (dir, cache) = (base.join("run"), base.join("cache"));
+    let root = Serve::start_on(free_port()?, &dir, &ROOT)?;
+    let first = wait_for(
+        "the root evaluated its first center",
+        Duration::from_secs(60),
+        root.addr,
+        |s| s["evaluation"]["accuracy"].is_f64(),
+    )
+    .await?;
+    let untrained = first["evaluation"]["accuracy"]
+        .as_f64()
+        .context("accuracy")?;
+    let mid = Serve::relay(&base, free_port()?, root.addr, &RELAY)?;
+    let leaf = Serve::relay(&base, free_port()?, mid.addr, &RELAY)?;
+    let mut worker = work(&cache, leaf.addr)?;
+
+    let s = wait_for(
+        "the worker two levels down counted at the root, and a better root center",
+        Duration::from_secs(240),
+        root.addr,
+        |s| {
+            s["subtree_workers"] == 1
+                && s["evaluation"]["accuracy"].as_f64() > Some(untrained + 0.2)
+        },
+    )
+    .await?;
+    assert_eq!(
+        relays(&s).len(),
+        1,
+        "the root's one member is the mid relay: {s}"
+    );
+    let m = status(mid.addr).await.context("the mid relay answers")?;
+    assert_eq!(m["upstream"], format!("ws://{}", root.addr), "{m}");
+    assert_eq!(
+        relays(&m),
+        vec![(relays(&m)[0].0, 1)],
+        "the leaf relay, one worker: {m}"
+    );
+    let l = status(leaf.addr).await.context("the leaf relay answers")?;
+    assert_eq!(l["upstream"], format!("ws://{}", mid.addr), "{l}");
+    for (node, parts) in [(&s, "/2"), (&m, "/4"), (&l, "/8")] {
+        let shard = node["workers"][0]["shard"].as_str().context("shard")?;
+        assert!(shard.ends_with(parts), "{shard} in {node}");
+    }
+
+    kill(&mut worker)?;
+    leaf.terminate()?;
+    mid.terminate()?;
     root.terminate()?;
     Ok(())
 }
