@@ -6,6 +6,7 @@ mod bench_net;
 mod bench_tree;
 mod demo;
 mod net;
+mod repro;
 mod sim;
 mod throttle;
 
@@ -64,6 +65,10 @@ enum Command {
     /// Benchmarks; each prints a ratio against a baseline measured in the same run.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// The paper's experiments in parallel time: p workers simulated in virtual
+    /// time (real training, virtual clocks); writes a table, JSON and figures.
+    #[command(subcommand)]
+    Repro(repro::ReproCommand),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -264,6 +269,7 @@ fn main() -> Result<()> {
         Command::Bench(BenchCommand::Stats(args)) => bench_net::run_bench_stats(args),
         Command::Bench(BenchCommand::Link(args)) => bench_net::run_bench_link(args),
         Command::Bench(BenchCommand::Tree(args)) => bench_tree::run_bench_tree(args),
+        Command::Repro(command) => repro::run(command),
     }
 }
 

@@ -8,6 +8,7 @@ mod internet;
 mod lifecycle;
 mod protocol;
 mod reliability;
+mod repro;
 mod training;
 mod tree;
 mod web;

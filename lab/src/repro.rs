@@ -1,0 +1,575 @@
+//! Experiment grids (algorithms × τ × p × η × seeds) run through the simulator,
+//! with what the paper reports: test error against parallel time, the best η per
+//! method, error at fixed time budgets and time to a target error, as JSON,
+//! Markdown and figures.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use burn::tensor::Device;
+use serde::Serialize;
+use tether_server::RunSettings;
+use tether_server::config::has_elastic_force;
+use tether_shared::algorithms::Algorithm;
+use tether_shared::data::{ImageSet, Normalization, shard_indices};
+use tether_shared::local::{LocalWorker, ShardData};
+use tether_shared::model::{ModelKind, to_flat};
+use tether_shared::protocol::{Hyper, RunSpec, Shard};
+use thiserror::Error;
+
+use crate::plot::{self, Figure, Panel, Series};
+use crate::simulate::{self, Experiment, Point, SimError, Simulated, Timing};
+
+/// Which setting each panel of the figure holds fixed (the lines are the rest).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PanelBy {
+    /// One panel per τ, a line per algorithm (and p).
+    Tau,
+    /// One panel per algorithm, a line per p (and τ).
+    Algorithm,
+}
+
+/// A grid of experiments.
+#[derive(Clone, Debug, Serialize)]
+pub struct Grid {
+    /// Short name: the output's file names.
+    pub name: String,
+    /// The figure's title.
+    pub title: String,
+    /// Algorithms.
+    pub algorithms: Vec<Algorithm>,
+    /// Local steps between exchanges.
+    pub taus: Vec<u32>,
+    /// Worker counts p.
+    pub workers: Vec<u32>,
+    /// Learning rates tried per method; empty: each algorithm's default.
+    pub lrs: Vec<f64>,
+    /// Seeds (initial center, shards, batch order).
+    pub seeds: Vec<u64>,
+    /// The network.
+    pub model: ModelKind,
+    /// Images per local step.
+    pub batch: u32,
+    /// Training images per experiment, over all its workers.
+    pub budget_samples: u64,
+    /// Evaluations per experiment.
+    pub evaluations: u32,
+    /// The clocks.
+    pub timing: Timing,
+    /// The server's norm guard ratio; `None`: off.
+    pub norm_guard: Option<f64>,
+    /// How the figure is cut into panels.
+    pub panel_by: PanelBy,
+    /// Time to this test error is reported; `None`: the median of the methods' best
+    /// final errors.
+    pub target_error: Option<f64>,
+}
+
+/// One experiment's result.
+#[derive(Clone, Debug, Serialize)]
+pub struct Cell {
+    /// The algorithm.
+    pub algorithm: Algorithm,
+    /// τ.
+    pub tau: u32,
+    /// p.
+    pub workers: u32,
+    /// η.
+    pub lr: f64,
+    /// The seed.
+    pub seed: u64,
+    /// What the simulator measured.
+    pub result: Simulated,
+}
+
+/// A method (algorithm, τ, p) at its best η: figures averaged over seeds.
+#[derive(Clone, Debug, Serialize)]
+pub struct Best {
+    /// The algorithm.
+    pub algorithm: Algorithm,
+    /// τ.
+    pub tau: u32,
+    /// p.
+    pub workers: u32,
+    /// The η with the lowest mean final error.
+    pub lr: f64,
+    /// Mean final test error.
+    pub final_error: f64,
+    /// Mean test error at each of [`Report::budgets_s`].
+    pub error_at: Vec<f64>,
+    /// Mean parallel time to [`Report::target_error`] (`None`: a seed never reached it).
+    pub time_to_target_s: Option<f64>,
+    /// Mean final parallel time.
+    pub time_s: f64,
+    /// Updates the center refused, over all seeds.
+    pub refused: u64,
+}
+
+/// Everything a grid produced.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    /// The grid.
+    pub grid: Grid,
+    /// Every experiment.
+    pub cells: Vec<Cell>,
+    /// The best η per method.
+    pub best: Vec<Best>,
+    /// Parallel-time budgets the errors are read at: ¼, ½ and all of the time the
+    /// longest method took (a method done sooner keeps its final center).
+    pub budgets_s: Vec<f64>,
+    /// The target error of `time_to_target_s`.
+    pub target_error: f64,
+    /// Real seconds the grid took on this machine.
+    pub wall_s: f64,
+}
+
+/// Why a grid could not run or be written.
+#[derive(Debug, Error)]
+pub enum ReproError {
+    /// An experiment failed.
+    #[error("{algorithm} τ={tau} p={workers} η={lr}: {source}")]
+    Experiment {
+        /// Its algorithm.
+        algorithm: &'static str,
+        /// Its τ.
+        tau: u32,
+        /// Its p.
+        workers: u32,
+        /// Its η.
+        lr: f64,
+        /// What failed.
+        source: SimError,
+    },
+    /// The grid is empty or a setting is out of range.
+    #[error("{0}")]
+    Grid(String),
+    /// Writing the output.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What failed.
+        source: std::io::Error,
+    },
+    /// Drawing the figure.
+    #[error(transparent)]
+    Plot(#[from] plot::PlotError),
+}
+
+impl Grid {
+    /// The experiments, in the order they run.
+    pub fn experiments(&self) -> Vec<(Experiment, f64)> {
+        let mut out = Vec::new();
+        for &algorithm in &self.algorithms {
+            let lrs = if self.lrs.is_empty() {
+                vec![RunSettings::defaults(algorithm).lr]
+            } else {
+                self.lrs.clone()
+            };
+            for &workers in &self.workers {
+                for &tau in &self.taus {
+                    for &lr in &lrs {
+                        for &seed in &self.seeds {
+                            let mut settings = RunSettings::defaults(algorithm);
+                            settings.model = self.model;
+                            settings.tau = tau;
+                            settings.expected_workers = workers;
+                            settings.batch = self.batch;
+                            settings.seed = seed;
+                            settings.lr = lr;
+                            if has_elastic_force(algorithm) {
+                                settings.alpha =
+                                    tether_server::config::DEFAULT_BETA / workers as f32;
+                            }
+                            out.push((
+                                Experiment {
+                                    settings,
+                                    budget_samples: self.budget_samples,
+                                    evaluations: self.evaluations,
+                                    timing: self.timing.clone(),
+                                    norm_guard: self.norm_guard,
+                                },
+                                lr,
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Runs every experiment of `grid`; `progress` hears (samples done, samples in all).
+pub fn run(
+    grid: &Grid,
+    train: &Arc<ImageSet>,
+    test: &ImageSet,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<Report, ReproError> {
+    let experiments = grid.experiments();
+    if experiments.is_empty() {
+        return Err(ReproError::Grid(
+            "the grid is empty: give at least one of each".into(),
+        ));
+    }
+    for (e, lr) in &experiments {
+        e.validate().map_err(|source| failed(e, *lr, source))?;
+    }
+    let started = Instant::now();
+    let total = grid.budget_samples * experiments.len() as u64;
+    let mut cells = Vec::with_capacity(experiments.len());
+    for (k, (e, lr)) in experiments.iter().enumerate() {
+        let done = grid.budget_samples * k as u64;
+        let s = &e.settings;
+        let result = simulate::run(e, train, test, |n| progress(done + n, total))
+            .map_err(|source| failed(e, *lr, source))?;
+        cells.push(Cell {
+            algorithm: s.algorithm,
+            tau: s.tau,
+            workers: s.expected_workers,
+            lr: *lr,
+            seed: s.seed,
+            result,
+        });
+    }
+    Ok(summarise(
+        grid.clone(),
+        cells,
+        started.elapsed().as_secs_f64(),
+    ))
+}
+
+fn failed(e: &Experiment, lr: f64, source: SimError) -> ReproError {
+    let s = &e.settings;
+    ReproError::Experiment {
+        algorithm: s.algorithm.name(),
+        tau: s.tau,
+        workers: s.expected_workers,
+        lr,
+        source,
+    }
+}
+
+/// The test error at parallel time `t`: that of the newest center at or before `t`.
+pub fn error_at(points: &[Point], t: f64) -> f64 {
+    points
+        .iter()
+        .take_while(|p| p.time_s <= t)
+        .last()
+        .map_or(f64::NAN, |p| p.error)
+}
+
+/// When a run first reached `target` (`None`: never).
+pub fn time_to(points: &[Point], target: f64) -> Option<f64> {
+    points.iter().find(|p| p.error <= target).map(|p| p.time_s)
+}
+
+fn mean(values: impl Iterator<Item = f64>) -> f64 {
+    let (sum, n) = values.fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
+    sum / n.max(1) as f64
+}
+
+fn final_point(cell: &Cell) -> Point {
+    *cell
+        .result
+        .points
+        .last()
+        .expect("a run has its first point")
+}
+
+fn summarise(grid: Grid, cells: Vec<Cell>, wall_s: f64) -> Report {
+    // The best η per (algorithm, τ, p), by mean final error over seeds.
+    let mut best: Vec<(Algorithm, u32, u32, f64, Vec<&Cell>)> = Vec::new();
+    for c in &cells {
+        let same = |b: &(Algorithm, u32, u32, f64, Vec<&Cell>)| {
+            b.0 == c.algorithm && b.1 == c.tau && b.2 == c.workers
+        };
+        let runs_at_lr: Vec<&Cell> = cells
+            .iter()
+            .filter(|o| o.algorithm == c.algorithm && o.tau == c.tau && o.workers == c.workers)
+            .filter(|o| o.lr == c.lr)
+            .collect();
+        let error = mean(runs_at_lr.iter().map(|o| final_point(o).error));
+        match best.iter_mut().find(|b| same(b)) {
+            Some(b) if error < mean(b.4.iter().map(|o| final_point(o).error)) => {
+                b.3 = c.lr;
+                b.4 = runs_at_lr;
+            }
+            Some(_) => {}
+            None => best.push((c.algorithm, c.tau, c.workers, c.lr, runs_at_lr)),
+        }
+    }
+    let longest = best
+        .iter()
+        .map(|b| mean(b.4.iter().map(|c| final_point(c).time_s)))
+        .fold(0.0, f64::max);
+    let budgets_s = vec![longest / 4.0, longest / 2.0, longest];
+    let target_error = grid.target_error.unwrap_or_else(|| {
+        let mut finals: Vec<f64> = best
+            .iter()
+            .map(|b| mean(b.4.iter().map(|c| final_point(c).error)))
+            .collect();
+        finals.sort_by(f64::total_cmp);
+        finals[(finals.len() - 1) / 2]
+    });
+    let best = best
+        .into_iter()
+        .map(|(algorithm, tau, workers, lr, runs)| {
+            let times: Vec<Option<f64>> = runs
+                .iter()
+                .map(|c| time_to(&c.result.points, target_error))
+                .collect();
+            Best {
+                algorithm,
+                tau,
+                workers,
+                lr,
+                final_error: mean(runs.iter().map(|c| final_point(c).error)),
+                error_at: budgets_s
+                    .iter()
+                    .map(|&t| mean(runs.iter().map(|c| error_at(&c.result.points, t))))
+                    .collect(),
+                time_to_target_s: times
+                    .iter()
+                    .all(Option::is_some)
+                    .then(|| mean(times.iter().flatten().copied())),
+                time_s: mean(runs.iter().map(|c| final_point(c).time_s)),
+                refused: runs.iter().map(|c| c.result.rejected).sum(),
+            }
+        })
+        .collect();
+    Report {
+        grid,
+        cells,
+        best,
+        budgets_s,
+        target_error,
+        wall_s,
+    }
+}
+
+impl Report {
+    /// The summary table as Markdown.
+    pub fn markdown(&self) -> String {
+        let g = &self.grid;
+        let mut md = format!(
+            "### {}\n\n{} model, batch {}, {} training images per run, seeds {:?}; one local \
+             step = {:.1} ms of parallel time, one exchange = {:.1} ms; η {} per method \
+             (lowest mean final error). Errors are the center's, on {} test images; time is \
+             parallel time. Grid wall time on this machine: {:.0} s.\n\n",
+            g.title,
+            g.model.name(),
+            g.batch,
+            g.budget_samples,
+            g.seeds,
+            g.timing.step_s * 1e3,
+            g.timing.exchange_s * 1e3,
+            if g.lrs.is_empty() {
+                "at each algorithm's default".to_string()
+            } else {
+                format!("best of {:?}", g.lrs)
+            },
+            self.test_images(),
+            self.wall_s,
+        );
+        md.push_str(&format!(
+            "| algorithm | τ | p | η | error at {:.1} s | at {:.1} s | at {:.1} s | final error | time to {:.1} % | final time | refused |\n",
+            self.budgets_s[0],
+            self.budgets_s[1],
+            self.budgets_s[2],
+            self.target_error * 100.0
+        ));
+        md.push_str("|---|---|---|---|---|---|---|---|---|---|---|\n");
+        for b in &self.best {
+            md.push_str(&format!(
+                "| {} | {} | {} | {} | {:.2} % | {:.2} % | {:.2} % | {:.2} % | {} | {:.1} s | {} |\n",
+                b.algorithm.name(),
+                b.tau,
+                b.workers,
+                b.lr,
+                b.error_at[0] * 100.0,
+                b.error_at[1] * 100.0,
+                b.error_at[2] * 100.0,
+                b.final_error * 100.0,
+                b.time_to_target_s
+                    .map_or("not reached".to_string(), |t| format!("{t:.1} s")),
+                b.time_s,
+                b.refused
+            ));
+        }
+        md
+    }
+
+    fn test_images(&self) -> String {
+        self.cells
+            .first()
+            .map_or("?".into(), |c| c.result.test_images.to_string())
+    }
+
+    /// The figure: test error against parallel time, the best η per method, the
+    /// first seed's curve.
+    pub fn figure(&self) -> Figure {
+        let g = &self.grid;
+        let curve = |b: &Best| -> Vec<(f64, f64)> {
+            self.cells
+                .iter()
+                .find(|c| {
+                    c.algorithm == b.algorithm
+                        && c.tau == b.tau
+                        && c.workers == b.workers
+                        && c.lr == b.lr
+                })
+                .map(|c| {
+                    c.result
+                        .points
+                        .iter()
+                        .map(|p| (p.time_s, p.error * 100.0))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let label = |b: &Best, with_p: bool, with_tau: bool| {
+            let mut l = b.algorithm.name().to_uppercase();
+            if with_p {
+                l.push_str(&format!(" p={}", b.workers));
+            }
+            if with_tau {
+                l.push_str(&format!(" τ={}", b.tau));
+            }
+            l.push_str(&format!(" (η {})", b.lr));
+            l
+        };
+        let panels = match g.panel_by {
+            PanelBy::Tau => g
+                .taus
+                .iter()
+                .map(|&tau| Panel {
+                    title: format!("τ = {tau}"),
+                    series: self
+                        .best
+                        .iter()
+                        .filter(|b| b.tau == tau)
+                        .map(|b| Series {
+                            label: label(b, g.workers.len() > 1, false),
+                            points: curve(b),
+                        })
+                        .collect(),
+                })
+                .collect(),
+            PanelBy::Algorithm => g
+                .algorithms
+                .iter()
+                .map(|&a| Panel {
+                    title: a.name().to_uppercase(),
+                    series: self
+                        .best
+                        .iter()
+                        .filter(|b| b.algorithm == a)
+                        .map(|b| Series {
+                            label: label(b, true, g.taus.len() > 1),
+                            points: curve(b),
+                        })
+                        .collect(),
+                })
+                .collect(),
+        };
+        Figure {
+            title: format!(
+                "{} — {} model, {}",
+                g.title,
+                g.model.name(),
+                if g.lrs.is_empty() {
+                    "each algorithm's default η".to_string()
+                } else {
+                    format!("best η of {:?} per method", g.lrs)
+                }
+            ),
+            x_label: "parallel time (s)".into(),
+            y_label: "test error (%)".into(),
+            columns: 2,
+            panels,
+        }
+    }
+
+    /// Writes `name`.json, `name`.md and the figure (`name`.png, `name`.svg) to `dir`;
+    /// returns the paths.
+    pub fn write(&self, dir: &Path) -> Result<Vec<PathBuf>, ReproError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| ReproError::Io { path, source }
+        };
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let stem = dir.join(&self.grid.name);
+        let json = stem.with_extension("json");
+        let md = stem.with_extension("md");
+        let body = serde_json::to_vec_pretty(self).expect("a report serialises");
+        std::fs::write(&json, body).map_err(io(&json))?;
+        std::fs::write(&md, self.markdown()).map_err(io(&md))?;
+        plot::draw(&self.figure(), &stem)?;
+        Ok(vec![
+            json,
+            md,
+            stem.with_extension("png"),
+            stem.with_extension("svg"),
+        ])
+    }
+}
+
+/// Seconds one local step of `model` at `batch` takes here: the mean of 8 steps
+/// after 2 to warm up, by one worker on its shard of `train`.
+pub fn measure_step_s(model: ModelKind, batch: u32, train: &Arc<ImageSet>) -> f64 {
+    let mut settings = RunSettings::defaults(Algorithm::Easgd);
+    settings.model = model;
+    let device = Device::flex();
+    let spec = RunSpec {
+        run_id: "calibration".into(),
+        algorithm: Algorithm::Easgd,
+        model,
+        hyper: Hyper {
+            tau: 1,
+            alpha: 0.0,
+            lr: settings.lr,
+        },
+        momentum: 0.0,
+        nesterov: false,
+        weight_decay: settings.weight_decay,
+        batch,
+        leader_pull: 0.0,
+        normalization: Normalization::of(train),
+        train_items: train.len() as u64,
+    };
+    let mut local = LocalWorker::new(device.clone());
+    let shard = Shard {
+        index: 0,
+        count: 1,
+        seed: 0,
+    };
+    let data = ShardData {
+        set: Arc::clone(train),
+        indices: shard_indices(train.len(), 1, 0, 0),
+    };
+    let start = to_flat(&model.init(&device));
+    if local
+        .start(&spec, shard, data, train.len() as u64, start, false)
+        .is_err()
+    {
+        return f64::NAN;
+    }
+    let mut steps = |n| {
+        let pending = local.train(n, settings.lr, || false).ok();
+        pending.map(|p| local.finish(p))
+    };
+    steps(2);
+    let t0 = Instant::now();
+    steps(8);
+    t0.elapsed().as_secs_f64() / 8.0
+}
+
+/// Seconds an exchange of `model`'s f32 parameters takes both ways over a 1 Gbit/s
+/// link with 1 ms of latency: the default exchange time.
+pub fn gigabit_exchange_s(model: ModelKind) -> f64 {
+    2.0 * (model.param_count() * 4 * 8) as f64 / 1e9 + 1e-3
+}

@@ -1,0 +1,203 @@
+//! `tether repro tau|workers|leader|stability`: the paper's experiment grids, run
+//! in virtual time by `tether_lab` (its simulator and grids); this file only reads
+//! the flags.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use tether_lab::repro::{self, Grid, PanelBy};
+use tether_lab::simulate::Timing;
+use tether_shared::algorithms::Algorithm;
+use tether_shared::model::ModelKind;
+
+use crate::ModelArg;
+use crate::net::algorithm_parser;
+
+#[derive(Subcommand, Debug)]
+pub enum ReproCommand {
+    /// τ ∈ {1, 4, 16, 64} for EASGD, EAMSGD, DOWNPOUR and MDOWNPOUR at p = 4: the
+    /// elastic methods keep their test error at large τ where DOWNPOUR degrades.
+    Tau(ReproArgs),
+    /// p ∈ {1, 4, 8, 16} for EAMSGD and DOWNPOUR at τ = 16: test error against
+    /// parallel time as workers are added.
+    Workers(ReproArgs),
+    /// LSGD against EASGD and model averaging at p = 4, τ = 16.
+    Leader(ReproArgs),
+    /// The paper's stability analysis (the same as `tether sim stability`).
+    Stability(crate::sim::StabilityArgs),
+}
+
+/// Settings shared by every grid; the grid's own axes can be overridden.
+#[derive(Args, Debug)]
+pub struct ReproArgs {
+    /// A folder holding Fashion-MNIST (IDX files) [default: the shipped copy].
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// The network.
+    #[arg(long, value_enum, default_value = "small")]
+    pub model: ModelArg,
+    /// Training per experiment, in epochs of the training set over all workers.
+    #[arg(long, default_value_t = 0.5)]
+    pub budget: f64,
+    /// Seeds per experiment (0, 1, …): curves are the first seed's, tables the mean.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=16))]
+    pub seeds: u64,
+    /// Learning rates to try per method (comma-separated); the best is reported, as
+    /// the paper tuned η per method [default: each algorithm's default η].
+    #[arg(long, value_delimiter = ',')]
+    pub lr: Vec<f64>,
+    /// Override the grid's algorithms (comma-separated).
+    #[arg(long, value_parser = algorithm_parser(), value_delimiter = ',')]
+    pub algorithm: Vec<Algorithm>,
+    /// Override the grid's τ values (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub tau: Vec<u32>,
+    /// Override the grid's worker counts (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub workers: Vec<u32>,
+    /// Images per local step.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub batch: u32,
+    /// Parallel time of one local step, in ms [default: measured here once].
+    #[arg(long)]
+    pub step_ms: Option<f64>,
+    /// Parallel time of one exchange, in ms [default: the f32 parameters both ways
+    /// over 1 Gbit/s plus 1 ms].
+    #[arg(long)]
+    pub exchange_ms: Option<f64>,
+    /// Worker speeds, repeated over the workers (comma-separated; 0.5 = a straggler
+    /// at half speed) [default: all 1].
+    #[arg(long, value_delimiter = ',')]
+    pub speeds: Vec<f64>,
+    /// Evaluations of the center per experiment.
+    #[arg(long, default_value_t = 12, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub evaluations: u32,
+    /// Test images each evaluation uses (the first ones of the test set).
+    #[arg(long, default_value_t = 2000)]
+    pub eval_limit: usize,
+    /// Report the parallel time to this test error (in %) [default: the worst of
+    /// the methods' best final errors].
+    #[arg(long)]
+    pub target: Option<f64>,
+    /// Refuse updates as `tether serve` does, beyond this many times the typical
+    /// progress (its --max-update-ratio) [default: off, as in the paper].
+    #[arg(long)]
+    pub norm_guard: Option<f64>,
+    /// Where the table, JSON and figures go.
+    #[arg(long, default_value = "repro")]
+    pub out: PathBuf,
+}
+
+pub fn run(command: ReproCommand) -> Result<()> {
+    let (name, title, algorithms, taus, workers, panel_by, args) = match command {
+        ReproCommand::Tau(a) => (
+            "tau",
+            "Test error against parallel time per τ (p = 4)",
+            vec![
+                Algorithm::Easgd,
+                Algorithm::Eamsgd,
+                Algorithm::Downpour,
+                Algorithm::Mdownpour,
+            ],
+            vec![1, 4, 16, 64],
+            vec![4],
+            PanelBy::Tau,
+            a,
+        ),
+        ReproCommand::Workers(a) => (
+            "workers",
+            "Test error against parallel time per p (τ = 16)",
+            vec![Algorithm::Eamsgd, Algorithm::Downpour],
+            vec![16],
+            vec![1, 4, 8, 16],
+            PanelBy::Algorithm,
+            a,
+        ),
+        ReproCommand::Stability(a) => return crate::sim::run(&a),
+        ReproCommand::Leader(a) => (
+            "leader",
+            "LSGD, EASGD and model averaging (p = 4, τ = 16)",
+            vec![Algorithm::Lsgd, Algorithm::Easgd, Algorithm::Average],
+            vec![16],
+            vec![4],
+            PanelBy::Tau,
+            a,
+        ),
+    };
+    let pick = |given: &Vec<u32>, default: Vec<u32>| {
+        if given.is_empty() {
+            default
+        } else {
+            given.clone()
+        }
+    };
+    if !(args.budget.is_finite() && args.budget > 0.0) {
+        bail!("--budget must be a positive number of epochs");
+    }
+    if args
+        .lr
+        .iter()
+        .any(|l| !(l.is_finite() && *l > 0.0 && *l <= 10.0))
+    {
+        bail!("--lr: every learning rate must be in (0, 10]");
+    }
+    let model = ModelKind::from(args.model);
+    let (_, data) =
+        tether_dataset::load(args.data.as_deref()).context("loading the training data (--data)")?;
+    let train = Arc::new(data.train);
+    let test = data
+        .test
+        .subset(&(0..args.eval_limit.clamp(1, data.test.len())).collect::<Vec<_>>());
+    let step_s = match args.step_ms {
+        Some(ms) => ms / 1e3,
+        None => {
+            let s = repro::measure_step_s(model, args.batch, &train);
+            eprintln!(
+                "one local step ({} model, batch {}) takes {:.1} ms here: the parallel-time unit (--step-ms to fix it)",
+                model.name(),
+                args.batch,
+                s * 1e3
+            );
+            s
+        }
+    };
+    let grid = Grid {
+        name: name.into(),
+        title: title.into(),
+        algorithms: if args.algorithm.is_empty() {
+            algorithms
+        } else {
+            args.algorithm.clone()
+        },
+        taus: pick(&args.tau, taus),
+        workers: pick(&args.workers, workers),
+        lrs: args.lr.clone(),
+        seeds: (0..args.seeds).collect(),
+        model,
+        batch: args.batch,
+        budget_samples: (args.budget * train.len() as f64).round().max(1.0) as u64,
+        evaluations: args.evaluations,
+        timing: Timing {
+            step_s,
+            speeds: args.speeds.clone(),
+            exchange_s: args
+                .exchange_ms
+                .map_or_else(|| repro::gigabit_exchange_s(model), |ms| ms / 1e3),
+        },
+        norm_guard: args.norm_guard,
+        panel_by,
+        target_error: args.target.map(|t| t / 100.0),
+    };
+    let runs = grid.experiments().len() as u64;
+    let bar = tether_worker::progress::bar(grid.budget_samples * runs, name);
+    bar.set_message(format!("{runs} runs"));
+    let report = repro::run(&grid, &train, &test, |done, _| bar.set_position(done))?;
+    bar.finish_and_clear();
+    print!("{}", report.markdown());
+    for path in report.write(&args.out)? {
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}

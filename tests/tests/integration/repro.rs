@@ -1,0 +1,142 @@
+//! `tether repro`: each ready-made grid, tiny, as a process: it writes its table,
+//! JSON and figures; the same grid twice gives the same numbers (virtual time);
+//! bad flags fail before anything runs.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+use tether_tests::{read_json, scratch, tether};
+
+/// Runs `tether repro ARGS --out DIR` on a tiny budget and returns its JSON.
+fn repro(dir: &Path, args: &[&str]) -> Result<Value> {
+    let out = dir.to_str().context("utf-8 path")?;
+    let mut all = args.to_vec();
+    all.extend([
+        "--budget",
+        "0.02",
+        "--evaluations",
+        "2",
+        "--eval-limit",
+        "200",
+        "--step-ms",
+        "10",
+        "--out",
+        out,
+    ]);
+    let run = tether(&all)?;
+    let err = String::from_utf8_lossy(&run.stderr);
+    anyhow::ensure!(run.status.success(), "tether {all:?} failed:\n{err}");
+    let table = String::from_utf8_lossy(&run.stdout);
+    let name = args[1];
+    // The table, and figures that hold drawn curves (an empty chart is smaller).
+    for (ext, least) in [("md", 300), ("png", 20_000), ("svg", 5_000)] {
+        let file = dir.join(format!("{name}.{ext}"));
+        let len = std::fs::metadata(&file)
+            .with_context(|| format!("{} written", file.display()))?
+            .len();
+        anyhow::ensure!(len > least, "{} is only {len} bytes", file.display());
+    }
+    let md = std::fs::read_to_string(dir.join(format!("{name}.md")))?;
+    anyhow::ensure!(table.contains(&md), "stdout is the table:\n{table}");
+    read_json(&dir.join(format!("{name}.json")))
+}
+
+#[test]
+fn each_grid_runs_tiny_and_the_same_grid_gives_the_same_numbers() -> Result<()> {
+    let base = scratch("repro")?;
+    let tau = repro(
+        &base.join("a"),
+        &[
+            "repro",
+            "tau",
+            "--tau",
+            "1,4",
+            "--algorithm",
+            "easgd,downpour",
+        ],
+    )?;
+    let cells = tau["cells"].as_array().context("cells")?;
+    assert_eq!(cells.len(), 4, "2 algorithms × 2 τ");
+    for c in cells {
+        let points = c["result"]["points"].as_array().context("points")?;
+        let (first, last) = (&points[0], &points[points.len() - 1]);
+        assert_eq!(first["time_s"], 0.0);
+        assert!(last["time_s"].as_f64() > Some(0.0), "{c}");
+        assert!(
+            last["error"].as_f64() < first["error"].as_f64(),
+            "it trains: {c}"
+        );
+    }
+    assert_eq!(tau["best"].as_array().map(Vec::len), Some(4));
+    // The figure: a panel per τ, a curve and a legend entry per algorithm, axes
+    // with units.
+    let svg = std::fs::read_to_string(base.join("a").join("tau.svg"))?;
+    for text in [
+        "τ = 1",
+        "τ = 4",
+        "EASGD (η 0.1)",
+        "DOWNPOUR (η 0.1)",
+        "parallel time (s)",
+        "test error (%)",
+    ] {
+        assert!(svg.contains(text), "the figure lacks {text:?}");
+    }
+    assert!(
+        svg.matches("<polyline").count() >= 8,
+        "2 panels × 2 curves, with legends"
+    );
+    // Virtual time: the same grid again gives the same points to the last bit.
+    let again = repro(
+        &base.join("b"),
+        &[
+            "repro",
+            "tau",
+            "--tau",
+            "1,4",
+            "--algorithm",
+            "easgd,downpour",
+        ],
+    )?;
+    assert_eq!(again["cells"], tau["cells"]);
+
+    let workers = repro(&base.join("c"), &["repro", "workers", "--workers", "1,2"])?;
+    assert_eq!(
+        workers["cells"].as_array().map(Vec::len),
+        Some(4),
+        "2 algorithms × 2 p"
+    );
+    let leader = repro(&base.join("d"), &["repro", "leader", "--lr", "0.05,0.1"])?;
+    assert_eq!(
+        leader["cells"].as_array().map(Vec::len),
+        Some(6),
+        "3 algorithms × 2 η"
+    );
+    for b in leader["best"].as_array().context("best")? {
+        assert!(
+            [0.05, 0.1].contains(&b["lr"].as_f64().context("lr")?),
+            "{b}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn bad_repro_flags_fail_before_anything_runs() -> Result<()> {
+    for (args, expect) in [
+        (vec!["repro", "tau", "--budget", "0"], "--budget"),
+        (vec!["repro", "tau", "--lr=-1"], "--lr"),
+        (vec!["repro", "tau", "--tau", "0"], "tau"),
+        (vec!["repro", "workers", "--speeds", "0"], "speeds"),
+        (
+            vec!["repro", "tau", "--data", "/nonexistent/tether-data"],
+            "nonexistent",
+        ),
+    ] {
+        let out = tether(&args)?;
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(expect), "{args:?}: {err}");
+    }
+    Ok(())
+}
