@@ -340,6 +340,10 @@ async fn handle(
                     let (bytes, decoded) =
                         protocol::encode_decoded(&reply, values.clone(), encoding);
                     let seen = conn.link.replied(apply, &values, &decoded);
+                    // Counted before the reply leaves: the center has taken the update
+                    // either way, and a worker that exits on its last reply must find
+                    // its sync in the status.
+                    record_sync(state, conn, &sync, version, norm, held);
                     if send(state, conn, socket, bytes).await.is_err() {
                         return Step::Broken;
                     }
@@ -347,7 +351,6 @@ async fn handle(
                     state
                         .metrics
                         .observe_latency(arrived.elapsed().as_secs_f64());
-                    record_sync(state, conn, &sync, version, norm, held);
                     Step::Continue
                 }
                 Err(why) => reject(state, conn, socket, Some(seq), why).await,
