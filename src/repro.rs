@@ -38,9 +38,11 @@ pub struct ReproArgs {
     /// The network.
     #[arg(long, value_enum, default_value = "small")]
     pub model: ModelArg,
-    /// Training per experiment, in epochs of the training set over all workers.
-    #[arg(long, default_value_t = 0.5)]
-    pub budget: f64,
+    /// Training per experiment, in epochs of the training set over all workers;
+    /// for `workers`, per worker, so every p gets the same parallel time
+    /// [default: 0.5; workers: 0.125].
+    #[arg(long)]
+    pub budget: Option<f64>,
     /// Seeds per experiment (0, 1, …): curves are the first seed's, tables the mean.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=16))]
     pub seeds: u64,
@@ -133,7 +135,9 @@ pub fn run(command: ReproCommand) -> Result<()> {
             given.clone()
         }
     };
-    if !(args.budget.is_finite() && args.budget > 0.0) {
+    let per_worker = name == "workers";
+    let budget = args.budget.unwrap_or(if per_worker { 0.125 } else { 0.5 });
+    if !(budget.is_finite() && budget > 0.0) {
         bail!("--budget must be a positive number of epochs");
     }
     if args
@@ -177,7 +181,8 @@ pub fn run(command: ReproCommand) -> Result<()> {
         seeds: (0..args.seeds).collect(),
         model,
         batch: args.batch,
-        budget_samples: (args.budget * train.len() as f64).round().max(1.0) as u64,
+        budget_samples: (budget * train.len() as f64).round().max(1.0) as u64,
+        budget_per_worker: per_worker,
         evaluations: args.evaluations,
         timing: Timing {
             step_s,
@@ -190,8 +195,10 @@ pub fn run(command: ReproCommand) -> Result<()> {
         panel_by,
         target_error: args.target.map(|t| t / 100.0),
     };
-    let runs = grid.experiments().len() as u64;
-    let bar = tether_worker::progress::bar(grid.budget_samples * runs, name);
+    let experiments = grid.experiments();
+    let runs = experiments.len();
+    let total = experiments.iter().map(|(e, _)| e.budget_samples).sum();
+    let bar = tether_worker::progress::bar(total, name);
     bar.set_message(format!("{runs} runs"));
     let report = repro::run(&grid, &train, &test, |done, _| bar.set_position(done))?;
     bar.finish_and_clear();

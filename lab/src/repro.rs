@@ -52,8 +52,12 @@ pub struct Grid {
     pub model: ModelKind,
     /// Images per local step.
     pub batch: u32,
-    /// Training images per experiment, over all its workers.
+    /// Training images per experiment, over all its workers (per worker when
+    /// `budget_per_worker`).
     pub budget_samples: u64,
+    /// The budget is per worker: every p gets the same parallel time (the `workers`
+    /// grid), rather than the same images in all.
+    pub budget_per_worker: bool,
     /// Evaluations per experiment.
     pub evaluations: u32,
     /// The clocks.
@@ -186,7 +190,11 @@ impl Grid {
                             out.push((
                                 Experiment {
                                     settings,
-                                    budget_samples: self.budget_samples,
+                                    budget_samples: if self.budget_per_worker {
+                                        self.budget_samples * u64::from(workers)
+                                    } else {
+                                        self.budget_samples
+                                    },
                                     evaluations: self.evaluations,
                                     timing: self.timing.clone(),
                                     norm_guard: self.norm_guard,
@@ -219,10 +227,10 @@ pub fn run(
         e.validate().map_err(|source| failed(e, *lr, source))?;
     }
     let started = Instant::now();
-    let total = grid.budget_samples * experiments.len() as u64;
+    let total = experiments.iter().map(|(e, _)| e.budget_samples).sum();
     let mut cells = Vec::with_capacity(experiments.len());
-    for (k, (e, lr)) in experiments.iter().enumerate() {
-        let done = grid.budget_samples * k as u64;
+    let mut done = 0;
+    for (e, lr) in &experiments {
         let s = &e.settings;
         let result = simulate::run(e, train, test, |n| progress(done + n, total))
             .map_err(|source| failed(e, *lr, source))?;
@@ -234,6 +242,7 @@ pub fn run(
             seed: s.seed,
             result,
         });
+        done += e.budget_samples;
     }
     Ok(summarise(
         grid.clone(),
@@ -356,7 +365,7 @@ impl Report {
     pub fn markdown(&self) -> String {
         let g = &self.grid;
         let mut md = format!(
-            "### {}\n\n{} model, batch {}, {} training images per run, seeds {:?}; one local \
+            "### {}\n\n{} model, batch {}, {} training images per {}, seeds {:?}; one local \
              step = {:.1} ms of parallel time, one exchange = {:.1} ms; η {} per method \
              (lowest mean final error). Errors are the center's, on {} test images; time is \
              parallel time. Grid wall time on this machine: {:.0} s.\n\n",
@@ -364,6 +373,7 @@ impl Report {
             g.model.name(),
             g.batch,
             g.budget_samples,
+            if g.budget_per_worker { "worker" } else { "run" },
             g.seeds,
             g.timing.step_s * 1e3,
             g.timing.exchange_s * 1e3,
