@@ -113,22 +113,17 @@ where
             labels.push(s.label.clone());
         }
     }
-    let x_max = figure
-        .panels
-        .iter()
-        .flat_map(|p| &p.series)
-        .flat_map(|s| &s.points)
-        .map(|p| p.0)
-        .fold(0.0, f64::max)
-        .max(1e-9);
-    let y_max = figure
-        .panels
-        .iter()
-        .flat_map(|p| &p.series)
-        .flat_map(|s| &s.points)
-        .map(|p| p.1)
-        .fold(0.0, f64::max)
-        .max(1e-9);
+    let largest = |coordinate: fn(&(f64, f64)) -> f64| {
+        figure
+            .panels
+            .iter()
+            .flat_map(|p| &p.series)
+            .flat_map(|s| &s.points)
+            .map(coordinate)
+            .fold(0.0, f64::max)
+            .max(1e-9)
+    };
+    let (x_max, y_max) = (largest(|p| p.0), largest(|p| p.1));
     for (panel, area) in figure.panels.iter().zip(root.split_evenly((rows, columns))) {
         let mut chart = ChartBuilder::on(&area)
             .caption(&panel.title, ("sans-serif", 20))

@@ -15,7 +15,7 @@ use tether_shared::algorithms::Algorithm;
 use tether_shared::data::{ImageSet, Normalization, shard_indices};
 use tether_shared::local::{LocalWorker, ShardData};
 use tether_shared::model::{ModelKind, to_flat};
-use tether_shared::protocol::{Hyper, RunSpec, Shard};
+use tether_shared::protocol::Shard;
 use thiserror::Error;
 
 use crate::plot::{self, Figure, Panel, Series};
@@ -533,24 +533,13 @@ impl Report {
 pub fn measure_step_s(model: ModelKind, batch: u32, train: &Arc<ImageSet>) -> f64 {
     let mut settings = RunSettings::defaults(Algorithm::Easgd);
     settings.model = model;
+    settings.batch = batch;
     let device = Device::flex();
-    let spec = RunSpec {
-        run_id: "calibration".into(),
-        algorithm: Algorithm::Easgd,
-        model,
-        hyper: Hyper {
-            tau: 1,
-            alpha: 0.0,
-            lr: settings.lr,
-        },
-        momentum: 0.0,
-        nesterov: false,
-        weight_decay: settings.weight_decay,
-        batch,
-        leader_pull: 0.0,
-        normalization: Normalization::of(train),
-        train_items: train.len() as u64,
-    };
+    let spec = settings.spec(
+        "calibration".into(),
+        Normalization::of(train),
+        train.len() as u64,
+    );
     let mut local = LocalWorker::new(device.clone());
     let shard = Shard {
         index: 0,

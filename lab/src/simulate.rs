@@ -32,7 +32,7 @@ use tether_shared::algorithms::{Algorithm, distance};
 use tether_shared::data::{ImageSet, Normalization, shard_indices};
 use tether_shared::local::{LocalError, LocalWorker, ShardData};
 use tether_shared::model::{FlatError, load_flat, to_flat};
-use tether_shared::protocol::{Apply, Hyper, Rejection, RunSpec, Shard};
+use tether_shared::protocol::{Apply, Rejection, Shard};
 use tether_shared::train::evaluate;
 use thiserror::Error;
 use tokio::sync::oneshot;
@@ -223,24 +223,8 @@ pub fn run(
     let p = run.expected_workers as usize;
     let defaults = ServerConfig::new(run.clone());
     let normalization = Normalization::of(train);
-    let hyper = Hyper {
-        tau: run.tau,
-        alpha: run.alpha,
-        lr: run.lr,
-    };
-    let spec = RunSpec {
-        run_id: "simulated".into(),
-        algorithm: run.algorithm,
-        model: run.model,
-        hyper,
-        momentum: run.local_momentum(),
-        nesterov: run.local_momentum() > 0.0,
-        weight_decay: run.weight_decay,
-        batch: run.batch,
-        leader_pull: run.leader_pull(),
-        normalization,
-        train_items: train.len() as u64,
-    };
+    let hyper = run.hyper();
+    let spec = run.spec("simulated".into(), normalization, train.len() as u64);
     let device = Device::flex();
     device.seed(run.seed);
     let start = to_flat(&run.model.init(&device));

@@ -9,8 +9,9 @@ use serde::{Deserialize, Serialize};
 use tether_shared::algorithms::Algorithm;
 use tether_shared::algorithms::leader::LSGD_LAMBDA;
 use tether_shared::codec::Encoding;
+use tether_shared::data::Normalization;
 use tether_shared::model::ModelKind;
-use tether_shared::protocol::Shard;
+use tether_shared::protocol::{Hyper, RunSpec, Shard};
 use thiserror::Error;
 
 /// The paper's β = pα for elastic algorithms (SPEC.md).
@@ -82,6 +83,33 @@ impl RunSettings {
             0.0
         } else {
             self.momentum
+        }
+    }
+
+    /// τ, α and η as the center and the workers take them.
+    pub fn hyper(&self) -> Hyper {
+        Hyper {
+            tau: self.tau,
+            alpha: self.alpha,
+            lr: self.lr,
+        }
+    }
+
+    /// What a worker must agree with to join this run: `run_id`, and the training
+    /// set's size and normalisation.
+    pub fn spec(&self, run_id: String, normalization: Normalization, train_items: u64) -> RunSpec {
+        RunSpec {
+            run_id,
+            algorithm: self.algorithm,
+            model: self.model,
+            hyper: self.hyper(),
+            momentum: self.local_momentum(),
+            nesterov: self.local_momentum() > 0.0,
+            weight_decay: self.weight_decay,
+            batch: self.batch,
+            leader_pull: self.leader_pull(),
+            normalization,
+            train_items,
         }
     }
 

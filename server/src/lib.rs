@@ -35,7 +35,7 @@ use axum::routing::{get, post};
 use serde::Serialize;
 use tether_shared::data::{ImageSet, Normalization};
 use tether_shared::model::{INPUT_SHAPE, to_flat};
-use tether_shared::protocol::{self, Hyper, RunSpec, StopReason};
+use tether_shared::protocol::{self, RunSpec, StopReason};
 use thiserror::Error;
 use tokio::net::TcpListener;
 
@@ -234,24 +234,8 @@ impl Server {
             (run_id, dir, params, Vec::new(), 0, 0, Default::default())
         };
         checkpoint::save_settings(&run_dir, run)?;
-        let hyper = Hyper {
-            tau: run.tau,
-            alpha: run.alpha,
-            lr: run.lr,
-        };
-        let spec = RunSpec {
-            run_id,
-            algorithm: run.algorithm,
-            model: run.model,
-            hyper,
-            momentum: run.local_momentum(),
-            nesterov: run.local_momentum() > 0.0,
-            weight_decay: run.weight_decay,
-            batch: run.batch,
-            leader_pull: run.leader_pull(),
-            normalization,
-            train_items: train.len() as u64,
-        };
+        let hyper = run.hyper();
+        let spec = run.spec(run_id, normalization, train.len() as u64);
         let center = Center::new(
             run.algorithm,
             params,
