@@ -215,10 +215,8 @@ pub fn run(
     test: &ImageSet,
     mut progress: impl FnMut(u64),
 ) -> Result<Simulated, SimError> {
-    let run = &experiment.settings;
-    run.validate()
-        .map_err(|e| SimError::Settings(e.to_string()))?;
     experiment.validate()?;
+    let run = &experiment.settings;
     let timing = &experiment.timing;
     let p = run.expected_workers as usize;
     let defaults = ServerConfig::new(run.clone());
