@@ -42,20 +42,20 @@ fn repro(dir: &Path, args: &[&str]) -> Result<Value> {
     read_json(&dir.join(format!("{name}.json")))
 }
 
+/// Two algorithms at two τ: the tau grid, cut small.
+const TAU_GRID: [&str; 6] = [
+    "repro",
+    "tau",
+    "--tau",
+    "1,4",
+    "--algorithm",
+    "easgd,downpour",
+];
+
 #[test]
 fn each_grid_runs_tiny_and_the_same_grid_gives_the_same_numbers() -> Result<()> {
     let base = scratch("repro")?;
-    let tau = repro(
-        &base.join("a"),
-        &[
-            "repro",
-            "tau",
-            "--tau",
-            "1,4",
-            "--algorithm",
-            "easgd,downpour",
-        ],
-    )?;
+    let tau = repro(&base.join("a"), &TAU_GRID)?;
     let cells = tau["cells"].as_array().context("cells")?;
     assert_eq!(cells.len(), 4, "2 algorithms × 2 τ");
     for c in cells {
@@ -87,17 +87,7 @@ fn each_grid_runs_tiny_and_the_same_grid_gives_the_same_numbers() -> Result<()> 
         "2 panels × 2 curves, with legends"
     );
     // Virtual time: the same grid again gives the same points to the last bit.
-    let again = repro(
-        &base.join("b"),
-        &[
-            "repro",
-            "tau",
-            "--tau",
-            "1,4",
-            "--algorithm",
-            "easgd,downpour",
-        ],
-    )?;
+    let again = repro(&base.join("b"), &TAU_GRID)?;
     assert_eq!(again["cells"], tau["cells"]);
 
     let workers = repro(&base.join("c"), &["repro", "workers", "--workers", "1,2"])?;
