@@ -25,7 +25,7 @@ use std::sync::Arc;
 
 use burn::tensor::Device;
 use serde::Serialize;
-use tether_server::center::{Center, Outcome, Reply, Update};
+use tether_server::center::{Center, Cohort, Outcome, Reply, Update};
 use tether_server::config::has_elastic_force;
 use tether_server::{RunSettings, ServerConfig};
 use tether_shared::algorithms::{Algorithm, distance};
@@ -322,6 +322,7 @@ pub fn run(
             loss: trained.loss,
             values,
             progress: progress_norm,
+            cohort: Cohort::Workers,
             held: false,
         };
         let mut applied_at = None;

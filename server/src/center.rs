@@ -67,6 +67,8 @@ pub struct Update {
     /// guard judges this, not ‖xⁱ − x̃‖: a worker's distance to the center grows when
     /// someone else drags the center away, its own progress does not.
     pub progress: f64,
+    /// Whose progress it is compared with.
+    pub cohort: Cohort,
     /// The loss screen held this update ([`crate::screen`]): the worker gets its
     /// reply as usual, but x̃ does not move toward it.
     pub held: bool,
@@ -98,48 +100,94 @@ struct Pending {
 
 /// Accepted progress norms kept per worker: its figure is their median.
 const HISTORY: usize = 8;
-/// Before any worker has an accepted update, progress is bounded by this fraction
-/// of ‖x̃‖ (× the ratio): the bootstrap of a run.
+/// Before any worker of a cohort has an accepted update, progress is bounded by this
+/// fraction of ‖x̃‖ (× the ratio): the bootstrap of a run.
 const BOOTSTRAP_FRACTION: f64 = 0.05;
+/// Each out-of-line refusal during the bootstrap doubles it, up to this fraction of
+/// ‖x̃‖ (× the ratio): a guess must not shut out a run whose honest first steps are
+/// longer than it (a relay's first exchange, EAMSGD at τ = 64).
+const BOOTSTRAP_CAP_FRACTION: f64 = 10.0;
 /// The typical figure never falls below this fraction of ‖x̃‖, so workers that
 /// stop moving (or lie that they do) cannot shrink the bound to nothing.
 const FLOOR_FRACTION: f64 = 1e-4;
+
+/// Whose progress an update's progress is compared with.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Cohort {
+    /// Workers and browsers: progress over τ local steps.
+    #[default]
+    Workers,
+    /// Relays admitted with the run's relay token. A relay's progress is its
+    /// subtree's over τ_up of its own versions, many worker exchanges long, so a
+    /// bound set by workers would refuse it for ever. A relay without a token is
+    /// judged as a worker: anyone could claim to be one and so pick its own peers.
+    Relays,
+}
 
 /// Refuses updates whose progress is far outside the run's typical progress.
 ///
 /// The typical figure is a median of medians: each worker's figure is the median of
 /// its last [`HISTORY`] accepted progress norms, and the typical is the lower median
-/// of the workers' figures. No single worker sets it: with two workers the smaller
-/// figure counts, with more the middle one; a worker raising its own figure step by
-/// step raises nothing. Rejected rather than clipped: a clipped update would still
-/// move the center toward a point no honest worker reached (ARCHITECTURE.md).
+/// of the figures of the workers in its [`Cohort`]. No single worker sets it: with two
+/// workers the smaller figure counts, with more the middle one; a worker raising its
+/// own figure step by step raises nothing. Rejected rather than clipped: a clipped
+/// update would still move the center toward a point no honest worker reached
+/// (ARCHITECTURE.md).
 #[derive(Clone, Debug)]
 struct NormGuard {
     ratio: f64,
-    recent: HashMap<u64, VecDeque<f64>>,
+    recent: HashMap<u64, (Cohort, VecDeque<f64>)>,
+    /// Out-of-line refusals per cohort while it had no figure (the bootstrap).
+    bootstrap_refusals: [u32; 2],
 }
 
 impl NormGuard {
-    fn typical(&self) -> Option<f64> {
+    fn new(ratio: f64) -> Self {
+        Self {
+            ratio,
+            recent: HashMap::new(),
+            bootstrap_refusals: [0; 2],
+        }
+    }
+
+    fn typical(&self, cohort: Cohort) -> Option<f64> {
         let figures = self
             .recent
             .values()
-            .filter_map(|h| lower_median(h.iter().copied()));
+            .filter(|(c, _)| *c == cohort)
+            .filter_map(|(_, h)| lower_median(h.iter().copied()));
         lower_median(figures)
     }
 
-    fn bound(&self, center_norm: f64) -> f64 {
+    fn bound(&self, center_norm: f64, cohort: Cohort) -> f64 {
         let floor = (FLOOR_FRACTION * center_norm).max(1e-6);
-        let typical = self.typical().unwrap_or(BOOTSTRAP_FRACTION * center_norm);
+        let typical = self.typical(cohort).unwrap_or_else(|| {
+            let doublings = self.bootstrap_refusals[cohort as usize].min(64);
+            (BOOTSTRAP_FRACTION * center_norm * 2f64.powi(doublings as i32))
+                .min(BOOTSTRAP_CAP_FRACTION * center_norm)
+        });
         self.ratio * typical.max(floor)
     }
 
-    fn accept(&mut self, session: u64, progress: f64) {
-        let h = self.recent.entry(session).or_default();
+    fn accept(&mut self, session: u64, cohort: Cohort, progress: f64) {
+        let (c, h) = self
+            .recent
+            .entry(session)
+            .or_insert((cohort, VecDeque::new()));
+        *c = cohort;
         if h.len() == HISTORY {
             h.pop_front();
         }
         h.push_back(progress);
+        self.bootstrap_refusals[cohort as usize] = 0;
+    }
+
+    /// An update of `cohort` was out of line: during the bootstrap the bound grows.
+    fn refused(&mut self, cohort: Cohort) {
+        if self.typical(cohort).is_none() {
+            let n = &mut self.bootstrap_refusals[cohort as usize];
+            *n = n.saturating_add(1);
+        }
     }
 
     fn forget(&mut self, session: u64) {
@@ -201,10 +249,7 @@ impl Center {
             version,
             hyper,
             max_staleness,
-            guard: NormGuard {
-                ratio: max_update_ratio,
-                recent: HashMap::new(),
-            },
+            guard: NormGuard::new(max_update_ratio),
             leader: LeaderBoard::default(),
             scratch: Vec::new(),
             spare: Vec::new(),
@@ -246,8 +291,8 @@ impl Center {
 
     /// The largest progress the norm guard accepts now. Never sent to a client
     /// (rejections say why, not where the line is); for status and tests.
-    pub fn progress_bound(&self) -> f64 {
-        self.guard.bound(norms(&self.params, &[]).distance)
+    pub fn progress_bound(&self, cohort: Cohort) -> f64 {
+        self.guard.bound(norms(&self.params, &[]).distance, cohort)
     }
 
     /// Workers waiting in the current synchronous round.
@@ -256,7 +301,8 @@ impl Center {
     }
 
     /// Checks staleness, finiteness and the norm guard; returns (‖update‖, ‖x̃‖).
-    fn check(&self, update: &Update) -> Result<(f64, f64), Rejection> {
+    /// Changes nothing but the guard's count of bootstrap refusals.
+    fn check(&mut self, update: &Update) -> Result<(f64, f64), Rejection> {
         assert_eq!(
             update.values.len(),
             self.params.len(),
@@ -274,8 +320,11 @@ impl Center {
             (n.distance, n.center)
         };
         // A non-finite progress is out of line too.
-        let bound = self.guard.bound(center_norm);
-        if !update.progress.is_finite() || update.progress > bound {
+        if !update.progress.is_finite() {
+            return Err(Rejection::OutOfLine);
+        }
+        if update.progress > self.guard.bound(center_norm, update.cohort) {
+            self.guard.refused(update.cohort);
             return Err(Rejection::OutOfLine);
         }
         Ok((norm, center_norm))
@@ -284,7 +333,11 @@ impl Center {
     /// What the loss screen should judge before `update` is offered: `None` when the
     /// update would not move x̃ (an LSGD worker that does not lead). Runs every check
     /// [`Center::offer`] runs, so a proposal is only made for an acceptable update.
-    pub fn propose(&self, update: &Update, members: usize) -> Result<Option<Proposal>, Rejection> {
+    pub fn propose(
+        &mut self,
+        update: &Update,
+        members: usize,
+    ) -> Result<Option<Proposal>, Rejection> {
         self.check(update)?;
         let weight = match self.algorithm {
             Algorithm::Easgd | Algorithm::Eamsgd | Algorithm::EasgdSync => self.hyper.alpha,
@@ -329,7 +382,7 @@ impl Center {
     pub fn offer(&mut self, mut update: Update, members: usize) -> Result<Outcome, Rejection> {
         let (norm, _) = self.check(&update)?;
         let alpha = self.hyper.alpha;
-        let (session, progress) = (update.session, update.progress);
+        let (session, cohort, progress) = (update.session, update.cohort, update.progress);
         let ready = |apply, payload, version| {
             Outcome::Ready(Ready {
                 apply,
@@ -404,7 +457,7 @@ impl Center {
         };
         // A held update's progress is no evidence of what honest progress looks like.
         if !held {
-            self.guard.accept(session, progress);
+            self.guard.accept(session, cohort, progress);
         }
         Ok(outcome)
     }
@@ -638,6 +691,7 @@ mod tests {
             loss: 1.0,
             values,
             progress: 0.0,
+            cohort: Cohort::Workers,
             held: false,
         }
     }
@@ -737,7 +791,7 @@ mod tests {
             }
         }
         assert_eq!(accepted, 1, "the bound stays 10× the honest figure");
-        assert!((c.guard.typical().unwrap() - 0.01).abs() < 1e-12);
+        assert!((c.guard.typical(Cohort::Workers).unwrap() - 0.01).abs() < 1e-12);
         // A third worker that barely moves cannot shut the honest one out alone:
         // the middle of three figures counts.
         for _ in 0..HISTORY {
@@ -747,7 +801,61 @@ mod tests {
         // Leaving takes a worker's figures with it.
         c.leave_round(2, 2);
         c.leave_round(3, 1);
-        assert!((c.guard.typical().unwrap() - 0.01).abs() < 1e-12);
+        assert!((c.guard.typical(Cohort::Workers).unwrap() - 0.01).abs() < 1e-12);
+    }
+
+    #[test]
+    fn the_bootstrap_grows_until_honest_long_first_steps_pass_but_no_further() {
+        // ‖x̃‖ = 2: the bootstrap bound starts at 10 × 5 % × 2 = 1.
+        let mut c = guarded(Algorithm::Easgd, vec![1.0; 4]);
+        assert!((c.progress_bound(Cohort::Workers) - 1.0).abs() < 1e-12);
+        // Honest first exchanges that move 3.5 (a relay's, EAMSGD's at τ = 64):
+        // refused twice (bound 1, then 2), accepted at bound 4, never a deadlock.
+        let mut refusals = 0;
+        while c.offer(moved(1, vec![1.0; 4], 3.5), 1).is_err() {
+            refusals += 1;
+            assert!(refusals < 10, "the bootstrap never let the run start");
+        }
+        assert_eq!(refusals, 2);
+        // From then on the run's own figure sets the bound, and refusals no longer
+        // move it.
+        assert!((c.progress_bound(Cohort::Workers) - 35.0).abs() < 1e-9);
+        for _ in 0..5 {
+            assert!(c.offer(moved(1, vec![1.0; 4], 400.0), 1).is_err());
+        }
+        assert!((c.progress_bound(Cohort::Workers) - 35.0).abs() < 1e-9);
+        // A run that never had a figure: however many refusals, the bootstrap stops
+        // at 10 ‖x̃‖ (× the ratio), so a spammer cannot open it wide.
+        let mut c = guarded(Algorithm::Easgd, vec![1.0; 4]);
+        for _ in 0..200 {
+            let err = c.offer(moved(1, vec![1.0; 4], 1e6), 1).unwrap_err();
+            assert_eq!(err, Rejection::OutOfLine);
+        }
+        assert!((c.progress_bound(Cohort::Workers) - 200.0).abs() < 1e-9);
+        assert_eq!(c.version(), 0);
+    }
+
+    #[test]
+    fn trusted_relays_are_judged_against_relays() {
+        let mut c = guarded(Algorithm::Easgd, vec![1.0; 4]);
+        for _ in 0..HISTORY {
+            c.offer(moved(1, vec![1.0; 4], 0.01), 2).unwrap();
+        }
+        // A relay's exchange spans many worker exchanges: 50× a worker's progress.
+        let relay = |progress| Update {
+            cohort: Cohort::Relays,
+            ..moved(2, vec![1.0; 4], progress)
+        };
+        assert!(c.offer(relay(0.5), 2).is_ok());
+        assert!(c.offer(relay(0.6), 2).is_ok());
+        // The same step from a worker is out of line.
+        assert_eq!(
+            c.offer(moved(3, vec![1.0; 4], 0.5), 3).unwrap_err(),
+            Rejection::OutOfLine
+        );
+        // And relays do not move the workers' figure, nor workers the relays'.
+        assert!((c.guard.typical(Cohort::Workers).unwrap() - 0.01).abs() < 1e-12);
+        assert!((c.guard.typical(Cohort::Relays).unwrap() - 0.5).abs() < 1e-12);
     }
 
     #[test]

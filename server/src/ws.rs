@@ -16,7 +16,7 @@ use tether_shared::protocol::{
     StopReason, Sync, Welcome, WorkerKind,
 };
 
-use crate::center::{Outcome, Ready, Update};
+use crate::center::{Cohort, Outcome, Ready, Update};
 use crate::config::has_elastic_force;
 use crate::screen::Verdict;
 use crate::state::AppState;
@@ -116,6 +116,8 @@ struct Conn {
     link: Link,
     /// Frames rejected on this connection.
     rejects: u64,
+    /// Whose progress the norm guard compares this worker's with.
+    cohort: Cohort,
 }
 
 /// Rejections per connection that are logged one by one.
@@ -136,6 +138,7 @@ async fn handshake(state: &AppState, socket: &mut WebSocket, browser: bool) -> O
         anchor: Vec::new(),
         sent: Vec::new(),
         link: Link::new(Encoding::F32, &[]),
+        cohort: Cohort::Workers,
     };
     let first = tokio::time::timeout(state.config.handshake_timeout, socket.recv()).await;
     let bytes = match first {
@@ -190,9 +193,7 @@ async fn handshake(state: &AppState, socket: &mut WebSocket, browser: bool) -> O
     let joined = {
         let mut workers = state.workers();
         (workers.len() < state.config.max_workers as usize).then(|| {
-            // admit() checked a relay's token when the run has one: only then is
-            // its page trusted.
-            let trusted = hello.kind == WorkerKind::Relay && state.config.relay_token.is_some();
+            let trusted = trusted_relay(state, &hello);
             let w = workers.join(session, &hello, state.shard_plan(), trusted);
             (w.id, w.shard)
         })
@@ -210,6 +211,9 @@ async fn handshake(state: &AppState, socket: &mut WebSocket, browser: bool) -> O
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     conn.session = session;
     conn.worker_id = worker_id;
+    if trusted_relay(state, &hello) {
+        conn.cohort = Cohort::Relays;
+    }
     let (center, version, hyper) = {
         let c = state.center();
         (c.params().to_vec(), c.version(), c.hyper())
@@ -255,6 +259,12 @@ async fn handshake(state: &AppState, socket: &mut WebSocket, browser: bool) -> O
 /// Checks a hello against the run before the worker is registered. A browser
 /// (a web page's connection, or a hello that says so) needs a live join ticket;
 /// other workers need the worker token when the run has one.
+/// A relay that presented the run's relay token ([`admit`] checked it when the run
+/// has one): only then are its page and its place among relays trusted.
+fn trusted_relay(state: &AppState, hello: &Hello) -> bool {
+    hello.kind == WorkerKind::Relay && state.config.relay_token.is_some()
+}
+
 fn admit(state: &AppState, hello: &Hello, browser: bool) -> Result<(), Rejection> {
     if hello.protocol != PROTOCOL_VERSION {
         return Err(Rejection::ProtocolVersion {
@@ -452,6 +462,7 @@ async fn exchange(
         loss: sync.loss,
         values,
         progress,
+        cohort: conn.cohort,
         held: false,
     };
     let members = state.workers().len();

@@ -390,6 +390,18 @@ pub mod net {
         }
     }
 
+    /// Polls `check` every 50 ms for up to `within`; whether it came true.
+    pub async fn eventually(within: Duration, mut check: impl FnMut() -> bool) -> bool {
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < within {
+            if check() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        check()
+    }
+
     /// A TCP connection to `server` from the loopback address `from` (127.0.0.0/8 is
     /// all local on Linux, so one test can be clients at several addresses).
     pub async fn tcp_from(from: [u8; 4], server: SocketAddr) -> Result<tokio::net::TcpStream> {

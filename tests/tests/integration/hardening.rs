@@ -6,27 +6,18 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use tether_server::center::Cohort;
 use tether_server::checkpoint;
 use tether_shared::algorithms::Algorithm;
 use tether_shared::protocol::{Apply, Message, Sync};
-use tether_tests::net::{RawClient, TestServer, hello, http, quick_config, sync, tcp_from};
+use tether_tests::net::{
+    RawClient, TestServer, eventually, hello, http, quick_config, sync, tcp_from,
+};
 use tether_worker::backend::BackendChoice;
 use tether_worker::client::{self, WorkConfig, WorkReport};
 use tokio::sync::watch;
 
 const ADMIN: &str = "hardening-admin";
-
-/// Polls `check` every 50 ms for up to `within`.
-async fn eventually(within: Duration, mut check: impl FnMut() -> bool) -> bool {
-    let t0 = Instant::now();
-    while t0.elapsed() < within {
-        if check() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    check()
-}
 
 /// A worker that syncs and then never reads again loses its seat within the send
 /// timeout, and an honest worker gets in (the cap is one worker). Before the fix
@@ -136,7 +127,7 @@ pub(crate) async fn poisoned_run(
         for seq in 1..=u64::from(attack) {
             let (c, bound) = {
                 let c = state.center();
-                (c.params().to_vec(), c.progress_bound())
+                (c.params().to_vec(), c.progress_bound(Cohort::Workers))
             };
             let norm = c.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>().sqrt();
             let step = (0.99 * bound / norm) as f32;

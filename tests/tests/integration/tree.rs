@@ -3,7 +3,8 @@
 //! relay killed with SIGKILL and restarted gets its workers back; the root killed
 //! and resumed from its checkpoint gets its relays back; the root's status lists
 //! the tree all along. And a relay of a relay: training reaches the root through
-//! two levels.
+//! two levels. And the defaults: relays of one worker each get through the root's
+//! norm guard.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -295,6 +296,72 @@ async fn relays_nest_and_the_root_trains_through_two_levels() -> Result<()> {
     kill(&mut worker)?;
     leaf.terminate()?;
     mid.terminate()?;
+    root.terminate()?;
+    Ok(())
+}
+
+/// The defaults a user starts with: two relays of one worker each under a root with
+/// a relay token, τ 16, `--tau-up` and `--max-wait` at their defaults, the root's
+/// norm guard and loss screen on. A relay that follows its one worker moves further
+/// between exchanges than the guard's first guess; the bootstrap grows after a few
+/// refusals instead of refusing the relays for ever (the root stayed at version 0).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relays_of_one_worker_each_train_the_root_at_the_defaults() -> Result<()> {
+    let base = scratch("tree-defaults")?;
+    let (dir, cache) = (base.join("run"), base.join("cache"));
+    let root = Serve::start_on(
+        free_port()?,
+        &dir,
+        &[
+            "--relay-token",
+            "rt",
+            "--expected-workers",
+            "2",
+            "--eval-every",
+            "1",
+            "--eval-limit",
+            "500",
+        ],
+    )?;
+    let first = wait_for(
+        "the root evaluated its first center",
+        Duration::from_secs(60),
+        root.addr,
+        |s| s["evaluation"]["accuracy"].is_f64(),
+    )
+    .await?;
+    let untrained = first["evaluation"]["accuracy"]
+        .as_f64()
+        .context("accuracy")?;
+    let one = ["--expected-workers", "1", "--upstream-token", "rt"];
+    let relay_a = Serve::relay(&base, 0, root.addr, &one)?;
+    let relay_b = Serve::relay(&base, 0, root.addr, &one)?;
+    let mut workers = vec![work(&cache, relay_a.addr)?, work(&cache, relay_b.addr)?];
+
+    let s = wait_for(
+        "both relays exchanging with the root, and a better root center",
+        Duration::from_secs(300),
+        root.addr,
+        |s| {
+            relays(s).iter().filter(|r| r.1 == 1).count() == 2
+                && s["center_version"].as_u64() >= Some(6)
+                && s["evaluation"]["accuracy"].as_f64() > Some(untrained + 0.2)
+        },
+    )
+    .await?;
+    // A few refusals while the bootstrap grows, not one per exchange.
+    let refused = s["rejects"]["out_of_line"].as_u64().unwrap_or(0);
+    eprintln!(
+        "out-of-line refusals: {refused}, center version {}",
+        s["center_version"]
+    );
+    assert!(refused <= 8, "{refused} out-of-line refusals: {s}");
+
+    for w in &mut workers {
+        kill(w)?;
+    }
+    relay_a.terminate()?;
+    relay_b.terminate()?;
     root.terminate()?;
     Ok(())
 }
