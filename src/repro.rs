@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
-use tether_lab::repro::{self, Grid, PanelBy};
+use tether_lab::repro::{self, Baseline, Grid, PanelBy};
 use tether_lab::simulate::Timing;
 use tether_shared::algorithms::Algorithm;
 use tether_shared::model::ModelKind;
@@ -20,8 +20,8 @@ pub enum ReproCommand {
     /// τ ∈ {1, 4, 16, 64} for EASGD, EAMSGD, DOWNPOUR and MDOWNPOUR at p = 4: the
     /// elastic methods keep their test error at large τ where DOWNPOUR degrades.
     Tau(ReproArgs),
-    /// p ∈ {1, 4, 8, 16} for EAMSGD and DOWNPOUR at τ = 16: test error against
-    /// parallel time as workers are added.
+    /// p ∈ {1, 4, 8, 16} for EAMSGD and DOWNPOUR at τ = 16, and one MSGD worker
+    /// alone: test error against parallel time as workers are added.
     Workers(ReproArgs),
     /// LSGD against EASGD and model averaging at p = 4, τ = 16.
     Leader(ReproArgs),
@@ -79,10 +79,16 @@ pub struct ReproArgs {
     /// Test images each evaluation uses (the first ones of the test set).
     #[arg(long, default_value_t = 2000)]
     pub eval_limit: usize,
-    /// Report the parallel time to this test error (in %) [default: the worst of
-    /// the methods' best final errors].
+    /// Report the parallel time to this test error (in %) [default: the
+    /// baseline's final error; without one, the median of the methods' final errors].
     #[arg(long)]
     pub target: Option<f64>,
+    /// Add the single worker alone, trained for this many epochs: the paper's
+    /// sequential baseline, with the first algorithm's local optimizer (MSGD for
+    /// EAMSGD). Times to target are then read against its final error and time;
+    /// 0: none [default: workers: the per-worker budget; the others: none].
+    #[arg(long)]
+    pub baseline: Option<f64>,
     /// Refuse updates as `tether serve` does, beyond this many times the typical
     /// progress (its --max-update-ratio) [default: off, as in the paper].
     #[arg(long)]
@@ -140,6 +146,12 @@ pub fn run(command: ReproCommand) -> Result<()> {
     if !(budget.is_finite() && budget > 0.0) {
         bail!("--budget must be a positive number of epochs");
     }
+    let baseline = args
+        .baseline
+        .unwrap_or(if per_worker { budget } else { 0.0 });
+    if !(baseline.is_finite() && baseline >= 0.0) {
+        bail!("--baseline must be a number of epochs, 0 for none");
+    }
     if args
         .lr
         .iter()
@@ -167,21 +179,27 @@ pub fn run(command: ReproCommand) -> Result<()> {
             s
         }
     };
+    let algorithms = if args.algorithm.is_empty() {
+        algorithms
+    } else {
+        args.algorithm.clone()
+    };
+    let epochs = |e: f64| (e * train.len() as f64).round().max(1.0) as u64;
     let grid = Grid {
         name: name.into(),
         title: title.into(),
-        algorithms: if args.algorithm.is_empty() {
-            algorithms
-        } else {
-            args.algorithm.clone()
-        },
+        baseline: (baseline > 0.0).then(|| Baseline {
+            algorithm: algorithms[0],
+            budget_samples: epochs(baseline),
+        }),
+        algorithms,
         taus: pick(&args.tau, taus),
         workers: pick(&args.workers, workers),
         lrs: args.lr.clone(),
         seeds: (0..args.seeds).collect(),
         model,
         batch: args.batch,
-        budget_samples: (budget * train.len() as f64).round().max(1.0) as u64,
+        budget_samples: epochs(budget),
         budget_per_worker: per_worker,
         evaluations: args.evaluations,
         timing: Timing {

@@ -66,9 +66,22 @@ pub struct Grid {
     pub norm_guard: Option<f64>,
     /// How the figure is cut into panels.
     pub panel_by: PanelBy,
-    /// Time to this test error is reported; `None`: the median of the methods' best
-    /// final errors.
+    /// Time to this test error is reported; `None`: the baseline's final error, or
+    /// without one the median of the methods' best final errors.
     pub target_error: Option<f64>,
+    /// The single worker the parallel runs are measured against.
+    pub baseline: Option<Baseline>,
+}
+
+/// One worker alone, no center: the paper's sequential baseline, with the local
+/// optimizer of an algorithm (EAMSGD's: MSGD, Nesterov momentum), the grid's η, seeds
+/// and clocks.
+#[derive(Clone, Debug, Serialize)]
+pub struct Baseline {
+    /// Whose local optimizer it runs.
+    pub algorithm: Algorithm,
+    /// Its training images.
+    pub budget_samples: u64,
 }
 
 /// One experiment's result.
@@ -76,6 +89,8 @@ pub struct Grid {
 pub struct Cell {
     /// The algorithm.
     pub algorithm: Algorithm,
+    /// The sequential baseline: one worker alone with the algorithm's local optimizer.
+    pub sequential: bool,
     /// τ.
     pub tau: u32,
     /// p.
@@ -93,6 +108,8 @@ pub struct Cell {
 pub struct Best {
     /// The algorithm.
     pub algorithm: Algorithm,
+    /// The sequential baseline.
+    pub sequential: bool,
     /// τ.
     pub tau: u32,
     /// p.
@@ -107,6 +124,10 @@ pub struct Best {
     pub time_to_target_s: Option<f64>,
     /// Mean final parallel time.
     pub time_s: f64,
+    /// The time to target as a fraction of the baseline's final time, when the
+    /// target is the baseline's final error (the paper's "reaches the single
+    /// worker's accuracy in x of its time").
+    pub of_baseline_time: Option<f64>,
     /// Updates the center refused, over all seeds.
     pub refused: u64,
 }
@@ -163,50 +184,67 @@ pub enum ReproError {
 }
 
 impl Grid {
-    /// The experiments, in the order they run.
+    /// The experiments, in the order they run (the baseline's last), each with its η.
     pub fn experiments(&self) -> Vec<(Experiment, f64)> {
         let mut out = Vec::new();
         for &algorithm in &self.algorithms {
-            let lrs = if self.lrs.is_empty() {
-                vec![RunSettings::defaults(algorithm).lr]
-            } else {
-                self.lrs.clone()
-            };
             for &workers in &self.workers {
                 for &tau in &self.taus {
-                    for &lr in &lrs {
-                        for &seed in &self.seeds {
-                            let mut settings = RunSettings::defaults(algorithm);
-                            settings.model = self.model;
-                            settings.tau = tau;
-                            settings.expected_workers = workers;
-                            settings.batch = self.batch;
-                            settings.seed = seed;
-                            settings.lr = lr;
-                            if has_elastic_force(algorithm) {
-                                settings.alpha =
-                                    tether_server::config::DEFAULT_BETA / workers as f32;
-                            }
-                            out.push((
-                                Experiment {
-                                    settings,
-                                    budget_samples: if self.budget_per_worker {
-                                        self.budget_samples * u64::from(workers)
-                                    } else {
-                                        self.budget_samples
-                                    },
-                                    evaluations: self.evaluations,
-                                    timing: self.timing.clone(),
-                                    norm_guard: self.norm_guard,
-                                },
-                                lr,
-                            ));
-                        }
-                    }
+                    let budget = if self.budget_per_worker {
+                        self.budget_samples * u64::from(workers)
+                    } else {
+                        self.budget_samples
+                    };
+                    self.add(&mut out, algorithm, workers, tau, budget, false);
                 }
             }
         }
+        if let Some(b) = &self.baseline {
+            // τ only sets how often it is scored: the first τ's chunks.
+            let tau = self.taus.first().copied().unwrap_or(1);
+            self.add(&mut out, b.algorithm, 1, tau, b.budget_samples, true);
+        }
         out
+    }
+
+    /// One experiment per η and seed.
+    fn add(
+        &self,
+        out: &mut Vec<(Experiment, f64)>,
+        algorithm: Algorithm,
+        workers: u32,
+        tau: u32,
+        budget_samples: u64,
+        sequential: bool,
+    ) {
+        let lrs = if self.lrs.is_empty() {
+            vec![RunSettings::defaults(algorithm).lr]
+        } else {
+            self.lrs.clone()
+        };
+        for &lr in &lrs {
+            for &seed in &self.seeds {
+                let mut settings = RunSettings::defaults(algorithm);
+                settings.model = self.model;
+                settings.tau = tau;
+                settings.expected_workers = workers;
+                settings.batch = self.batch;
+                settings.seed = seed;
+                settings.lr = lr;
+                if has_elastic_force(algorithm) {
+                    settings.alpha = tether_server::config::DEFAULT_BETA / workers as f32;
+                }
+                let experiment = Experiment {
+                    settings,
+                    budget_samples,
+                    evaluations: self.evaluations,
+                    timing: self.timing.clone(),
+                    norm_guard: self.norm_guard,
+                    sequential,
+                };
+                out.push((experiment, lr));
+            }
+        }
     }
 }
 
@@ -236,6 +274,7 @@ pub fn run(
             .map_err(|source| failed(e, *lr, source))?;
         cells.push(Cell {
             algorithm: s.algorithm,
+            sequential: e.sequential,
             tau: s.tau,
             workers: s.expected_workers,
             lr: *lr,
@@ -289,63 +328,76 @@ fn final_point(cell: &Cell) -> Point {
         .expect("a run has its first point")
 }
 
+/// What a method is: runs that differ only in η and seed are one method.
+fn method_of(c: &Cell) -> (Algorithm, bool, u32, u32) {
+    (c.algorithm, c.sequential, c.tau, c.workers)
+}
+
 fn summarise(grid: Grid, cells: Vec<Cell>, wall_s: f64) -> Report {
-    // The best η per (algorithm, τ, p), by mean final error over seeds.
-    let mut best: Vec<(Algorithm, u32, u32, f64, Vec<&Cell>)> = Vec::new();
+    // The best η per method, by mean final error over seeds.
+    let mut best: Vec<(f64, Vec<&Cell>)> = Vec::new();
     for c in &cells {
-        let same = |b: &(Algorithm, u32, u32, f64, Vec<&Cell>)| {
-            b.0 == c.algorithm && b.1 == c.tau && b.2 == c.workers
-        };
         let runs_at_lr: Vec<&Cell> = cells
             .iter()
-            .filter(|o| o.algorithm == c.algorithm && o.tau == c.tau && o.workers == c.workers)
-            .filter(|o| o.lr == c.lr)
+            .filter(|o| method_of(o) == method_of(c) && o.lr == c.lr)
             .collect();
         let error = mean(runs_at_lr.iter().map(|o| final_point(o).error));
-        match best.iter_mut().find(|b| same(b)) {
-            Some(b) if error < mean(b.4.iter().map(|o| final_point(o).error)) => {
-                b.3 = c.lr;
-                b.4 = runs_at_lr;
+        match best.iter_mut().find(|b| method_of(b.1[0]) == method_of(c)) {
+            Some(b) if error < mean(b.1.iter().map(|o| final_point(o).error)) => {
+                *b = (c.lr, runs_at_lr);
             }
             Some(_) => {}
-            None => best.push((c.algorithm, c.tau, c.workers, c.lr, runs_at_lr)),
+            None => best.push((c.lr, runs_at_lr)),
         }
     }
+    let final_error = |runs: &[&Cell]| mean(runs.iter().map(|c| final_point(c).error));
+    let final_time = |runs: &[&Cell]| mean(runs.iter().map(|c| final_point(c).time_s));
     let longest = best
         .iter()
-        .map(|b| mean(b.4.iter().map(|c| final_point(c).time_s)))
+        .map(|(_, runs)| final_time(runs))
         .fold(0.0, f64::max);
     let budgets_s = vec![longest / 4.0, longest / 2.0, longest];
-    let target_error = grid.target_error.unwrap_or_else(|| {
-        let mut finals: Vec<f64> = best
-            .iter()
-            .map(|b| mean(b.4.iter().map(|c| final_point(c).error)))
-            .collect();
-        finals.sort_by(f64::total_cmp);
-        finals[(finals.len() - 1) / 2]
-    });
+    let baseline = best.iter().find(|(_, runs)| runs[0].sequential);
+    let target_error = match (grid.target_error, baseline) {
+        (Some(t), _) => t,
+        (None, Some((_, runs))) => final_error(runs),
+        (None, None) => {
+            let mut finals: Vec<f64> = best.iter().map(|(_, runs)| final_error(runs)).collect();
+            finals.sort_by(f64::total_cmp);
+            finals[(finals.len() - 1) / 2]
+        }
+    };
+    let baseline_time = baseline
+        .filter(|_| grid.target_error.is_none())
+        .map(|(_, runs)| final_time(runs));
     let best = best
-        .into_iter()
-        .map(|(algorithm, tau, workers, lr, runs)| {
+        .iter()
+        .map(|(lr, runs)| {
             let times: Vec<Option<f64>> = runs
                 .iter()
                 .map(|c| time_to(&c.result.points, target_error))
                 .collect();
+            let time_to_target_s = times
+                .iter()
+                .all(Option::is_some)
+                .then(|| mean(times.iter().flatten().copied()));
+            let first = runs[0];
             Best {
-                algorithm,
-                tau,
-                workers,
-                lr,
-                final_error: mean(runs.iter().map(|c| final_point(c).error)),
+                algorithm: first.algorithm,
+                sequential: first.sequential,
+                tau: first.tau,
+                workers: first.workers,
+                lr: *lr,
+                final_error: final_error(runs),
                 error_at: budgets_s
                     .iter()
                     .map(|&t| mean(runs.iter().map(|c| error_at(&c.result.points, t))))
                     .collect(),
-                time_to_target_s: times
-                    .iter()
-                    .all(Option::is_some)
-                    .then(|| mean(times.iter().flatten().copied())),
-                time_s: mean(runs.iter().map(|c| final_point(c).time_s)),
+                time_to_target_s,
+                time_s: final_time(runs),
+                of_baseline_time: baseline_time
+                    .zip(time_to_target_s)
+                    .map(|(whole, t)| t / whole),
                 refused: runs.iter().map(|c| c.result.rejected).sum(),
             }
         })
@@ -357,6 +409,20 @@ fn summarise(grid: Grid, cells: Vec<Cell>, wall_s: f64) -> Report {
         budgets_s,
         target_error,
         wall_s,
+    }
+}
+
+impl Best {
+    /// What the tables and legends call it: the algorithm, or for the baseline its
+    /// local optimizer alone (MSGD, SGD).
+    pub fn method(&self) -> &'static str {
+        if !self.sequential {
+            self.algorithm.name()
+        } else if RunSettings::defaults(self.algorithm).local_momentum() > 0.0 {
+            "msgd"
+        } else {
+            "sgd"
+        }
     }
 }
 
@@ -385,19 +451,44 @@ impl Report {
             self.test_images(),
             self.wall_s,
         );
+        let baseline = self.best.iter().find(|b| b.sequential);
+        if let Some(b) = baseline {
+            md.push_str(&format!(
+                "The baseline ({}) is one worker alone on {} training images; {}\n\n",
+                b.method().to_uppercase(),
+                g.baseline.as_ref().map_or(0, |b| b.budget_samples),
+                if g.target_error.is_none() {
+                    "the target is its final error, and \"÷ baseline\" is the time to it \
+                     as a fraction of the baseline's final time."
+                } else {
+                    "the target was given."
+                },
+            ));
+        }
+        let relative = baseline.is_some() && g.target_error.is_none();
         md.push_str(&format!(
-            "| algorithm | τ | p | η | error at {:.1} s | at {:.1} s | at {:.1} s | final error | time to {:.1} % | final time | refused |\n",
+            "| method | τ | p | η | error at {:.1} s | at {:.1} s | at {:.1} s | final error | time to {:.1} % |{} final time | refused |\n",
             self.budgets_s[0],
             self.budgets_s[1],
             self.budgets_s[2],
-            self.target_error * 100.0
+            self.target_error * 100.0,
+            if relative { " ÷ baseline |" } else { "" },
         ));
-        md.push_str("|---|---|---|---|---|---|---|---|---|---|---|\n");
+        md.push_str(if relative {
+            "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        } else {
+            "|---|---|---|---|---|---|---|---|---|---|---|\n"
+        });
         for b in &self.best {
+            let of_baseline = match (relative, b.of_baseline_time) {
+                (false, _) => String::new(),
+                (true, Some(f)) => format!(" {:.0} % |", f * 100.0),
+                (true, None) => " – |".into(),
+            };
             md.push_str(&format!(
-                "| {} | {} | {} | {} | {:.2} % | {:.2} % | {:.2} % | {:.2} % | {} | {:.1} s | {} |\n",
-                b.algorithm.name(),
-                b.tau,
+                "| {} | {} | {} | {} | {:.2} % | {:.2} % | {:.2} % | {:.2} % | {} |{of_baseline} {:.1} s | {} |\n",
+                b.method(),
+                if b.sequential { "–".to_string() } else { b.tau.to_string() },
                 b.workers,
                 b.lr,
                 b.error_at[0] * 100.0,
@@ -427,10 +518,7 @@ impl Report {
             self.cells
                 .iter()
                 .find(|c| {
-                    c.algorithm == b.algorithm
-                        && c.tau == b.tau
-                        && c.workers == b.workers
-                        && c.lr == b.lr
+                    method_of(c) == (b.algorithm, b.sequential, b.tau, b.workers) && c.lr == b.lr
                 })
                 .map(|c| {
                     c.result
@@ -442,16 +530,23 @@ impl Report {
                 .unwrap_or_default()
         };
         let label = |b: &Best, with_p: bool, with_tau: bool| {
-            let mut l = b.algorithm.name().to_uppercase();
-            if with_p {
+            let mut l = b.method().to_uppercase();
+            if b.sequential {
+                l.push_str(" alone");
+            } else if with_p {
                 l.push_str(&format!(" p={}", b.workers));
             }
-            if with_tau {
+            if with_tau && !b.sequential {
                 l.push_str(&format!(" τ={}", b.tau));
             }
             l.push_str(&format!(" (η {})", b.lr));
             l
         };
+        // The single worker is the reference line in every panel.
+        let baseline = self.best.iter().find(|b| b.sequential).map(|b| Series {
+            label: label(b, false, false),
+            points: curve(b),
+        });
         let panels = match g.panel_by {
             PanelBy::Tau => g
                 .taus
@@ -461,11 +556,12 @@ impl Report {
                     series: self
                         .best
                         .iter()
-                        .filter(|b| b.tau == tau)
+                        .filter(|b| b.tau == tau && !b.sequential)
                         .map(|b| Series {
                             label: label(b, g.workers.len() > 1, false),
                             points: curve(b),
                         })
+                        .chain(baseline.clone())
                         .collect(),
                 })
                 .collect(),
@@ -477,11 +573,12 @@ impl Report {
                     series: self
                         .best
                         .iter()
-                        .filter(|b| b.algorithm == a)
+                        .filter(|b| b.algorithm == a && !b.sequential)
                         .map(|b| Series {
                             label: label(b, true, g.taus.len() > 1),
                             points: curve(b),
                         })
+                        .chain(baseline.clone())
                         .collect(),
                 })
                 .collect(),

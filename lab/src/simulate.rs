@@ -76,6 +76,10 @@ pub struct Experiment {
     /// times the typical one (`tether serve --max-update-ratio`); `None`: off, as
     /// in the paper.
     pub norm_guard: Option<f64>,
+    /// One worker alone, no center: the paper's single-worker baseline (MSGD with
+    /// EAMSGD's local optimizer). Its own parameters are scored, and its time is
+    /// its steps alone. Needs p = 1.
+    pub sequential: bool,
 }
 
 impl Experiment {
@@ -94,6 +98,11 @@ impl Experiment {
             return Err(SimError::Settings(
                 "the step time and speeds must be positive and the exchange time ≥ 0, all finite"
                     .into(),
+            ));
+        }
+        if self.sequential && self.settings.expected_workers != 1 {
+            return Err(SimError::Settings(
+                "a sequential baseline is one worker: p must be 1".into(),
             ));
         }
         if self.norm_guard.is_some_and(|r| !(r.is_finite() && r > 1.0)) {
@@ -133,6 +142,10 @@ pub struct Simulated {
     pub per_worker: Vec<u64>,
     /// Test images each point was scored on.
     pub test_images: usize,
+    /// The center x̃ at the end, or a sequential run's worker (not in reports: a
+    /// model's worth of numbers).
+    #[serde(skip)]
+    pub center: Vec<f32>,
 }
 
 /// Why a simulation could not run.
@@ -305,6 +318,27 @@ pub fn run(
             .map_err(|source| SimError::Worker { worker: i, source })?;
         let trained = w.local.finish(pending);
         samples += trained.samples;
+        if experiment.sequential {
+            // Nothing to exchange: the worker trains on, and it is what is scored.
+            due.push(Due {
+                at: at + f64::from(run.tau) * step_s(i),
+                worker: i,
+            });
+            progress(samples);
+            last_applied = at;
+            if samples >= next_eval || samples >= experiment.budget_samples {
+                let (error, loss) = score(&trained.params)?;
+                points.push(Point {
+                    samples,
+                    time_s: at,
+                    exchanges,
+                    error,
+                    loss,
+                });
+                next_eval = (samples / every + 1) * every;
+            }
+            continue;
+        }
         let progress_norm = distance(&trained.params, &w.anchor);
         let values = match run.algorithm {
             Algorithm::Downpour | Algorithm::Mdownpour => trained
@@ -428,12 +462,17 @@ pub fn run(
             next_eval = (samples / every + 1) * every;
         }
     }
+    let ended = if experiment.sequential {
+        workers[0].local.params().to_vec()
+    } else {
+        center.params().to_vec()
+    };
     // The budget can run out on refused updates: score the center as it ended.
     if points
         .last()
         .is_some_and(|p| p.exchanges < exchanges || p.samples < samples)
     {
-        let (error, loss) = score(center.params())?;
+        let (error, loss) = score(&ended)?;
         points.push(Point {
             samples,
             time_s: last_applied,
@@ -448,6 +487,7 @@ pub fn run(
         rejected,
         per_worker,
         test_images: test.len(),
+        center: ended,
     })
 }
 
@@ -481,7 +521,28 @@ mod tests {
                 exchange_s: 0.5,
             },
             norm_guard: None,
+            sequential: false,
         }
+    }
+
+    #[test]
+    fn a_sequential_baseline_trains_one_worker_alone_and_takes_only_its_steps() {
+        let (train, test) = data();
+        let mut e = experiment(Algorithm::Eamsgd, 1, 4, Vec::new());
+        e.sequential = true;
+        let r = run(&e, &train, &test, |_| {}).unwrap();
+        assert_eq!((r.exchanges, r.rejected), (0, 0));
+        // 3072 images = 96 steps of batch 32 at 1 s each, no exchange time.
+        let last = r.points[r.points.len() - 1];
+        assert_eq!((last.samples, last.time_s), (3072, 96.0));
+        assert!(last.error < r.points[0].error - 0.3, "{:?}", r.points);
+        // It is one worker.
+        let mut two = experiment(Algorithm::Eamsgd, 2, 4, Vec::new());
+        two.sequential = true;
+        assert!(matches!(
+            run(&two, &train, &test, |_| {}),
+            Err(SimError::Settings(_))
+        ));
     }
 
     #[test]

@@ -9,6 +9,7 @@ mod lifecycle;
 mod protocol;
 mod reliability;
 mod repro;
+mod simulator;
 mod training;
 mod tree;
 mod web;

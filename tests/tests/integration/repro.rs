@@ -91,10 +91,37 @@ fn each_grid_runs_tiny_and_the_same_grid_gives_the_same_numbers() -> Result<()> 
     assert_eq!(again["cells"], tau["cells"]);
 
     let workers = repro(&base.join("c"), &["repro", "workers", "--workers", "1,2"])?;
+    let cells = workers["cells"].as_array().context("cells")?;
+    assert_eq!(cells.len(), 5, "2 algorithms × 2 p, and the MSGD baseline");
+    let alone = &cells[4];
     assert_eq!(
-        workers["cells"].as_array().map(Vec::len),
-        Some(4),
-        "2 algorithms × 2 p"
+        (&alone["sequential"], &alone["algorithm"], &alone["workers"]),
+        (&Value::Bool(true), &Value::from("eamsgd"), &Value::from(1)),
+        "{alone}"
+    );
+    assert_eq!(alone["result"]["exchanges"], 0, "alone: {alone}");
+    // The target is the baseline's final error, and every method's time to it is
+    // read against the baseline's time.
+    let best = workers["best"].as_array().context("best")?;
+    let msgd = best
+        .iter()
+        .find(|b| b["sequential"] == true)
+        .context("msgd")?;
+    assert_eq!(workers["target_error"], msgd["final_error"]);
+    assert_eq!(
+        msgd["of_baseline_time"].as_f64().map(|f| f <= 1.0),
+        Some(true)
+    );
+    let md = std::fs::read_to_string(base.join("c").join("workers.md"))?;
+    assert!(
+        md.contains("÷ baseline") && md.contains("| msgd | – | 1 |"),
+        "{md}"
+    );
+    let svg = std::fs::read_to_string(base.join("c").join("workers.svg"))?;
+    assert_eq!(
+        svg.matches("MSGD alone").count(),
+        2,
+        "one reference line per panel"
     );
     let leader = repro(&base.join("d"), &["repro", "leader", "--lr", "0.05,0.1"])?;
     assert_eq!(
@@ -118,6 +145,7 @@ fn bad_repro_flags_fail_before_anything_runs() -> Result<()> {
         (vec!["repro", "tau", "--lr=-1"], "--lr"),
         (vec!["repro", "tau", "--tau", "0"], "tau"),
         (vec!["repro", "workers", "--speeds", "0"], "speeds"),
+        (vec!["repro", "workers", "--baseline=-1"], "--baseline"),
         (
             vec!["repro", "tau", "--data", "/nonexistent/tether-data"],
             "nonexistent",
