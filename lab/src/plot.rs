@@ -52,15 +52,9 @@ pub struct PlotError {
 
 /// Writes `figure` to `stem`.png and `stem`.svg.
 pub fn draw(figure: &Figure, stem: &Path) -> Result<(), PlotError> {
-    // The PNG backend rasterises text with a font of its own: the bundled one.
-    register_font(
-        "sans-serif",
-        FontStyle::Normal,
-        include_bytes!("../../assets/fonts/DejaVuSans.ttf"),
-    )
-    .map_err(|_| PlotError {
+    register_bundled_font().map_err(|message| PlotError {
         path: stem.display().to_string(),
-        message: "the bundled font is not a valid TrueType font".into(),
+        message,
     })?;
     let size = figure_size(figure);
     let png = stem.with_extension("png");
@@ -74,6 +68,16 @@ pub fn draw(figure: &Figure, stem: &Path) -> Result<(), PlotError> {
     };
     draw_on(BitMapBackend::new(&png, size).into_drawing_area(), figure).map_err(err(&png))?;
     draw_on(SVGBackend::new(&svg, size).into_drawing_area(), figure).map_err(err(&svg))
+}
+
+/// The PNG backend rasterises text with a font of its own: the bundled one.
+pub(crate) fn register_bundled_font() -> Result<(), String> {
+    register_font(
+        "sans-serif",
+        FontStyle::Normal,
+        include_bytes!("../../assets/fonts/DejaVuSans.ttf"),
+    )
+    .map_err(|_| "the bundled font is not a valid TrueType font".to_string())
 }
 
 fn figure_size(figure: &Figure) -> (u32, u32) {
