@@ -553,4 +553,12 @@ pub mod serve {
             Ok(log)
         }
     }
+
+    /// A test that fails part-way leaves no server behind.
+    impl Drop for Serve {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }

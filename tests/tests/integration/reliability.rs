@@ -632,7 +632,7 @@ async fn kills_during_checkpoints(size: &Size) -> Result<Row> {
         } else {
             None
         };
-        let serve = match Serve::start(&dir, &args) {
+        let mut serve = match Serve::start(&dir, &args) {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("cycle {cycle}: the server did not come back: {e:#}");
@@ -654,9 +654,8 @@ async fn kills_during_checkpoints(size: &Size) -> Result<Row> {
         }
         let churning = tokio::spawn(churn(serve.addr, acked.clone()));
         tokio::time::sleep(Duration::from_millis(150 + rng.below(500) as u64)).await;
-        let mut child = serve.child;
-        child.kill()?; // SIGKILL
-        child.wait()?;
+        serve.child.kill()?; // SIGKILL
+        serve.child.wait()?;
         churning.abort();
     }
     let (newest, _) = newest_verified(&dir)?;

@@ -62,14 +62,27 @@ fn relays(s: &Value) -> Vec<(u64, u64)> {
         .collect()
 }
 
-fn work(cache: &Path, relay: SocketAddr) -> Result<Child> {
-    Ok(Command::new(tether_bin()?)
-        .env("TETHER_CACHE", cache)
-        .args(["work", "--backend", "cpu", "--threads", "1", "--server"])
-        .arg(format!("ws://{relay}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?)
+/// A `tether work` process, killed when dropped: a test that fails part-way leaves
+/// none behind.
+struct Worker(Child);
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn work(cache: &Path, relay: SocketAddr) -> Result<Worker> {
+    Ok(Worker(
+        Command::new(tether_bin()?)
+            .env("TETHER_CACHE", cache)
+            .args(["work", "--backend", "cpu", "--threads", "1", "--server"])
+            .arg(format!("ws://{relay}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    ))
 }
 
 fn free_port() -> Result<u16> {
@@ -232,9 +245,7 @@ async fn a_tree_of_relays_trains_and_survives_a_relay_and_a_root_restart() -> Re
         "still trained after the restarts: {s}"
     );
 
-    for w in &mut workers {
-        kill(w)?;
-    }
+    drop(workers);
     for relay in [relay_a, relay_b] {
         relay.terminate()?;
     }
@@ -262,7 +273,7 @@ async fn relays_nest_and_the_root_trains_through_two_levels() -> Result<()> {
         .context("accuracy")?;
     let mid = Serve::relay(&base, free_port()?, root.addr, &RELAY)?;
     let leaf = Serve::relay(&base, free_port()?, mid.addr, &RELAY)?;
-    let mut worker = work(&cache, leaf.addr)?;
+    let worker = work(&cache, leaf.addr)?;
 
     let s = wait_for(
         "the worker two levels down counted at the root, and a better root center",
@@ -293,7 +304,7 @@ async fn relays_nest_and_the_root_trains_through_two_levels() -> Result<()> {
         assert!(shard.ends_with(parts), "{shard} in {node}");
     }
 
-    kill(&mut worker)?;
+    drop(worker);
     leaf.terminate()?;
     mid.terminate()?;
     root.terminate()?;
@@ -336,7 +347,7 @@ async fn relays_of_one_worker_each_train_the_root_at_the_defaults() -> Result<()
     let one = ["--expected-workers", "1", "--upstream-token", "rt"];
     let relay_a = Serve::relay(&base, 0, root.addr, &one)?;
     let relay_b = Serve::relay(&base, 0, root.addr, &one)?;
-    let mut workers = vec![work(&cache, relay_a.addr)?, work(&cache, relay_b.addr)?];
+    let workers = vec![work(&cache, relay_a.addr)?, work(&cache, relay_b.addr)?];
 
     let s = wait_for(
         "both relays exchanging with the root, and a better root center",
@@ -357,9 +368,7 @@ async fn relays_of_one_worker_each_train_the_root_at_the_defaults() -> Result<()
     );
     assert!(refused <= 8, "{refused} out-of-line refusals: {s}");
 
-    for w in &mut workers {
-        kill(w)?;
-    }
+    drop(workers);
     relay_a.terminate()?;
     relay_b.terminate()?;
     root.terminate()?;
