@@ -236,14 +236,13 @@ pub async fn run_local(local: Local) -> Result<Outcome> {
     })
 }
 
-/// 128 random bits in hex, from the clock and the process id (an operator token
-/// for one demo run on the loopback interface, not a long-lived secret).
+/// 128 bits from the OS's CSPRNG in hex: the demo's operator token (anyone on this
+/// machine can reach the loopback dashboard, so it must not be guessable).
 fn random_token() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    let mut rng = tether_shared::rng::SplitMix64::new(nanos ^ u64::from(std::process::id()) << 32);
-    format!("{:016x}{:016x}", rng.next_u64(), rng.next_u64())
+    tether_server::state::secret_bytes::<16>()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 pub fn run_demo(args: DemoArgs) -> Result<()> {
