@@ -83,7 +83,49 @@ pub(crate) fn register_bundled_font() -> Result<(), String> {
 fn figure_size(figure: &Figure) -> (u32, u32) {
     let columns = figure.columns.clamp(1, figure.panels.len().max(1));
     let rows = figure.panels.len().div_ceil(columns).max(1);
-    (560 * columns as u32, 60 + 420 * rows as u32)
+    // Wide enough for the title (about 13 px a character at its size).
+    let title = 40 + 13 * figure.title.chars().count() as u32;
+    ((560 * columns as u32).max(title), 60 + 420 * rows as u32)
+}
+
+/// The top of a panel's y axis: a little above the highest point of any line once
+/// the first tenth of that line has passed, so a start far above the curves (a test
+/// error of 90 % before training) does not squash them against the axis.
+fn panel_top(panel: &Panel) -> f64 {
+    let top = panel
+        .series
+        .iter()
+        .flat_map(|s| {
+            let end = s.points.last().map_or(0.0, |p| p.0);
+            s.points.iter().filter(move |p| p.0 >= 0.1 * end)
+        })
+        .map(|p| p.1)
+        .fold(0.0, f64::max);
+    top.max(1e-9) * 1.08
+}
+
+/// `points` cut where they leave the chart through its top: the pieces that stay
+/// below `top`, each ending (or starting) where its line crosses it.
+fn below(points: &[(f64, f64)], top: f64) -> Vec<Vec<(f64, f64)>> {
+    let mut pieces: Vec<Vec<(f64, f64)>> = Vec::new();
+    let mut piece = Vec::new();
+    for (i, &(x, y)) in points.iter().enumerate() {
+        let crossing = |(x0, y0): (f64, f64)| (x0 + (x - x0) * (top - y0) / (y - y0), top);
+        let previous = i.checked_sub(1).map(|j| points[j]);
+        if y <= top {
+            if let Some(p) = previous.filter(|p| p.1 > top) {
+                piece.push(crossing(p));
+            }
+            piece.push((x, y));
+        } else if let Some(p) = previous.filter(|p| p.1 <= top) {
+            piece.push(crossing(p));
+            pieces.push(std::mem::take(&mut piece));
+        }
+    }
+    if !piece.is_empty() {
+        pieces.push(piece);
+    }
+    pieces
 }
 
 /// The label's colour: one per distinct label, in order of first appearance.
@@ -117,24 +159,23 @@ where
             labels.push(s.label.clone());
         }
     }
-    let largest = |coordinate: fn(&(f64, f64)) -> f64| {
-        figure
-            .panels
-            .iter()
-            .flat_map(|p| &p.series)
-            .flat_map(|s| &s.points)
-            .map(coordinate)
-            .fold(0.0, f64::max)
-            .max(1e-9)
-    };
-    let (x_max, y_max) = (largest(|p| p.0), largest(|p| p.1));
+    // One time axis for every panel, so panels compare at a glance.
+    let x_max = figure
+        .panels
+        .iter()
+        .flat_map(|p| &p.series)
+        .flat_map(|s| &s.points)
+        .map(|p| p.0)
+        .fold(0.0, f64::max)
+        .max(1e-9);
     for (panel, area) in figure.panels.iter().zip(root.split_evenly((rows, columns))) {
+        let y_max = panel_top(panel);
         let mut chart = ChartBuilder::on(&area)
             .caption(&panel.title, ("sans-serif", 20))
             .margin(12)
             .x_label_area_size(44)
             .y_label_area_size(58)
-            .build_cartesian_2d(0.0..x_max * 1.02, 0.0..y_max * 1.05)
+            .build_cartesian_2d(0.0..x_max * 1.02, 0.0..y_max)
             .map_err(e)?;
         chart
             .configure_mesh()
@@ -146,11 +187,16 @@ where
             .map_err(e)?;
         for s in &panel.series {
             let c = colour(&labels, &s.label);
-            chart
-                .draw_series(LineSeries::new(s.points.iter().copied(), c.stroke_width(2)))
-                .map_err(e)?
-                .label(&s.label)
-                .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], c.stroke_width(3)));
+            for (i, piece) in below(&s.points, y_max).into_iter().enumerate() {
+                let drawn = chart
+                    .draw_series(LineSeries::new(piece, c.stroke_width(2)))
+                    .map_err(e)?;
+                if i == 0 {
+                    drawn.label(&s.label).legend(move |(x, y)| {
+                        PathElement::new([(x, y), (x + 18, y)], c.stroke_width(3))
+                    });
+                }
+            }
         }
         chart
             .configure_series_labels()
@@ -162,4 +208,46 @@ where
             .map_err(e)?;
     }
     root.present().map_err(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_line_is_cut_where_it_crosses_the_top() {
+        // Starts above the top, dips under, leaves and comes back.
+        let points = [(0.0, 90.0), (1.0, 10.0), (2.0, 20.0), (3.0, 60.0), (4.0, 20.0)];
+        let pieces = below(&points, 50.0);
+        assert_eq!(
+            pieces,
+            vec![
+                vec![(0.5, 50.0), (1.0, 10.0), (2.0, 20.0), (2.75, 50.0)],
+                vec![(3.25, 50.0), (4.0, 20.0)],
+            ]
+        );
+        assert_eq!(below(&points[1..3], 50.0), vec![points[1..3].to_vec()]);
+    }
+
+    #[test]
+    fn the_axis_top_ignores_only_each_line_s_first_tenth() {
+        let line = |points: Vec<(f64, f64)>| Series {
+            label: String::new(),
+            points,
+        };
+        let panel = Panel {
+            title: String::new(),
+            series: vec![
+                line(vec![(0.0, 94.0), (5.0, 20.0), (10.0, 10.0)]),
+                // A short line that diverged: all of it counts but its first tenth.
+                line(vec![(0.0, 94.0), (0.5, 90.0), (1.0, 91.0)]),
+            ],
+        };
+        assert!((panel_top(&panel) - 91.0 * 1.08).abs() < 1e-9);
+        let panel = Panel {
+            series: panel.series[..1].to_vec(),
+            ..panel
+        };
+        assert!((panel_top(&panel) - 20.0 * 1.08).abs() < 1e-9);
+    }
 }
