@@ -217,7 +217,13 @@ mod tests {
     #[test]
     fn a_line_is_cut_where_it_crosses_the_top() {
         // Starts above the top, dips under, leaves and comes back.
-        let points = [(0.0, 90.0), (1.0, 10.0), (2.0, 20.0), (3.0, 60.0), (4.0, 20.0)];
+        let points = [
+            (0.0, 90.0),
+            (1.0, 10.0),
+            (2.0, 20.0),
+            (3.0, 60.0),
+            (4.0, 20.0),
+        ];
         let pieces = below(&points, 50.0);
         assert_eq!(
             pieces,

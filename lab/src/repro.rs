@@ -253,7 +253,7 @@ pub fn run(
     grid: &Grid,
     train: &Arc<ImageSet>,
     test: &ImageSet,
-    mut progress: impl FnMut(u64, u64),
+    mut progress: impl FnMut(u64, u64) + Send,
 ) -> Result<Report, ReproError> {
     let experiments = grid.experiments();
     if experiments.is_empty() {

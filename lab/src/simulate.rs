@@ -11,7 +11,8 @@
 //! synchronous round closes when its slowest member arrives, and every member then
 //! resumes from that moment. Everything is sequential and seeded: the same
 //! experiment gives the same points on the same kind of CPU (the kernels' rounding
-//! differs between, say, AVX2 and portable code).
+//! differs between, say, AVX2 and AVX-512 code). It runs on one thread of its own:
+//! Burn's CPU kernels sum in rayon splits that follow the load on more threads.
 //!
 //! As in `tether serve`, DOWNPOUR's push and every update's progress are measured
 //! from what the worker held after its last reply; the staleness bound is the
@@ -226,6 +227,22 @@ pub fn run(
     experiment: &Experiment,
     train: &Arc<ImageSet>,
     test: &ImageSet,
+    progress: impl FnMut(u64) + Send,
+) -> Result<Simulated, SimError> {
+    // Burn's CPU kernels sum with rayon, whose splits follow work stealing: on more
+    // than one thread the order of a float sum, and so its rounding, depends on the
+    // machine's load. On one thread a run depends on its settings alone.
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .map_err(|e| SimError::Settings(format!("cannot start the simulator's thread: {e}")))?;
+    pool.install(|| simulate(experiment, train, test, progress))
+}
+
+fn simulate(
+    experiment: &Experiment,
+    train: &Arc<ImageSet>,
+    test: &ImageSet,
     mut progress: impl FnMut(u64),
 ) -> Result<Simulated, SimError> {
     experiment.validate()?;
@@ -318,130 +335,118 @@ pub fn run(
             .map_err(|source| SimError::Worker { worker: i, source })?;
         let trained = w.local.finish(pending);
         samples += trained.samples;
+        let mut applied_at = None;
         if experiment.sequential {
             // Nothing to exchange: the worker trains on, and it is what is scored.
+            applied_at = Some(at);
             due.push(Due {
                 at: at + f64::from(run.tau) * step_s(i),
                 worker: i,
             });
-            progress(samples);
-            last_applied = at;
-            if samples >= next_eval || samples >= experiment.budget_samples {
-                let (error, loss) = score(&trained.params)?;
-                points.push(Point {
-                    samples,
-                    time_s: at,
-                    exchanges,
-                    error,
-                    loss,
-                });
-                next_eval = (samples / every + 1) * every;
-            }
-            continue;
-        }
-        let progress_norm = distance(&trained.params, &w.anchor);
-        let values = match run.algorithm {
-            Algorithm::Downpour | Algorithm::Mdownpour => trained
-                .params
-                .iter()
-                .zip(&w.anchor)
-                .map(|(x, a)| x - a)
-                .collect(),
-            _ => trained.params,
-        };
-        let update = Update {
-            session: i as u64 + 1,
-            worker_id: i as u32,
-            seen_version: w.seen,
-            loss: trained.loss,
-            values,
-            progress: progress_norm,
-            cohort: Cohort::Workers,
-            held: false,
-        };
-        let mut applied_at = None;
-        match center.offer(update, p) {
-            Ok(Outcome::Ready(ready)) => {
-                w.local
-                    .apply(ready.apply, ready.payload, run.leader_pull(), None)
-                    .map_err(|source| SimError::Worker { worker: i, source })?;
-                w.anchor = w.local.params().to_vec();
-                w.seen = ready.version;
-                w.clock = at + timing.exchange_s;
-                exchanges += 1;
-                per_worker[i] += 1;
-                applied_at = Some(at);
-                due.push(Due {
-                    at: w.clock + f64::from(run.tau) * step_s(i),
-                    worker: i,
-                });
-            }
-            Ok(Outcome::Queued { reply, .. }) => {
-                round.push(Waiting {
-                    worker: i,
-                    at,
-                    reply,
-                });
-                if round.len() == p {
-                    // The round closed with its last member: everyone resumes from
-                    // the slowest member's arrival.
-                    let closed = round.iter().map(|m| m.at).fold(0.0, f64::max);
-                    for mut member in round.drain(..) {
-                        let ready = match member.reply.try_recv() {
-                            Ok(Ok(ready)) => ready,
-                            Ok(Err(why)) => {
-                                return Err(SimError::RoundRefused {
-                                    worker: member.worker,
-                                    why,
-                                });
-                            }
-                            Err(_) => {
-                                return Err(SimError::Settings(
-                                    "a full round did not close".into(),
-                                ));
-                            }
-                        };
-                        let m = &mut workers[member.worker];
-                        m.local
-                            .apply(ready.apply, ready.payload, run.leader_pull(), None)
-                            .map_err(|source| SimError::Worker {
-                                worker: member.worker,
-                                source,
-                            })?;
-                        m.anchor = m.local.params().to_vec();
-                        m.seen = ready.version;
-                        m.clock = closed + timing.exchange_s;
-                        exchanges += 1;
-                        per_worker[member.worker] += 1;
-                        due.push(Due {
-                            at: m.clock + f64::from(run.tau) * step_s(member.worker),
-                            worker: member.worker,
-                        });
-                    }
-                    applied_at = Some(closed);
-                }
-            }
-            Err(why) if synchronous => {
-                return Err(SimError::RoundRefused { worker: i, why });
-            }
-            Err(_) => {
-                // As a real worker does after a refusal: rejoin. Elastic workers keep
-                // their parameters; the others take the center. Either way the
-                // welcome's center becomes the anchor.
-                rejected += 1;
-                let now = center.params().to_vec();
-                if !has_elastic_force(run.algorithm) {
+        } else {
+            let progress_norm = distance(&trained.params, &w.anchor);
+            let values = match run.algorithm {
+                Algorithm::Downpour | Algorithm::Mdownpour => trained
+                    .params
+                    .iter()
+                    .zip(&w.anchor)
+                    .map(|(x, a)| x - a)
+                    .collect(),
+                _ => trained.params,
+            };
+            let update = Update {
+                session: i as u64 + 1,
+                worker_id: i as u32,
+                seen_version: w.seen,
+                loss: trained.loss,
+                values,
+                progress: progress_norm,
+                cohort: Cohort::Workers,
+                held: false,
+            };
+            match center.offer(update, p) {
+                Ok(Outcome::Ready(ready)) => {
                     w.local
-                        .apply(Apply::Replace, now.clone(), 0.0, None)
+                        .apply(ready.apply, ready.payload, run.leader_pull(), None)
                         .map_err(|source| SimError::Worker { worker: i, source })?;
+                    w.anchor = w.local.params().to_vec();
+                    w.seen = ready.version;
+                    w.clock = at + timing.exchange_s;
+                    exchanges += 1;
+                    per_worker[i] += 1;
+                    applied_at = Some(at);
+                    due.push(Due {
+                        at: w.clock + f64::from(run.tau) * step_s(i),
+                        worker: i,
+                    });
                 }
-                w.anchor = now;
-                w.seen = center.version();
-                w.clock = at + timing.exchange_s;
-                due.push(Due {
-                    at: w.clock + f64::from(run.tau) * step_s(i),
-                    worker: i,
-                });
+                Ok(Outcome::Queued { reply, .. }) => {
+                    round.push(Waiting {
+                        worker: i,
+                        at,
+                        reply,
+                    });
+                    if round.len() == p {
+                        // The round closed with its last member: everyone resumes from
+                        // the slowest member's arrival.
+                        let closed = round.iter().map(|m| m.at).fold(0.0, f64::max);
+                        for mut member in round.drain(..) {
+                            let ready = match member.reply.try_recv() {
+                                Ok(Ok(ready)) => ready,
+                                Ok(Err(why)) => {
+                                    return Err(SimError::RoundRefused {
+                                        worker: member.worker,
+                                        why,
+                                    });
+                                }
+                                Err(_) => {
+                                    return Err(SimError::Settings(
+                                        "a full round did not close".into(),
+                                    ));
+                                }
+                            };
+                            let m = &mut workers[member.worker];
+                            m.local
+                                .apply(ready.apply, ready.payload, run.leader_pull(), None)
+                                .map_err(|source| SimError::Worker {
+                                    worker: member.worker,
+                                    source,
+                                })?;
+                            m.anchor = m.local.params().to_vec();
+                            m.seen = ready.version;
+                            m.clock = closed + timing.exchange_s;
+                            exchanges += 1;
+                            per_worker[member.worker] += 1;
+                            due.push(Due {
+                                at: m.clock + f64::from(run.tau) * step_s(member.worker),
+                                worker: member.worker,
+                            });
+                        }
+                        applied_at = Some(closed);
+                    }
+                }
+                Err(why) if synchronous => {
+                    return Err(SimError::RoundRefused { worker: i, why });
+                }
+                Err(_) => {
+                    // As a real worker does after a refusal: rejoin. Elastic workers keep
+                    // their parameters; the others take the center. Either way the
+                    // welcome's center becomes the anchor.
+                    rejected += 1;
+                    let now = center.params().to_vec();
+                    if !has_elastic_force(run.algorithm) {
+                        w.local
+                            .apply(Apply::Replace, now.clone(), 0.0, None)
+                            .map_err(|source| SimError::Worker { worker: i, source })?;
+                    }
+                    w.anchor = now;
+                    w.seen = center.version();
+                    w.clock = at + timing.exchange_s;
+                    due.push(Due {
+                        at: w.clock + f64::from(run.tau) * step_s(i),
+                        worker: i,
+                    });
+                }
             }
         }
         progress(samples);
@@ -451,7 +456,12 @@ pub fn run(
         if let Some(at) = applied_at
             && (samples >= next_eval || samples >= experiment.budget_samples)
         {
-            let (error, loss) = score(center.params())?;
+            let scored = if experiment.sequential {
+                workers[i].local.params()
+            } else {
+                center.params()
+            };
+            let (error, loss) = score(scored)?;
             points.push(Point {
                 samples,
                 time_s: at,
