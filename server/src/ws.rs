@@ -256,15 +256,15 @@ async fn handshake(state: &AppState, socket: &mut WebSocket, browser: bool) -> O
     Some(conn)
 }
 
-/// Checks a hello against the run before the worker is registered. A browser
-/// (a web page's connection, or a hello that says so) needs a live join ticket;
-/// other workers need the worker token when the run has one.
 /// A relay that presented the run's relay token ([`admit`] checked it when the run
 /// has one): only then are its page and its place among relays trusted.
 fn trusted_relay(state: &AppState, hello: &Hello) -> bool {
     hello.kind == WorkerKind::Relay && state.config.relay_token.is_some()
 }
 
+/// Checks a hello against the run before the worker is registered. A browser
+/// (a web page's connection, or a hello that says so) needs a live join ticket;
+/// other workers need the worker token when the run has one.
 fn admit(state: &AppState, hello: &Hello, browser: bool) -> Result<(), Rejection> {
     if hello.protocol != PROTOCOL_VERSION {
         return Err(Rejection::ProtocolVersion {
