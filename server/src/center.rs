@@ -112,10 +112,9 @@ const BOOTSTRAP_CAP_FRACTION: f64 = 10.0;
 const FLOOR_FRACTION: f64 = 1e-4;
 
 /// Whose progress an update's progress is compared with.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Cohort {
     /// Workers and browsers: progress over τ local steps.
-    #[default]
     Workers,
     /// Relays admitted with the run's relay token. A relay's progress is its
     /// subtree's over τ_up of its own versions, many worker exchanges long, so a
