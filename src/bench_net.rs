@@ -545,7 +545,7 @@ pub fn run_bench_link(args: BenchLinkArgs) -> Result<()> {
     }
     let mut encodings = vec![Encoding::F32];
     encodings.extend(args.encoding.iter().filter(|e| **e != Encoding::F32));
-    let shape = crate::throttle::Shape::new(args.mbit, args.delay_ms);
+    let shape = tether_lab::throttle::Shape::new(args.mbit, args.delay_ms);
     let link_name = format!("{} Mbit/s, {} ms", args.mbit, args.delay_ms);
     let model: ModelKind = args.model.into();
     println!(

@@ -15,7 +15,7 @@ use tether_worker::client::{self, WorkConfig, WorkReport};
 use tokio::sync::{oneshot, watch};
 
 use crate::net::{RunFlags, interrupted, runtime};
-use crate::throttle::{self, Shape};
+use tether_lab::throttle::{self, Shape};
 use crate::{BackendArg, write_report};
 
 #[derive(Args, Debug)]

@@ -8,7 +8,6 @@ mod demo;
 mod net;
 mod repro;
 mod sim;
-mod throttle;
 
 use std::path::{Path, PathBuf};
 
