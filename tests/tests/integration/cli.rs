@@ -143,11 +143,12 @@ fn a_corrupt_data_file_is_named_in_the_error() -> Result<()> {
 
 #[test]
 fn stability_simulation_reproduces_the_paper_and_draws_the_maps() -> Result<()> {
+    // `repro stability` is claim 4's command (the same as `sim stability`).
     let png = scratch("stability-png")?.join("s.png");
     let r = tether_report(
         "stability",
         &[
-            "sim",
+            "repro",
             "stability",
             "--workers",
             "1,3",
