@@ -15,8 +15,8 @@ use tether_worker::client::{self, WorkConfig, WorkReport};
 use tokio::sync::{oneshot, watch};
 
 use crate::net::{RunFlags, interrupted, runtime};
-use tether_lab::throttle::{self, Shape};
 use crate::{BackendArg, write_report};
+use tether_lab::throttle::{self, Shape};
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {

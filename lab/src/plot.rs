@@ -21,7 +21,8 @@ pub struct Series {
 pub struct Panel {
     /// Above the panel.
     pub title: String,
-    /// Its lines (the same label gets the same colour in every panel).
+    /// Its lines (the same label, up to a note in parentheses, gets the same colour
+    /// in every panel).
     pub series: Vec<Series>,
 }
 
@@ -128,8 +129,14 @@ fn below(points: &[(f64, f64)], top: f64) -> Vec<Vec<(f64, f64)>> {
     pieces
 }
 
-/// The label's colour: one per distinct label, in order of first appearance.
-fn colour(labels: &[String], label: &str) -> RGBColor {
+/// What a line's colour follows: its label without a trailing note in parentheses,
+/// so a method keeps its colour across panels where its tuned η differs.
+fn colour_key(label: &str) -> &str {
+    label.split(" (").next().unwrap_or(label)
+}
+
+/// The label's colour: one per distinct [`colour_key`], in order of first appearance.
+fn colour(keys: &[&str], label: &str) -> RGBColor {
     const PALETTE: [RGBColor; 8] = [
         RGBColor(31, 119, 180),
         RGBColor(214, 39, 40),
@@ -140,7 +147,10 @@ fn colour(labels: &[String], label: &str) -> RGBColor {
         RGBColor(227, 119, 194),
         RGBColor(23, 190, 207),
     ];
-    let i = labels.iter().position(|l| l == label).unwrap_or(0);
+    let i = keys
+        .iter()
+        .position(|k| *k == colour_key(label))
+        .unwrap_or(0);
     PALETTE[i % PALETTE.len()]
 }
 
@@ -153,10 +163,10 @@ where
     let root = root.titled(&figure.title, ("sans-serif", 26)).map_err(e)?;
     let columns = figure.columns.clamp(1, figure.panels.len().max(1));
     let rows = figure.panels.len().div_ceil(columns).max(1);
-    let mut labels: Vec<String> = Vec::new();
+    let mut keys: Vec<&str> = Vec::new();
     for s in figure.panels.iter().flat_map(|p| &p.series) {
-        if !labels.contains(&s.label) {
-            labels.push(s.label.clone());
+        if !keys.contains(&colour_key(&s.label)) {
+            keys.push(colour_key(&s.label));
         }
     }
     // One time axis for every panel, so panels compare at a glance.
@@ -186,7 +196,7 @@ where
             .draw()
             .map_err(e)?;
         for s in &panel.series {
-            let c = colour(&labels, &s.label);
+            let c = colour(&keys, &s.label);
             for (i, piece) in below(&s.points, y_max).into_iter().enumerate() {
                 let drawn = chart
                     .draw_series(LineSeries::new(piece, c.stroke_width(2)))
@@ -233,6 +243,19 @@ mod tests {
             ]
         );
         assert_eq!(below(&points[1..3], 50.0), vec![points[1..3].to_vec()]);
+    }
+
+    #[test]
+    fn a_method_keeps_its_colour_whatever_its_eta() {
+        let keys = ["EASGD", "EAMSGD"];
+        assert_eq!(
+            colour(&keys, "EAMSGD (η 0.1)"),
+            colour(&keys, "EAMSGD (η 0.05)")
+        );
+        assert_ne!(
+            colour(&keys, "EAMSGD (η 0.1)"),
+            colour(&keys, "EASGD (η 0.1)")
+        );
     }
 
     #[test]
