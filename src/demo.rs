@@ -251,7 +251,7 @@ pub fn run_demo(args: DemoArgs) -> Result<()> {
     }
     let mut flags = args.run.clone();
     flags.expected_workers = flags.expected_workers.or(Some(args.workers));
-    let settings = flags.resolve(None)?;
+    let settings = flags.resolve(None, args.data.as_deref())?;
     let mut config = ServerConfig::new(settings.clone());
     config.data = args.data.clone();
     config.run_dir = args.run_dir.clone();

@@ -74,8 +74,10 @@ enum Command {
 enum ModelArg {
     /// Small fast CNN (421,642 parameters).
     Small,
-    /// The EASGD paper's network adapted to 28×28 (430,666 parameters).
+    /// The EASGD paper's network adapted to 1×28×28 (430,666 parameters).
     Paper,
+    /// The EASGD paper's network on CIFAR-10's 3×32×32 (548,554 parameters).
+    Cifar,
 }
 
 impl From<ModelArg> for ModelKind {
@@ -83,8 +85,18 @@ impl From<ModelArg> for ModelKind {
         match m {
             ModelArg::Small => ModelKind::Small,
             ModelArg::Paper => ModelKind::Paper,
+            ModelArg::Cifar => ModelKind::Cifar,
         }
     }
+}
+
+/// `--model` if given, else the network for the images in `--data`: `cifar` for
+/// CIFAR-10 batches, `small` for IDX sets (the shipped one included).
+fn model_or_default(model: Option<ModelArg>, data: Option<&Path>) -> ModelKind {
+    model.map_or_else(
+        || ModelKind::default_for(tether_dataset::format_of(data).input_shape()),
+        ModelKind::from,
+    )
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -109,9 +121,9 @@ impl From<BackendArg> for BackendChoice {
 
 #[derive(Args, Debug)]
 struct TrainArgs {
-    /// Network to train.
-    #[arg(long, value_enum, default_value = "small")]
-    model: ModelArg,
+    /// Network to train [default: cifar for CIFAR-10 data, else small].
+    #[arg(long, value_enum)]
+    model: Option<ModelArg>,
     /// Passes over the training set.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     epochs: u32,
@@ -285,7 +297,7 @@ pub(crate) fn write_report(path: Option<&Path>, value: &impl serde::Serialize) -
 
 fn run_train(args: TrainArgs) -> Result<()> {
     let config = train::TrainConfig {
-        model: args.model.into(),
+        model: model_or_default(args.model, args.data.as_deref()),
         epochs: args.epochs as usize,
         batch: args.batch as usize,
         optimizer: LocalOptimizer {
@@ -354,6 +366,9 @@ fn run_bench_train(args: BenchTrainArgs) -> Result<()> {
     let mut rows = Vec::new();
     for m in &args.model {
         let kind: ModelKind = (*m).into();
+        train
+            .expect_shape(kind.input_shape())
+            .with_context(|| format!("--model {} on this --data", kind.name()))?;
         let r = bench::train_throughput(
             kind,
             &selected.device,

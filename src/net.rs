@@ -35,7 +35,7 @@ pub struct RunFlags {
     /// momentum), average (sync, β = 1), diloco (outer Nesterov), lsgd (leader pull).
     #[arg(long, value_parser = algorithm_parser())]
     pub algorithm: Option<Algorithm>,
-    /// Network [default: small].
+    /// Network [default: cifar for CIFAR-10 data, else small].
     #[arg(long, value_enum)]
     pub model: Option<ModelArg>,
     /// Local steps between synchronisations τ [default: 16].
@@ -68,8 +68,9 @@ pub struct RunFlags {
 }
 
 impl RunFlags {
-    /// The run's settings: `base` (defaults, or a resumed run's) with the flags given.
-    pub fn resolve(&self, base: Option<RunSettings>) -> Result<RunSettings> {
+    /// The run's settings: `base` (defaults, or a resumed run's) with the flags given;
+    /// a new run's network defaults to the one for the images in `data`.
+    pub fn resolve(&self, base: Option<RunSettings>, data: Option<&Path>) -> Result<RunSettings> {
         let resuming = base.is_some();
         let mut s = match base {
             Some(saved) => {
@@ -93,9 +94,7 @@ impl RunFlags {
             }
             None => {
                 let mut s = RunSettings::defaults(self.algorithm.unwrap_or(Algorithm::Eamsgd));
-                if let Some(m) = self.model {
-                    s.model = m.into();
-                }
+                s.model = crate::model_or_default(self.model, data);
                 s
             }
         };
@@ -329,7 +328,7 @@ impl ServeArgs {
             (Some(d), true) => Some(checkpoint::load_settings(d)?),
             _ => None,
         };
-        let mut config = ServerConfig::new(self.run.resolve(base)?);
+        let mut config = ServerConfig::new(self.run.resolve(base, self.serving.data.as_deref())?);
         self.serving.apply(&mut config);
         config.run_dir = run_dir;
         config.resume = resume;

@@ -10,7 +10,6 @@ use clap::{Args, Subcommand};
 use tether_lab::repro::{self, Baseline, Grid, PanelBy};
 use tether_lab::simulate::Timing;
 use tether_shared::algorithms::Algorithm;
-use tether_shared::model::ModelKind;
 
 use crate::ModelArg;
 use crate::net::algorithm_parser;
@@ -32,12 +31,13 @@ pub enum ReproCommand {
 /// Settings shared by every grid; the grid's own axes can be overridden.
 #[derive(Args, Debug)]
 pub struct ReproArgs {
-    /// A folder holding Fashion-MNIST (IDX files) [default: the shipped copy].
+    /// A folder holding IDX files (Fashion-MNIST, MNIST) or CIFAR-10 binary
+    /// batches [default: the shipped Fashion-MNIST].
     #[arg(long)]
     pub data: Option<PathBuf>,
-    /// The network.
-    #[arg(long, value_enum, default_value = "small")]
-    pub model: ModelArg,
+    /// The network [default: cifar for CIFAR-10 data, else small].
+    #[arg(long, value_enum)]
+    pub model: Option<ModelArg>,
     /// Training per experiment, in epochs of the training set over all workers;
     /// for `workers`, per worker, so every p gets the same parallel time
     /// [default: 0.5; workers: 0.125].
@@ -159,9 +159,12 @@ pub fn run(command: ReproCommand) -> Result<()> {
     {
         bail!("--lr: every learning rate must be in (0, 10]");
     }
-    let model = ModelKind::from(args.model);
+    let model = crate::model_or_default(args.model, args.data.as_deref());
     let (_, data) =
         tether_dataset::load(args.data.as_deref()).context("loading the training data (--data)")?;
+    data.train
+        .expect_shape(model.input_shape())
+        .context("--data and --model disagree")?;
     let train = Arc::new(data.train);
     let test = data
         .test

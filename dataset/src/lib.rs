@@ -1,12 +1,12 @@
-//! Data sets on disk, for every native part of tether: reading IDX folders, finding
-//! the Fashion-MNIST that ships with tether, and the cache a native worker keeps the
+//! Data sets on disk, for every native part of tether: reading IDX folders and
+//! CIFAR-10 binary batches, finding the Fashion-MNIST that ships with tether, and the cache a native worker keeps the
 //! shards it downloads in (so a reconnect or a restart does not download again).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
-use tether_shared::data::{DataError, Dataset, ImageSet, idx};
+use tether_shared::data::{DataError, Dataset, ImageSet, cifar, idx};
 use thiserror::Error;
 
 /// A data set that could not be read.
@@ -14,7 +14,7 @@ use thiserror::Error;
 pub enum LoadError {
     /// A file is missing (neither gzipped nor plain).
     #[error(
-        "{dir}: no {file}(.gz) here; expected an IDX data set (train-/t10k- images and labels)"
+        "{dir}: no {file}(.gz) here; expected an IDX data set (train-/t10k- images and labels) or CIFAR-10 binary batches (data_batch_1.bin … test_batch.bin)"
     )]
     Missing {
         /// The directory searched.
@@ -108,15 +108,88 @@ fn read_pair(
     )?)
 }
 
-/// Reads the IDX data set in `dir`, or the shipped Fashion-MNIST when `dir` is `None`;
-/// returns the directory used with the data.
+/// Reads the data set in `dir` (IDX or CIFAR-10, see [`format`]), or the shipped
+/// Fashion-MNIST when `dir` is `None`; returns the directory used with the data.
 pub fn load(dir: Option<&Path>) -> Result<(PathBuf, Dataset), LoadError> {
     let dir = match dir {
         Some(d) => d.to_path_buf(),
         None => default_data_dir()?,
     };
-    let data = load_idx_dir(&dir)?;
+    let data = match format(&dir) {
+        Format::Idx => load_idx_dir(&dir)?,
+        Format::Cifar10(batches) => load_cifar_dir(&batches)?,
+    };
     Ok((dir, data))
+}
+
+/// What a data folder holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// MNIST-style IDX files (1×28×28), or nothing recognisable (reading names what
+    /// is missing).
+    Idx,
+    /// CIFAR-10 binary batches (3×32×32) in this folder: the one given, or the
+    /// `cifar-10-batches-bin` the official archive unpacks to.
+    Cifar10(PathBuf),
+}
+
+impl Format {
+    /// The images' channels, rows and cols.
+    pub fn input_shape(&self) -> [usize; 3] {
+        match self {
+            Self::Idx => [1, 28, 28],
+            Self::Cifar10(_) => [3, 32, 32],
+        }
+    }
+}
+
+/// The format of the data set in `dir`, from its file names alone.
+pub fn format(dir: &Path) -> Format {
+    for candidate in [dir.to_path_buf(), dir.join("cifar-10-batches-bin")] {
+        if candidate.join("data_batch_1.bin").is_file() {
+            return Format::Cifar10(candidate);
+        }
+    }
+    Format::Idx
+}
+
+/// The format of `--data`, or of the shipped data set when it is not given (the
+/// shipped one is IDX even when it cannot be found: loading will say so).
+pub fn format_of(dir: Option<&Path>) -> Format {
+    dir.map_or(Format::Idx, format)
+}
+
+/// Reads CIFAR-10 binary batches from `dir`: training from `data_batch_1.bin`
+/// and each of `data_batch_2.bin` … `data_batch_5.bin` present, test from
+/// `test_batch.bin`.
+pub fn load_cifar_dir(dir: &Path) -> Result<Dataset, LoadError> {
+    let read = |file: &'static str| {
+        let path = dir.join(file);
+        match std::fs::read(&path) {
+            Ok(bytes) => Ok(Some(cifar::parse(&path.display().to_string(), &bytes)?)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(LoadError::Io { path, source }),
+        }
+    };
+    let missing = |file| LoadError::Missing {
+        dir: dir.to_path_buf(),
+        file,
+    };
+    let mut train = read("data_batch_1.bin")?.ok_or_else(|| missing("data_batch_1.bin"))?;
+    for file in [
+        "data_batch_2.bin",
+        "data_batch_3.bin",
+        "data_batch_4.bin",
+        "data_batch_5.bin",
+    ] {
+        if let Some(more) = read(file)? {
+            train.pixels.extend_from_slice(&more.pixels);
+            train.labels.extend_from_slice(&more.labels);
+        }
+    }
+    train.source = dir.join("data_batch_*.bin").display().to_string();
+    let test = read("test_batch.bin")?.ok_or_else(|| missing("test_batch.bin"))?;
+    Ok(Dataset { train, test })
 }
 
 /// Reads an IDX data set (MNIST / Fashion-MNIST layout, gzipped or not) from `dir`.
@@ -283,6 +356,58 @@ mod tests {
         std::fs::write(cache.path(&key), &damaged).unwrap();
         assert_eq!(cache.load(&key, bytes.len() as u64, &sha), Cached::Corrupt);
         assert_eq!(cache.load(&key, bytes.len() as u64, &sha), Cached::Miss);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn cifar_batches_are_found_read_and_concatenated() {
+        let dir = std::env::temp_dir().join(format!("tether-cifar-{}", std::process::id()));
+        let inner = dir.join("cifar-10-batches-bin");
+        std::fs::create_dir_all(&inner).unwrap();
+        let set = |labels: &[u8], shade: u8| ImageSet {
+            source: String::new(),
+            channels: 3,
+            rows: 32,
+            cols: 32,
+            pixels: vec![shade; labels.len() * 3 * 1024],
+            labels: labels.to_vec(),
+        };
+        assert_eq!(format(&dir), Format::Idx);
+        std::fs::write(
+            inner.join("data_batch_1.bin"),
+            cifar::encode(&set(&[1, 2], 10)),
+        )
+        .unwrap();
+        assert_eq!(format(&dir), Format::Cifar10(inner.clone()));
+        assert_eq!(format(&dir).input_shape(), [3, 32, 32]);
+        let err = load(Some(&dir)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                LoadError::Missing {
+                    file: "test_batch.bin",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        std::fs::write(
+            inner.join("data_batch_3.bin"),
+            cifar::encode(&set(&[9], 30)),
+        )
+        .unwrap();
+        std::fs::write(inner.join("test_batch.bin"), cifar::encode(&set(&[4], 40))).unwrap();
+        let (_, data) = load(Some(&dir)).unwrap();
+        assert_eq!(data.train.labels, [1, 2, 9]);
+        assert_eq!(data.train.image(2)[0], 30);
+        assert_eq!((data.test.len(), data.test.channels), (1, 3));
+        // A damaged batch is an error naming the file, not a shorter set.
+        std::fs::write(inner.join("data_batch_2.bin"), [1u8; 100]).unwrap();
+        let err = load(Some(&dir)).unwrap_err().to_string();
+        assert!(
+            err.contains("data_batch_2.bin") && err.contains("truncated"),
+            "{err}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -252,7 +252,11 @@ fn simulate(
     let defaults = ServerConfig::new(run.clone());
     let normalization = Normalization::of(train);
     let hyper = run.hyper();
-    let spec = run.spec("simulated".into(), normalization, train.len() as u64);
+    let spec = run.spec(
+        "simulated".into(),
+        normalization.clone(),
+        train.len() as u64,
+    );
     let device = Device::flex();
     device.seed(run.seed);
     let start = to_flat(&run.model.init(&device));
@@ -292,7 +296,7 @@ fn simulate(
 
     let score = |params: &[f32]| -> Result<(f64, f64), SimError> {
         let net = load_flat(run.model.init(&device), params)?;
-        let e = evaluate(&net, test, normalization, &device);
+        let e = evaluate(&net, test, &normalization, &device);
         Ok((1.0 - e.accuracy, e.loss))
     };
     let (error, loss) = score(center.params())?;

@@ -34,7 +34,7 @@ use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
 use serde::Serialize;
 use tether_shared::data::{ImageSet, Normalization};
-use tether_shared::model::{INPUT_SHAPE, to_flat};
+use tether_shared::model::to_flat;
 use tether_shared::protocol::{self, RunSpec, StopReason};
 use thiserror::Error;
 use tokio::net::TcpListener;
@@ -287,6 +287,10 @@ impl Server {
             ))
             .into());
         }
+        for set in [&*train, &test] {
+            set.expect_shape(spec.model.input_shape())
+                .map_err(LoadError::from)?;
+        }
         if center.len() != spec.model.param_count() {
             return Err(ConfigError(format!(
                 "the upstream's center has {} values, the {} model {}",
@@ -383,12 +387,13 @@ impl Server {
     }
 }
 
-/// The training and test sets (`--data` or the shipped ones), checked for the
-/// models' input shape; the test set cut to `--eval-limit`.
+/// The training and test sets (`--data` or the shipped ones), checked against the
+/// run's network's input shape; the test set cut to `--eval-limit`.
 pub fn load_data(config: &ServerConfig) -> Result<(PathBuf, ImageSet, ImageSet), ServerError> {
     let (data_dir, data) = dataset::load(config.data.as_deref())?;
     for set in [&data.train, &data.test] {
-        set.expect_shape(INPUT_SHAPE).map_err(LoadError::from)?;
+        set.expect_shape(config.run.model.input_shape())
+            .map_err(LoadError::from)?;
     }
     let mut test = data.test;
     if let Some(n) = config.eval_limit {

@@ -24,7 +24,7 @@ use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use tether_shared::data::batch::fill_normalized;
 use tether_shared::data::{ImageSet, Normalization};
-use tether_shared::model::{INPUT_SHAPE, ModelKind, Net, load_flat};
+use tether_shared::model::{ModelKind, Net, load_flat};
 use tether_shared::rng::SplitMix64;
 
 use crate::state::secret_bytes;
@@ -85,7 +85,7 @@ impl Verdict {
 /// the batch and the cache are shared).
 pub struct Screen {
     model: ModelKind,
-    table: [f32; 256],
+    tables: Vec<[f32; 256]>,
     train: Arc<ImageSet>,
     size: usize,
     inner: Mutex<Inner>,
@@ -111,14 +111,14 @@ impl Screen {
     /// A screen drawing batches of `size` images from `train` (`size` ≥ 1).
     pub fn new(
         model: ModelKind,
-        normalization: Normalization,
+        normalization: &Normalization,
         train: Arc<ImageSet>,
         size: usize,
     ) -> Self {
         let size = size.clamp(1, train.len().max(1));
         Self {
             model,
-            table: normalization.table(),
+            tables: normalization.tables(),
             train,
             size,
             inner: Mutex::new(Inner {
@@ -174,7 +174,7 @@ impl Screen {
         let n = self.train.len();
         let items: Vec<usize> = (0..self.size).map(|_| inner.rng.below(n)).collect();
         let Inner { images, labels, .. } = inner;
-        fill_normalized(&self.train, &items, &self.table, images, labels);
+        fill_normalized(&self.train, &items, &self.tables, images, labels);
         inner.uses = 0;
         inner.cached = None;
     }
@@ -186,7 +186,7 @@ impl Screen {
             .take()
             .unwrap_or_else(|| self.model.init(&inner.device));
         let net = load_flat(net, params).expect("candidates have the model's length");
-        let [c, h, w] = INPUT_SHAPE;
+        let [c, h, w] = self.model.input_shape();
         let n = inner.labels.len();
         let device = &inner.device;
         let x = Tensor::<4>::from_data(TensorData::new(inner.images.clone(), [n, c, h, w]), device);

@@ -202,7 +202,7 @@ impl AppState {
         let screen = (config.screen_batch > 0).then(|| {
             Arc::new(Screen::new(
                 spec.model,
-                spec.normalization,
+                &spec.normalization,
                 train.clone(),
                 config.screen_batch,
             ))
@@ -476,7 +476,7 @@ impl Shared {
         let device = burn::tensor::Device::flex();
         let net = load_flat(self.spec.model.init(&device), &params)
             .expect("the center has the model's length");
-        let Evaluation { accuracy, loss } = evaluate(&net, set, self.spec.normalization, &device);
+        let Evaluation { accuracy, loss } = evaluate(&net, set, &self.spec.normalization, &device);
         let point = EvalPoint {
             time_s: self.now_s(),
             samples,

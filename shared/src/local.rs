@@ -52,6 +52,26 @@ pub enum LocalError {
         /// Values received.
         found: usize,
     },
+    /// The shard's images are not what the run's model takes.
+    #[error("the {model} model takes {expected} images but this worker's data holds {found}")]
+    WrongImages {
+        /// The model's name.
+        model: &'static str,
+        /// channels×rows×cols the model takes.
+        expected: String,
+        /// channels×rows×cols of the data.
+        found: String,
+    },
+    /// The run's normalisation has not one entry per channel of the model's input.
+    #[error("the run normalises {found} channels but the {model} model takes {expected}")]
+    WrongNormalization {
+        /// The model's name.
+        model: &'static str,
+        /// Input channels of the model.
+        expected: usize,
+        /// Channels in the normalisation.
+        found: usize,
+    },
     /// Training was asked for before a session started.
     #[error("no session started")]
     NotStarted,
@@ -152,6 +172,23 @@ impl LocalWorker {
                 count: shard.count,
             });
         }
+        let shape = spec.model.input_shape();
+        let found = [data.set.channels, data.set.rows, data.set.cols];
+        if found != shape {
+            let fmt = |s: [usize; 3]| format!("{}×{}×{}", s[0], s[1], s[2]);
+            return Err(LocalError::WrongImages {
+                model: spec.model.name(),
+                expected: fmt(shape),
+                found: fmt(found),
+            });
+        }
+        if spec.normalization.channels.len() != shape[0] {
+            return Err(LocalError::WrongNormalization {
+                model: spec.model.name(),
+                expected: shape[0],
+                found: spec.normalization.channels.len(),
+            });
+        }
         let expected = spec.model.param_count();
         if center.len() != expected {
             return Err(LocalError::WrongLength {
@@ -187,7 +224,7 @@ impl LocalWorker {
         self.stale = false;
         // Seeded by shard, so two workers on different shards shuffle differently.
         let seed = shard.seed ^ u64::from(shard.index).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        let batcher = Batcher::new(data.indices, spec.batch as usize, seed, spec.normalization);
+        let batcher = Batcher::new(data.indices, spec.batch as usize, seed, &spec.normalization);
         // The old session's source (and a feeder's thread) ends before the new one starts.
         self.batches = None;
         let stream = BatchStream::new(batcher, data.set, 0);

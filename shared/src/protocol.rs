@@ -24,7 +24,7 @@ use crate::data::Normalization;
 use crate::model::ModelKind;
 
 /// Version of this protocol. A hello with another version is rejected.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Bytes before the header: its length and the payload's length.
 pub const PREFIX_BYTES: usize = 8;

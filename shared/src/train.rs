@@ -13,7 +13,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use crate::data::{Batch, ImageSet, Normalization, batch::fill_normalized};
-use crate::model::{FlatError, INPUT_SHAPE, ModelKind, Net, load_flat, to_flat};
+use crate::model::{FlatError, ModelKind, Net, load_flat, to_flat};
 
 /// The local optimizer's settings.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -89,17 +89,17 @@ impl Trainer {
         self.net.as_ref().expect("trainer holds a network")
     }
 
-    /// One SGD step on a batch of N normalised 1×28×28 images (taken by value: its
+    /// One SGD step on a batch of N normalised images of the model's input shape (taken by value: its
     /// vectors become the input tensors without a copy). Returns the batch's mean
     /// loss as a detached one-element tensor, so the caller decides when to pay for
     /// reading it.
     ///
     /// # Panics
-    /// If the batch has other than 784 values per label (batches come from
-    /// [`crate::data::Batcher`]).
+    /// If the batch has other than C·H·W values per label (batches come from
+    /// [`crate::data::Batcher`] over a set checked against the model).
     pub fn step(&mut self, batch: Batch) -> Tensor<1> {
         let n = batch.len();
-        let [c, h, w] = INPUT_SHAPE;
+        let [c, h, w] = self.net().kind().input_shape();
         assert_eq!(
             batch.images.len(),
             n * c * h * w,
@@ -143,7 +143,7 @@ impl Trainer {
     }
 
     /// Test accuracy (fraction 0..1) and mean loss of the current parameters on `set`.
-    pub fn evaluate(&self, set: &ImageSet, norm: Normalization) -> Evaluation {
+    pub fn evaluate(&self, set: &ImageSet, norm: &Normalization) -> Evaluation {
         evaluate(&self.net().valid(), set, norm, &self.device)
     }
 }
@@ -158,16 +158,16 @@ pub struct Evaluation {
 }
 
 /// Evaluates `net` (a validation copy on `device`) on all of `set`, 1000 images at a time.
-pub fn evaluate(net: &Net, set: &ImageSet, norm: Normalization, device: &Device) -> Evaluation {
+pub fn evaluate(net: &Net, set: &ImageSet, norm: &Normalization, device: &Device) -> Evaluation {
     const CHUNK: usize = 1000;
-    let table = norm.table();
+    let tables = norm.tables();
     let loss_fn = CrossEntropyLoss::new(None, device);
     let (mut images, mut labels) = (Vec::new(), Vec::new());
     let (mut correct, mut loss_sum) = (0i64, 0.0f64);
     let all: Vec<usize> = (0..set.len()).collect();
-    let [c, h, w] = INPUT_SHAPE;
+    let [c, h, w] = net.kind().input_shape();
     for items in all.chunks(CHUNK) {
-        fill_normalized(set, items, &table, &mut images, &mut labels);
+        fill_normalized(set, items, &tables, &mut images, &mut labels);
         let n = items.len();
         let x = Tensor::<4>::from_data(TensorData::new(images.clone(), [n, c, h, w]), device);
         let y = Tensor::<1, Int>::from_data(TensorData::new(labels.clone(), [n]), device);
@@ -223,8 +223,8 @@ mod tests {
         let set = toy_set(200);
         let norm = Normalization::of(&set);
         let mut trainer = Trainer::new(ModelKind::Small, LocalOptimizer::default(), &device);
-        let before = trainer.evaluate(&set, norm);
-        let batcher = Batcher::new((0..set.len()).collect(), 20, 1, norm);
+        let before = trainer.evaluate(&set, &norm);
+        let batcher = Batcher::new((0..set.len()).collect(), 20, 1, &norm);
         for epoch in 0..3 {
             let order = batcher.epoch_order(epoch);
             for items in order.chunks(20) {
@@ -232,9 +232,57 @@ mod tests {
                 assert!(loss.is_finite());
             }
         }
-        let after = trainer.evaluate(&set, norm);
+        let after = trainer.evaluate(&set, &norm);
         assert!(after.loss < before.loss, "{before:?} → {after:?}");
         assert!(after.accuracy > 0.9, "{after:?}");
+    }
+
+    /// Class k: a 3×32×32 image whose colour is k's own mix of red, green and blue.
+    fn toy_colour_set(n: usize) -> ImageSet {
+        let labels: Vec<u8> = (0..n).map(|i| (i % 10) as u8).collect();
+        let mut pixels = Vec::with_capacity(n * 3 * 1024);
+        for (i, &l) in labels.iter().enumerate() {
+            let level = |bit: u8| {
+                if l & bit != 0 {
+                    200
+                } else {
+                    20 + (i % 30) as u8
+                }
+            };
+            for c in 0..3u8 {
+                // Classes 8 and 9 share the colour of 0 and 1 but are brighter on top.
+                let top = if l >= 8 { 255 } else { level(1 << c) };
+                pixels.extend((0..1024).map(|p| if p < 256 { top } else { level(1 << c) }));
+            }
+        }
+        ImageSet {
+            source: "toy-colour".into(),
+            channels: 3,
+            rows: 32,
+            cols: 32,
+            pixels,
+            labels,
+        }
+    }
+
+    #[test]
+    fn the_cifar_network_learns_three_channel_images() {
+        let device = Device::flex();
+        let set = toy_colour_set(60);
+        let norm = Normalization::of(&set);
+        assert_eq!(norm.channels.len(), 3);
+        let mut trainer = Trainer::new(ModelKind::Cifar, LocalOptimizer::default(), &device);
+        let before = trainer.evaluate(&set, &norm);
+        let batcher = Batcher::new((0..set.len()).collect(), 20, 1, &norm);
+        for epoch in 0..4 {
+            for items in batcher.epoch_order(epoch).chunks(20) {
+                let loss: f32 = trainer.step(batcher.batch(&set, items)).into_scalar();
+                assert!(loss.is_finite());
+            }
+        }
+        let after = trainer.evaluate(&set, &norm);
+        assert!(after.loss < before.loss, "{before:?} → {after:?}");
+        assert!(after.accuracy > before.accuracy, "{before:?} → {after:?}");
     }
 
     #[test]
@@ -250,7 +298,7 @@ mod tests {
         // Still trainable after a load: a step moves the parameters.
         let set = toy_set(10);
         let norm = Normalization::of(&set);
-        let batcher = Batcher::new((0..10).collect(), 10, 0, norm);
+        let batcher = Batcher::new((0..10).collect(), 10, 0, &norm);
         a.step(batcher.batch(&set, &(0..10).collect::<Vec<_>>()));
         assert_ne!(a.params(), b.params());
     }

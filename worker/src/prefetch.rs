@@ -85,7 +85,7 @@ mod tests {
         };
         let norm = Normalization::of(&set);
         BatchStream::new(
-            Batcher::new((0..7).collect(), 3, 11, norm),
+            Batcher::new((0..7).collect(), 3, 11, &norm),
             Arc::new(set),
             0,
         )

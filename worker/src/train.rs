@@ -10,7 +10,7 @@ use std::time::Instant;
 use burn::tensor::Tensor;
 use serde::Serialize;
 use tether_shared::data::{BatchSource, BatchStream, Batcher, Normalization};
-use tether_shared::model::{INPUT_SHAPE, ModelKind};
+use tether_shared::model::ModelKind;
 use tether_shared::train::{LocalOptimizer, Trainer};
 use thiserror::Error;
 
@@ -165,12 +165,10 @@ pub fn run(config: &TrainConfig) -> Result<TrainReport, TrainError> {
     let started = Instant::now();
     let selected = backend::select(config.backend, config.threads)?;
     let (data_dir, mut data) = dataset::load(config.data.as_deref())?;
-    data.train
-        .expect_shape(INPUT_SHAPE)
-        .map_err(LoadError::from)?;
-    data.test
-        .expect_shape(INPUT_SHAPE)
-        .map_err(LoadError::from)?;
+    for set in [&data.train, &data.test] {
+        set.expect_shape(config.model.input_shape())
+            .map_err(LoadError::from)?;
+    }
     if let Some(n) = config.test_limit {
         data.test = data
             .test
@@ -184,7 +182,7 @@ pub fn run(config: &TrainConfig) -> Result<TrainReport, TrainError> {
 
     selected.device.seed(config.seed);
     let mut trainer = Trainer::new(config.model, config.optimizer, &selected.device);
-    let batcher = Batcher::new((0..train_n).collect(), config.batch, config.seed, norm);
+    let batcher = Batcher::new((0..train_n).collect(), config.batch, config.seed, &norm);
     let steps = batcher.batches_per_epoch();
     // Epoch e trains on the shuffle of epoch e; a thread prepares batches ahead.
     let mut batches = Prefetch::spawn(BatchStream::new(batcher, Arc::new(data.train), 1));
@@ -222,7 +220,7 @@ pub fn run(config: &TrainConfig) -> Result<TrainReport, TrainError> {
         train_seconds_total += train_seconds;
         bar.finish_and_clear();
         let t1 = Instant::now();
-        let eval = trainer.evaluate(&data.test, norm);
+        let eval = trainer.evaluate(&data.test, &norm);
         let report = EpochReport {
             epoch,
             train_loss: loss_sum / train_n as f64,

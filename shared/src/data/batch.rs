@@ -7,24 +7,61 @@ use super::ImageSet;
 use crate::rng::SplitMix64;
 use serde::{Deserialize, Serialize};
 
-/// Pixel normalisation: x = (p/255 − mean) / std, with mean and std taken over the
-/// training set (as the PyTorch peer does).
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+/// Pixel normalisation per channel: x = (p/255 − mean_c) / std_c, with each channel's
+/// mean and std taken over the training set (as the PyTorch peer does).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Normalization {
-    /// Mean of the training pixels scaled to [0, 1].
+    /// One entry per image channel, in channel order.
+    pub channels: Vec<ChannelStats>,
+}
+
+/// Mean and standard deviation of one channel's training pixels scaled to [0, 1].
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ChannelStats {
+    /// Mean.
     pub mean: f32,
-    /// Standard deviation of the training pixels scaled to [0, 1].
+    /// Standard deviation (never 0).
     pub std: f32,
 }
 
 impl Normalization {
-    /// Mean and standard deviation of all pixels of `set`, scaled to [0, 1].
-    pub fn of(set: &ImageSet) -> Self {
-        let mut hist = [0u64; 256];
-        for &p in &set.pixels {
-            hist[usize::from(p)] += 1;
+    /// The same mean and std for a one-channel set.
+    pub fn single(mean: f32, std: f32) -> Self {
+        Self {
+            channels: vec![ChannelStats { mean, std }],
         }
-        let n = set.pixels.len().max(1) as f64;
+    }
+
+    /// Mean and standard deviation of each channel of `set`, scaled to [0, 1].
+    pub fn of(set: &ImageSet) -> Self {
+        let plane = set.rows * set.cols;
+        let mut hist = vec![[0u64; 256]; set.channels];
+        if plane > 0 {
+            for image in set.pixels.chunks_exact(set.image_len()) {
+                for (c, pixels) in image.chunks_exact(plane).enumerate() {
+                    for &p in pixels {
+                        hist[c][usize::from(p)] += 1;
+                    }
+                }
+            }
+        }
+        Self {
+            channels: hist.iter().map(ChannelStats::of_histogram).collect(),
+        }
+    }
+
+    /// For each channel, the normalised value of every possible byte.
+    pub fn tables(&self) -> Vec<[f32; 256]> {
+        self.channels
+            .iter()
+            .map(|c| std::array::from_fn(|v| (v as f32 / 255.0 - c.mean) / c.std))
+            .collect()
+    }
+}
+
+impl ChannelStats {
+    fn of_histogram(hist: &[u64; 256]) -> Self {
+        let n = hist.iter().sum::<u64>().max(1) as f64;
         let mean = hist
             .iter()
             .enumerate()
@@ -37,15 +74,12 @@ impl Normalization {
             .map(|(v, &c)| (v as f64 / 255.0 - mean).powi(2) * c as f64)
             .sum::<f64>()
             / n;
+        let std = var.sqrt() as f32;
         Self {
             mean: mean as f32,
-            std: (var.sqrt() as f32).max(f32::MIN_POSITIVE),
+            // A constant channel carries no information: centre it, do not blow it up.
+            std: if std < 1e-6 { 1.0 } else { std },
         }
-    }
-
-    /// The normalised value of every possible byte.
-    pub fn table(&self) -> [f32; 256] {
-        std::array::from_fn(|v| (v as f32 / 255.0 - self.mean) / self.std)
     }
 }
 
@@ -56,7 +90,7 @@ pub struct Batcher {
     indices: Vec<usize>,
     batch: usize,
     seed: u64,
-    table: [f32; 256],
+    tables: Vec<[f32; 256]>,
 }
 
 impl Batcher {
@@ -65,13 +99,13 @@ impl Batcher {
     ///
     /// # Panics
     /// If `batch == 0`: the CLI rejects that before it gets here.
-    pub fn new(indices: Vec<usize>, batch: usize, seed: u64, norm: Normalization) -> Self {
+    pub fn new(indices: Vec<usize>, batch: usize, seed: u64, norm: &Normalization) -> Self {
         assert!(batch > 0, "batch size must be positive");
         Self {
             indices,
             batch,
             seed,
-            table: norm.table(),
+            tables: norm.tables(),
         }
     }
 
@@ -98,7 +132,7 @@ impl Batcher {
         fill_normalized(
             set,
             items,
-            &self.table,
+            &self.tables,
             &mut batch.images,
             &mut batch.labels,
         );
@@ -172,19 +206,28 @@ impl BatchSource for BatchStream {
     }
 }
 
-/// Writes the normalised pixels and labels of `items` (see [`Batcher::fill`]).
+/// Writes the normalised pixels and labels of `items`, each channel through its own
+/// table of [`Normalization::tables`].
+///
+/// # Panics
+/// If `tables` has not one table per channel of `set` (sessions check the run's
+/// normalisation against the model's input before they make batches).
 pub fn fill_normalized(
     set: &ImageSet,
     items: &[usize],
-    table: &[f32; 256],
+    tables: &[[f32; 256]],
     images: &mut Vec<f32>,
     labels: &mut Vec<i64>,
 ) {
+    assert_eq!(tables.len(), set.channels, "one normalisation per channel");
     images.clear();
     labels.clear();
     images.reserve(items.len() * set.image_len());
+    let plane = set.rows * set.cols;
     for &i in items {
-        images.extend(set.image(i).iter().map(|&p| table[usize::from(p)]));
+        for (pixels, table) in set.image(i).chunks_exact(plane).zip(tables) {
+            images.extend(pixels.iter().map(|&p| table[usize::from(p)]));
+        }
         labels.push(i64::from(set.labels[i]));
     }
 }
@@ -211,7 +254,7 @@ mod tests {
         let vals: Vec<f32> = s
             .pixels
             .iter()
-            .map(|&p| norm.table()[usize::from(p)])
+            .map(|&p| norm.tables()[0][usize::from(p)])
             .collect();
         let mean = vals.iter().sum::<f32>() / vals.len() as f32;
         let var = vals.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / vals.len() as f32;
@@ -222,16 +265,35 @@ mod tests {
     }
 
     #[test]
-    fn epochs_shuffle_differently_and_cover_the_shard() {
-        let b = Batcher::new(
-            (0..100).collect(),
-            32,
-            5,
-            Normalization {
-                mean: 0.0,
-                std: 1.0,
-            },
+    fn each_channel_is_normalised_by_its_own_statistics() {
+        // Two 1×2 images of 3 channels: red is 0 or 255, green always 51, blue 0..255.
+        let s = ImageSet {
+            source: "t".into(),
+            channels: 3,
+            rows: 1,
+            cols: 2,
+            pixels: vec![0, 255, 51, 51, 0, 0, 255, 0, 51, 51, 255, 255],
+            labels: vec![0, 1],
+        };
+        let norm = Normalization::of(&s);
+        let [r, g, b] = [0, 1, 2].map(|c| norm.channels[c]);
+        assert!(
+            (r.mean - 0.5).abs() < 1e-6 && (r.std - 0.5).abs() < 1e-6,
+            "{r:?}"
         );
+        assert!((g.mean - 0.2).abs() < 1e-6 && g.std == 1.0, "{g:?}");
+        assert!((b.mean - 0.5).abs() < 1e-6, "{b:?}");
+        let batch = Batcher::new(vec![0, 1], 2, 0, &norm).batch(&s, &[1]);
+        assert_eq!(batch.images.len(), 6);
+        // Image 1: red 255 then 0 → +1, −1; green centred to 0; blue 255, 255 → +1, +1.
+        assert_eq!([batch.images[0], batch.images[1]], [1.0, -1.0]);
+        assert!(batch.images[2..4].iter().all(|v| v.abs() < 1e-6));
+        assert_eq!([batch.images[4], batch.images[5]], [1.0, 1.0]);
+    }
+
+    #[test]
+    fn epochs_shuffle_differently_and_cover_the_shard() {
+        let b = Batcher::new((0..100).collect(), 32, 5, &Normalization::single(0.0, 1.0));
         assert_eq!(b.batches_per_epoch(), 4);
         let (e0, e1) = (b.epoch_order(0), b.epoch_order(1));
         assert_ne!(e0, e1);
@@ -246,15 +308,7 @@ mod tests {
     #[test]
     fn a_batch_holds_pixels_and_labels_in_item_order() {
         let s = set();
-        let b = Batcher::new(
-            vec![0, 1, 2],
-            2,
-            0,
-            Normalization {
-                mean: 0.0,
-                std: 1.0,
-            },
-        );
+        let b = Batcher::new(vec![0, 1, 2], 2, 0, &Normalization::single(0.0, 1.0));
         let batch = b.batch(&s, &[2, 0]);
         assert_eq!(batch.labels, [3, 1]);
         assert_eq!(batch.images, [0.2, 0.2, 0.0, 1.0]);
@@ -263,15 +317,7 @@ mod tests {
     #[test]
     fn a_stream_walks_each_epoch_in_its_own_order_with_a_short_tail() {
         let s = Arc::new(set());
-        let b = Batcher::new(
-            vec![0, 1, 2],
-            2,
-            7,
-            Normalization {
-                mean: 0.0,
-                std: 1.0,
-            },
-        );
+        let b = Batcher::new(vec![0, 1, 2], 2, 7, &Normalization::single(0.0, 1.0));
         let mut stream = BatchStream::new(b.clone(), Arc::clone(&s), 1);
         for epoch in 1..4 {
             let order = b.epoch_order(epoch);

@@ -48,6 +48,25 @@ pub fn parse(file: &str, bytes: &[u8]) -> Result<ImageSet, DataError> {
     })
 }
 
+/// The records of `set` in the CIFAR-10 binary format (the inverse of [`parse`]),
+/// for tests and tools that write CIFAR-format files.
+///
+/// # Panics
+/// If the images are not 3×32×32.
+pub fn encode(set: &ImageSet) -> Vec<u8> {
+    assert_eq!(
+        [set.channels, set.rows, set.cols],
+        [3, 32, 32],
+        "CIFAR-10 images are 3×32×32"
+    );
+    let mut out = Vec::with_capacity(set.len() * RECORD);
+    for (i, &label) in set.labels.iter().enumerate() {
+        out.push(label);
+        out.extend_from_slice(set.image(i));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -69,6 +88,7 @@ mod tests {
         assert_eq!(set.labels, [3, 0, 9]);
         assert_eq!(set.image(1)[..3], [0, 1, 2]);
         assert!(set.expect_shape([1, 28, 28]).is_err());
+        assert_eq!(encode(&set), records(&[3, 0, 9]));
     }
 
     #[test]

@@ -11,7 +11,7 @@ pub mod shard;
 
 use thiserror::Error;
 
-pub use batch::{Batch, BatchSource, BatchStream, Batcher, Normalization};
+pub use batch::{Batch, BatchSource, BatchStream, Batcher, ChannelStats, Normalization};
 pub use shard::{decode_images, encode_images, shard_indices};
 
 /// A malformed or unsuitable data file. Every variant names the file.

@@ -1,7 +1,8 @@
 //! The networks tether trains, identical for native and browser workers, and the flat
 //! parameter view that every exchange with the server uses.
 //!
-//! Both networks take 1×28×28 images and give 10 logits. Max-pooling is applied
+//! `small` and `paper` take 1×28×28 images, `cifar` takes 3×32×32; all give 10
+//! logits. Max-pooling is applied
 //! *before* ReLU: the two commute (ReLU is monotone), so the result is the same as
 //! the usual conv → ReLU → pool, with ReLU and its backward on a 4× smaller tensor.
 
@@ -18,9 +19,6 @@ pub use flat::{FlatError, load_flat, to_flat, to_flat_async};
 pub use paper::{PaperCnn, PaperCnnConfig};
 pub use small::{SmallCnn, SmallCnnConfig};
 
-/// The input every model takes: channels, rows, cols.
-pub const INPUT_SHAPE: [usize; 3] = [1, 28, 28];
-
 /// Which network to train.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -29,14 +27,38 @@ pub enum ModelKind {
     Small,
     /// The EASGD paper's CIFAR network adapted to 1×28×28 (430 666 parameters).
     Paper,
+    /// The EASGD paper's CIFAR network on CIFAR-10's 3×32×32 (548 554 parameters).
+    Cifar,
 }
 
 impl ModelKind {
+    /// Every network, in the order the CLI lists them.
+    pub const ALL: [Self; 3] = [Self::Small, Self::Paper, Self::Cifar];
+
     /// The name used on the command line and in reports.
     pub fn name(self) -> &'static str {
         match self {
             Self::Small => "small",
             Self::Paper => "paper",
+            Self::Cifar => "cifar",
+        }
+    }
+
+    /// The images this network takes: channels, rows, cols.
+    pub fn input_shape(self) -> [usize; 3] {
+        match self {
+            Self::Small | Self::Paper => [1, 28, 28],
+            Self::Cifar => [3, 32, 32],
+        }
+    }
+
+    /// The network a run trains when none is named: `cifar` for CIFAR-10's 3×32×32
+    /// images, `small` otherwise.
+    pub fn default_for(input: [usize; 3]) -> Self {
+        if input == Self::Cifar.input_shape() {
+            Self::Cifar
+        } else {
+            Self::Small
         }
     }
 
@@ -45,6 +67,7 @@ impl ModelKind {
         match self {
             Self::Small => small::PARAMS,
             Self::Paper => paper::PARAMS,
+            Self::Cifar => paper::CIFAR_PARAMS,
         }
     }
 
@@ -57,11 +80,12 @@ impl ModelKind {
         let fc = |i: u64, o: u64| 2 * i * o;
         match self {
             Self::Small => conv(1, 32, 3, 28) + conv(32, 64, 3, 14) + fc(3136, 128) + fc(128, 10),
-            Self::Paper => {
-                conv(1, 64, 5, 28)
-                    + conv(64, 128, 5, 14)
-                    + conv(128, 64, 3, 7)
-                    + fc(576, 256)
+            Self::Paper | Self::Cifar => {
+                let [c, side, _] = self.input_shape().map(|v| v as u64);
+                conv(c, 64, 5, side)
+                    + conv(64, 128, 5, side / 2)
+                    + conv(128, 64, 3, side / 4)
+                    + fc(64 * (side / 8).pow(2), 256)
                     + fc(256, 10)
             }
         }
@@ -72,6 +96,15 @@ impl ModelKind {
         match self {
             Self::Small => Net::Small(SmallCnnConfig::new().init(device)),
             Self::Paper => Net::Paper(PaperCnnConfig::new().init(device)),
+            Self::Cifar => {
+                let [channels, side, _] = self.input_shape();
+                Net::Cifar(
+                    PaperCnnConfig::new()
+                        .with_channels(channels)
+                        .with_side(side)
+                        .init(device),
+                )
+            }
         }
     }
 }
@@ -82,7 +115,10 @@ impl std::str::FromStr for ModelKind {
         match s {
             "small" => Ok(Self::Small),
             "paper" => Ok(Self::Paper),
-            other => Err(format!("unknown model {other:?} (expected small or paper)")),
+            "cifar" => Ok(Self::Cifar),
+            other => Err(format!(
+                "unknown model {other:?} (expected small, paper or cifar)"
+            )),
         }
     }
 }
@@ -96,14 +132,16 @@ pub enum Net {
     Small(SmallCnn),
     /// See [`PaperCnn`].
     Paper(PaperCnn),
+    /// [`PaperCnn`] on 3×32×32.
+    Cifar(PaperCnn),
 }
 
 impl Net {
-    /// Logits `[N, 10]` for images `[N, 1, 28, 28]`.
+    /// Logits `[N, 10]` for images `[N, C, H, W]` of the kind's input shape.
     pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
         match self {
             Self::Small(m) => m.forward(images),
-            Self::Paper(m) => m.forward(images),
+            Self::Paper(m) | Self::Cifar(m) => m.forward(images),
         }
     }
 
@@ -112,6 +150,7 @@ impl Net {
         match self {
             Self::Small(_) => ModelKind::Small,
             Self::Paper(_) => ModelKind::Paper,
+            Self::Cifar(_) => ModelKind::Cifar,
         }
     }
 }
@@ -123,7 +162,7 @@ mod tests {
     #[test]
     fn parameter_counts_match_the_declared_ones() {
         let device = Device::flex();
-        for kind in [ModelKind::Small, ModelKind::Paper] {
+        for kind in ModelKind::ALL {
             assert_eq!(
                 kind.init(&device).num_params(),
                 kind.param_count(),
@@ -132,15 +171,17 @@ mod tests {
         }
         assert_eq!(ModelKind::Small.param_count(), 421_642);
         assert_eq!(ModelKind::Paper.param_count(), 430_666);
+        assert_eq!(ModelKind::Cifar.param_count(), 548_554);
     }
 
     #[test]
     fn forward_gives_ten_logits_per_image() {
         let device = Device::flex();
-        for kind in [ModelKind::Small, ModelKind::Paper] {
+        for kind in ModelKind::ALL {
+            let [c, h, w] = kind.input_shape();
             let out = kind
                 .init(&device)
-                .forward(Tensor::zeros([3, 1, 28, 28], &device));
+                .forward(Tensor::zeros([3, c, h, w], &device));
             assert_eq!(out.dims(), [3, 10], "{kind:?}");
         }
     }
@@ -156,5 +197,17 @@ mod tests {
             ModelKind::Paper.forward_flops_per_sample()
                 > ModelKind::Small.forward_flops_per_sample()
         );
+        // The 3×32×32 network: conv1 sees 3 channels on 32×32, fc1 1 024 inputs.
+        assert_eq!(
+            ModelKind::Cifar.forward_flops_per_sample(),
+            2 * (3 * 64 * 25 * 1024 + 64 * 128 * 25 * 256 + 128 * 64 * 9 * 64 + 1024 * 256 + 2560)
+        );
+    }
+
+    #[test]
+    fn cifar_images_select_the_cifar_network() {
+        assert_eq!(ModelKind::default_for([3, 32, 32]), ModelKind::Cifar);
+        assert_eq!(ModelKind::default_for([1, 28, 28]), ModelKind::Small);
+        assert_eq!("cifar".parse::<ModelKind>(), Ok(ModelKind::Cifar));
     }
 }

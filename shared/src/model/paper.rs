@@ -1,6 +1,9 @@
-//! The EASGD paper's CIFAR network adapted to 1×28×28 input: conv5×5-64, pool,
-//! conv5×5-128, pool, conv3×3-64, pool, fc256 with dropout 0.5, fc10 (430 666
-//! parameters; all pools 2×2, so 28 → 14 → 7 → 3), as in the peer's `paper_net`.
+//! The EASGD paper's CIFAR network (Zhang, Choromanska & LeCun 2015, §5 and the
+//! appendix): conv5×5-64, pool, conv5×5-128, pool, conv3×3-64, pool, fc256 with
+//! dropout 0.5, fc10, every pool 2×2 and every convolution padded to keep its size.
+//! On 1×28×28 input (`paper`, as the peer's `paper_net`: 28 → 14 → 7 → 3, 430 666
+//! parameters) and on CIFAR-10's own 3×32×32 (`cifar`: 32 → 16 → 8 → 4, 548 554
+//! parameters; the paper trained on random 28×28 crops, tether on whole images).
 
 use burn::config::Config;
 use burn::module::Module;
@@ -12,12 +15,21 @@ use burn::tensor::{Device, Tensor};
 
 use super::ops::{conv2d, pool2_relu};
 
-/// Parameter count: 1 664 + 204 928 + 73 792 + 147 712 + 2 570.
+/// Parameter count on 1×28×28: 1 664 + 204 928 + 73 792 + 147 712 + 2 570.
 pub const PARAMS: usize = 430_666;
+
+/// Parameter count on 3×32×32: 4 864 + 204 928 + 73 792 + 262 400 + 2 570.
+pub const CIFAR_PARAMS: usize = 548_554;
 
 /// Configuration of [`PaperCnn`].
 #[derive(Config, Debug)]
 pub struct PaperCnnConfig {
+    /// Input channels (1 for Fashion-MNIST, 3 for CIFAR-10).
+    #[config(default = 1)]
+    pub channels: usize,
+    /// Input height and width; a multiple of 8 or not, three 2×2 pools floor it.
+    #[config(default = 28)]
+    pub side: usize,
     /// Dropout probability before the last layer.
     #[config(default = 0.5)]
     pub dropout: f64,
@@ -45,11 +57,11 @@ impl PaperCnnConfig {
                 .init(device)
         };
         PaperCnn {
-            conv1: conv(1, 64, 5),
+            conv1: conv(self.channels, 64, 5),
             conv2: conv(64, 128, 5),
             conv3: conv(128, 64, 3),
             pool: MaxPool2dConfig::new([2, 2]).init(),
-            fc1: LinearConfig::new(64 * 3 * 3, 256).init(device),
+            fc1: LinearConfig::new(64 * (self.side / 8).pow(2), 256).init(device),
             dropout: DropoutConfig::new(self.dropout).init(),
             fc2: LinearConfig::new(256, 10).init(device),
         }
@@ -57,7 +69,7 @@ impl PaperCnnConfig {
 }
 
 impl PaperCnn {
-    /// Logits `[N, 10]` for images `[N, 1, 28, 28]`.
+    /// Logits `[N, 10]` for images `[N, channels, side, side]`.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
         let x = pool2_relu(&self.pool, conv2d(&self.conv1, x));
         let x = pool2_relu(&self.pool, conv2d(&self.conv2, x));

@@ -7,19 +7,21 @@
 //! its key; the page must be a secure context) — while a native worker trains
 //! beside it and picks up a τ changed from the operator controls. And a volunteer
 //! of a root with a relay below it: Join on the root's page lands the tab on the
-//! relay's page, where it trains.
+//! relay's page, where it trains. And a tab training the paper's CIFAR network on
+//! 3-channel images (a generated CIFAR-format set) on the CPU path.
 //!
 //! Skipped when Node, playwright-core or Chromium are missing, unless
 //! `TETHER_REQUIRE_BROWSER` is set (the README's test command installs them and
 //! sets it, so in CI a missing browser is a failure).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use tether_server::{RunSettings, ServerConfig, tls};
 use tether_shared::algorithms::Algorithm;
+use tether_shared::model::ModelKind;
 use tether_tests::net::TestServer;
 use tether_tests::serve::Serve;
 use tether_tests::{read_json, scratch};
@@ -52,12 +54,19 @@ fn missing() -> Option<String> {
 /// One browser at a time: two Chromiums training on two cores would starve each other.
 static ONE_BROWSER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-async fn dashboard_run(backend: &str, https: bool, extra: &[&str]) -> Result<()> {
+/// A run on the shipped data, or on the data set in `data` with the network for its
+/// images.
+async fn dashboard_run(
+    backend: &str,
+    https: bool,
+    extra: &[&str],
+    data: Option<&Path>,
+) -> Result<()> {
     let _one = ONE_BROWSER.lock().await;
-    let label = if https {
-        format!("{backend}-https")
-    } else {
-        backend.to_string()
+    let label = match (https, data) {
+        (true, _) => format!("{backend}-https"),
+        (false, Some(_)) => format!("{backend}-data"),
+        (false, None) => backend.to_string(),
     };
     if let Some(why) = missing() {
         if std::env::var_os("TETHER_REQUIRE_BROWSER").is_some() {
@@ -72,7 +81,11 @@ async fn dashboard_run(backend: &str, https: bool, extra: &[&str]) -> Result<()>
     run.tau = 2;
     run.batch = BATCH;
     run.alpha = 0.3;
+    if let Some(dir) = data {
+        run.model = ModelKind::default_for(tether_dataset::format(dir).input_shape());
+    }
     let mut config = ServerConfig::new(run);
+    config.data = data.map(Path::to_path_buf);
     config.eval_every = Some(Duration::from_secs(2));
     config.eval_limit = Some(500);
     config.checkpoint_every = None;
@@ -170,7 +183,7 @@ async fn dashboard_run(backend: &str, https: bool, extra: &[&str]) -> Result<()>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn browser_worker_trains_on_webgpu_from_the_dashboard() -> Result<()> {
-    dashboard_run("webgpu", false, &[]).await
+    dashboard_run("webgpu", false, &[], None).await
 }
 
 /// A software WebGPU adapter trains ~100× slower than the CPU path: `auto` must
@@ -193,12 +206,22 @@ async fn browser_workers_train_on_the_cpu_fallback_from_the_dashboard() -> Resul
         "--workers",
         "2",
     ];
-    dashboard_run("cpu", false, &auto).await
+    dashboard_run("cpu", false, &auto, None).await
+}
+
+/// The paper's CIFAR network in a tab: a 3-channel shard downloaded, normalised per
+/// channel with the server's statistics, trained on the CPU path beside a native
+/// worker, synced at least five times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_worker_trains_the_cifar_network_on_three_channel_images() -> Result<()> {
+    let data = scratch("browser-cifar-data")?;
+    tether_tests::write_cifar_like(&data, 400, 100)?;
+    dashboard_run("cpu", false, &["--choice", "cpu"], Some(&data)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn browser_worker_trains_on_webgpu_over_https() -> Result<()> {
-    dashboard_run("webgpu", true, &[]).await
+    dashboard_run("webgpu", true, &[], None).await
 }
 
 /// The root hands a joining browser its relay: a `tether serve` with a relay token,

@@ -194,7 +194,7 @@ fn wgpu_backend_agrees_with_the_cpu_backend() -> Result<()> {
     eprintln!("wgpu device: {}", wgpu.description);
     let (_, data) = tether_dataset::load(None)?;
     let norm = Normalization::of(&data.train);
-    let batcher = Batcher::new((0..data.train.len()).collect(), 64, 0, norm);
+    let batcher = Batcher::new((0..data.train.len()).collect(), 64, 0, &norm);
     let cpu_device = Device::flex();
     let mut cpu = Trainer::new(ModelKind::Small, LocalOptimizer::default(), &cpu_device);
     let mut gpu = Trainer::new(ModelKind::Small, LocalOptimizer::default(), &wgpu.device);

@@ -2,6 +2,7 @@
 //! port 0 with real sockets, real training on the shipped data.
 
 mod browser;
+mod cifar;
 mod cli;
 mod hardening;
 mod internet;

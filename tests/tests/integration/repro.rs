@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use serde_json::Value;
-use tether_tests::{read_json, scratch, tether};
+use tether_tests::{read_json, scratch, tether, write_cifar_like};
 
 /// Runs `tether repro ARGS --out DIR` on a tiny budget and returns its JSON.
 fn repro(dir: &Path, args: &[&str]) -> Result<Value> {
@@ -135,6 +135,51 @@ fn each_grid_runs_tiny_and_the_same_grid_gives_the_same_numbers() -> Result<()> 
             "{b}"
         );
     }
+    Ok(())
+}
+
+/// The paper's own data: `--data` with CIFAR-10 batches trains the paper's CIFAR
+/// network on 3-channel images, and the center learns.
+#[test]
+fn a_grid_on_cifar_batches_trains_the_cifar_network() -> Result<()> {
+    let base = scratch("repro-cifar")?;
+    let data = base.join("data");
+    write_cifar_like(&data, 400, 100)?;
+    let out = base.join("out");
+    let run = tether(&[
+        "repro",
+        "tau",
+        "--data",
+        data.to_str().context("utf-8 path")?,
+        "--tau",
+        "2",
+        "--algorithm",
+        "easgd",
+        "--workers",
+        "2",
+        "--batch",
+        "16",
+        "--budget",
+        "1",
+        "--evaluations",
+        "2",
+        "--step-ms",
+        "10",
+        "--out",
+        out.to_str().context("utf-8 path")?,
+    ])?;
+    let err = String::from_utf8_lossy(&run.stderr);
+    anyhow::ensure!(run.status.success(), "{err}");
+    let json = read_json(&out.join("tau.json"))?;
+    assert_eq!(json["grid"]["model"], "cifar", "{json}");
+    let points = json["cells"][0]["result"]["points"]
+        .as_array()
+        .context("points")?;
+    let (first, last) = (&points[0], &points[points.len() - 1]);
+    assert!(
+        last["error"].as_f64() < Some(first["error"].as_f64().context("error")? - 0.2),
+        "one epoch of ten colours: {points:?}"
+    );
     Ok(())
 }
 
