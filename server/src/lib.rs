@@ -565,8 +565,12 @@ async fn checkpoint_loop(state: AppState) {
     }
 }
 
-/// Writes a checkpoint if the center changed since the last one (or `force` and none
-/// exists for this version). Returns the manifest written or already current.
+/// Writes a checkpoint if the center changed since the last one, or always when
+/// `force` (shutdown, the operator's button): the center may be the last one
+/// written, but the history (evaluations, the run's clock) has moved on since, and
+/// a resumed run must keep it. Rewriting a version is safe: its tensor file is the
+/// same bytes, and the manifest is replaced atomically. Returns the manifest
+/// written or already current.
 pub async fn write_checkpoint(
     state: &AppState,
     force: bool,
@@ -578,6 +582,7 @@ pub async fn write_checkpoint(
     let last = state.last_checkpoint.lock().expect("lock").clone();
     if let Some((v, path)) = &last
         && *v == snap.version
+        && !force
     {
         return Ok(Some(path.clone()));
     }

@@ -704,6 +704,9 @@ async fn session<E: Engine>(
             report.training_span = Some((from, ctx.started.elapsed().as_secs_f64()));
         }
         ctx.bar.inc(u64::from(trained.steps));
+        if lost.is_some() && server_stop.is_none() {
+            server_stop = stop_left_unread(&mut frames).await;
+        }
         match server_stop {
             Some(StopReason::Finished) => break End::Done("the run finished".into()),
             Some(StopReason::ShuttingDown) => break End::Lost("server shutting down".into()),
@@ -776,7 +779,10 @@ async fn session<E: Engine>(
         report.bytes_out += bytes.len() as u64;
         report.sync_bytes += bytes.len() as u64;
         if out.send(bytes).await.is_err() {
-            break End::Lost("the connection's writer ended".into());
+            break match stop_left_unread(&mut frames).await {
+                Some(StopReason::Finished) => End::Done("the run finished".into()),
+                _ => End::Lost("the connection's writer ended".into()),
+            };
         }
         let mut flight = InFlight {
             seq,
@@ -877,6 +883,26 @@ fn spawn_writer(
             tokio::time::timeout(Duration::from_secs(5), sink.send(WsMessage::Close(None))).await;
     });
     (out, failed, task)
+}
+
+/// A stop the server sent just before it closed, still unread: when a run finishes,
+/// the worker's writer can fail on the server's close before the reader hands over
+/// the stop that came first, and a worker that took that for a lost server would
+/// retry a finished run until it gave up. Reads what is left (1 s at most).
+async fn stop_left_unread(
+    frames: &mut mpsc::Receiver<Result<(Frame, u64), String>>,
+) -> Option<StopReason> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    loop {
+        match tokio::time::timeout_at(deadline, frames.recv()).await {
+            Ok(Some(Ok((frame, _)))) => {
+                if let Message::Stop(reason) = frame.message {
+                    return Some(reason);
+                }
+            }
+            _ => return None,
+        }
+    }
 }
 
 /// Waits for the reply to sync `seq` (300 s at most). A rejection, a stop or a lost

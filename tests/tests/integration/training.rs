@@ -152,3 +152,29 @@ async fn a_worker_killed_mid_run_leaves_the_others_training() -> Result<()> {
     server.stop().await?;
     Ok(())
 }
+
+/// A run stopped after its last checkpoint, with evaluations since but no new
+/// update, keeps those evaluations: the shutdown checkpoint rewrites the current
+/// version's manifest. Before, it found the version written and skipped, so a
+/// resumed run lost them and its clock went back (the lifecycle test saw it as a
+/// resume time earlier than the last status).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_checkpoint_keeps_the_evaluations_since_the_last_one() -> Result<()> {
+    let config = tether_tests::net::quick_config("checkpoint-history", Algorithm::Easgd)?;
+    let dir = config.run_dir.clone().expect("a run directory");
+    let server = TestServer::start(config).await?;
+    tether_server::write_checkpoint(&server.state, true).await?;
+    let state = server.state.clone();
+    let eval = tokio::task::spawn_blocking(move || state.evaluate_now()).await?;
+    server.stop().await?;
+    let newest = tether_server::checkpoint::load_newest(&dir)?;
+    assert_eq!(newest.snapshot.version, 0);
+    assert_eq!(
+        newest.snapshot.history.evals.len(),
+        1,
+        "the evaluation was lost"
+    );
+    assert_eq!(newest.snapshot.history.evals[0].accuracy, eval.accuracy);
+    assert!(newest.snapshot.history.run_time_s >= eval.time_s);
+    Ok(())
+}
