@@ -3,27 +3,21 @@
 //! worker's own compute time, the single-worker trainer at equal samples, and f32
 //! syncs without overlap on the same emulated link.
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::Args;
-use futures_util::{SinkExt, StreamExt};
 use serde::Serialize;
+use tether_lab::local::{Local, run_local};
+use tether_lab::server_bench;
 use tether_server::{RunSettings, ServerConfig};
 use tether_shared::algorithms::Algorithm;
 use tether_shared::codec::Encoding;
 use tether_shared::model::ModelKind;
-use tether_shared::protocol::{self, Frame, Hello, Message, PROTOCOL_VERSION, Sync, WorkerKind};
 use tether_worker::backend::BackendChoice;
-use tokio_tungstenite::tungstenite::Message as WsMessage;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-use crate::demo::{Local, run_local};
-use crate::net::{algorithm_parser, runtime};
+use crate::net::{algorithm_parser, runtime, stop_on_signal};
 use crate::{ModelArg, write_report};
 
 #[derive(Args, Debug)]
@@ -56,211 +50,14 @@ struct ServerRow {
     server_rss_mb: Option<f64>,
 }
 
-type Socket =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-fn ws_config() -> WebSocketConfig {
-    WebSocketConfig::default()
-        .max_message_size(None)
-        .max_frame_size(None)
-}
-
-/// A `tether serve` child process; its stdout names the address.
-fn spawn_server(
-    model: ModelKind,
-    screen_batch: usize,
-    dir: &std::path::Path,
-) -> Result<(Child, SocketAddr)> {
-    let mut child = Command::new(std::env::current_exe()?)
-        .args([
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--algorithm",
-            "easgd",
-        ])
-        .args([
-            "--model",
-            model.name(),
-            "--eval-every",
-            "0",
-            "--checkpoint-every",
-            "0",
-        ])
-        .args([
-            "--max-staleness",
-            "1000000000",
-            "--max-workers",
-            "1024",
-            "--screen-batch",
-            &screen_batch.to_string(),
-            "--run-dir",
-        ])
-        .arg(dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
-    for line in lines.by_ref() {
-        if let Some(rest) = line?.trim().strip_prefix("dashboard: http://") {
-            let addr = rest.split('/').next().context("address")?.parse()?;
-            std::thread::spawn(move || lines.for_each(drop));
-            return Ok((child, addr));
-        }
-    }
-    bail!("tether serve did not start")
-}
-
-fn rss_mb(pid: u32) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kb / 1024.0)
-}
-
-/// One raw client doing back-to-back elastic syncs until `until`; returns its count.
-async fn sync_client(url: String, until: Instant) -> Result<u64> {
-    let (mut ws, _) =
-        tokio_tungstenite::connect_async_with_config(url.as_str(), Some(ws_config()), true).await?;
-    let hello = Hello {
-        protocol: PROTOCOL_VERSION,
-        kind: WorkerKind::Native,
-        backend: "bench".into(),
-        device: "bench client".into(),
-        threads: 0,
-        token: None,
-        previous_run: None,
-        encodings: vec![Encoding::F32],
-        needs_shard: false,
-        group: None,
-        url: None,
-    };
-    ws.send(WsMessage::Binary(
-        protocol::encode(&Message::Hello(hello), &[]).into(),
-    ))
-    .await?;
-    let (welcome, center) = match next(&mut ws).await? {
-        Frame {
-            message: Message::Welcome(w),
-            payload,
-            ..
-        } => (w, payload),
-        other => bail!("expected a welcome, got {:?}", other.message),
-    };
-    // A worker a little way from the center, as after τ honest steps.
-    let x: Vec<f32> = center
-        .iter()
-        .enumerate()
-        .map(|(j, c)| c + 1e-4 * ((j % 5) as f32 - 2.0))
-        .collect();
-    let (mut seen, mut n) = (welcome.center_version, 0u64);
-    while Instant::now() < until {
-        let sync = Sync {
-            session: welcome.session,
-            seq: n + 1,
-            center_version: seen,
-            steps: n,
-            samples: 0,
-            loss: 1.0,
-            samples_per_s: 0.0,
-            wait_s: 0.0,
-            members: 0,
-        };
-        ws.send(WsMessage::Binary(
-            protocol::encode(&Message::Sync(sync), &x).into(),
-        ))
-        .await?;
-        match next(&mut ws).await?.message {
-            Message::Reply(r) => seen = r.center_version,
-            other => bail!("expected a reply, got {other:?}"),
-        }
-        n += 1;
-    }
-    let _ = ws.close(None).await;
-    Ok(n)
-}
-
-async fn next(ws: &mut Socket) -> Result<Frame> {
-    loop {
-        match ws.next().await.context("socket ended")?? {
-            WsMessage::Binary(b) => return Ok(protocol::decode(&b)?),
-            WsMessage::Close(_) => bail!("closed"),
-            _ => continue,
-        }
-    }
-}
-
-/// The baseline: a WebSocket server that sends every binary frame straight back.
-async fn echo_server() -> Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let Ok(mut ws) =
-                    tokio_tungstenite::accept_async_with_config(stream, Some(ws_config())).await
-                else {
-                    return;
-                };
-                while let Some(Ok(msg)) = ws.next().await {
-                    if msg.is_binary() && ws.send(msg).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    Ok(addr)
-}
-
-async fn echo_client(url: String, bytes: Vec<u8>, until: Instant) -> Result<u64> {
-    let (mut ws, _) =
-        tokio_tungstenite::connect_async_with_config(url.as_str(), Some(ws_config()), true).await?;
-    let payload: tokio_tungstenite::tungstenite::Bytes = bytes.into();
-    let mut n = 0;
-    while Instant::now() < until {
-        ws.send(WsMessage::Binary(payload.clone())).await?;
-        loop {
-            match ws.next().await.context("echo ended")?? {
-                WsMessage::Binary(b) if b.len() == payload.len() => break,
-                WsMessage::Binary(_) => bail!("echo changed the frame"),
-                _ => continue,
-            }
-        }
-        n += 1;
-    }
-    Ok(n)
-}
-
 pub fn run_bench_server(args: BenchServerArgs) -> Result<()> {
     let model: ModelKind = args.model.into();
     let dir = std::env::temp_dir().join(format!("tether-bench-server-{}", std::process::id()));
-    let (mut child, addr) = spawn_server(model, args.screen_batch, &dir)?;
+    let exe = std::env::current_exe()?;
+    let (mut child, addr) = server_bench::spawn_server(&exe, model, args.screen_batch, &dir)?;
     let result = runtime()?.block_on(async {
-        let echo = echo_server().await?;
-        let frame_len = protocol::encode(
-            &Message::Sync(Sync {
-                session: 1,
-                seq: 1,
-                center_version: 0,
-                steps: 0,
-                samples: 0,
-                loss: 1.0,
-                samples_per_s: 0.0,
-                wait_s: 0.0,
-                members: 0,
-            }),
-            &vec![0.0; model.param_count()],
-        )
-        .len();
+        let echo = server_bench::echo_server().await?;
+        let frame_len = server_bench::sync_frame_len(model);
         println!(
             "update: {} f32 ({:.2} MB per frame each way); server pid {}",
             model.param_count(),
@@ -273,42 +70,17 @@ pub fn run_bench_server(args: BenchServerArgs) -> Result<()> {
         );
         let mut rows = Vec::new();
         for &c in &args.workers {
-            let run = |echo_mode: bool| {
-                let bytes = vec![7u8; frame_len];
-                async move {
-                    let until = Instant::now() + Duration::from_secs_f64(args.seconds);
-                    let tasks: Vec<_> = (0..c)
-                        .map(|_| {
-                            if echo_mode {
-                                tokio::spawn(echo_client(
-                                    format!("ws://{echo}/"),
-                                    bytes.clone(),
-                                    until,
-                                ))
-                            } else {
-                                tokio::spawn(sync_client(format!("ws://{addr}/ws"), until))
-                            }
-                        })
-                        .collect();
-                    let t0 = Instant::now();
-                    let mut total = 0;
-                    for t in tasks {
-                        total += t.await??;
-                    }
-                    anyhow::Ok(total as f64 / t0.elapsed().as_secs_f64())
-                }
-            };
             let rss_probe = {
                 let pid = child.id();
                 let secs = args.seconds;
                 tokio::spawn(async move {
                     tokio::time::sleep(Duration::from_secs_f64(secs * 0.8)).await;
-                    rss_mb(pid)
+                    server_bench::rss_mb(pid)
                 })
             };
-            let updates = run(false).await?;
+            let updates = server_bench::sync_rate(addr, c, args.seconds).await?;
             let rss = rss_probe.await?;
-            let echo_rate = run(true).await?;
+            let echo_rate = server_bench::echo_rate(echo, frame_len, c, args.seconds).await?;
             let row = ServerRow {
                 workers: c,
                 updates_per_s: updates,
@@ -387,7 +159,7 @@ pub fn run_bench_sync(args: BenchSyncArgs) -> Result<()> {
             overlap: true,
             link: None,
         };
-        let out = rt.block_on(run_local(local))?;
+        let out = rt.block_on(async { run_local(local, stop_on_signal()).await })?;
         let r = &out.reports[0];
         println!(
             "{:>5} {:>7} {:>7} {:>10.2} {:>10.3} {:>8.2}%",
@@ -464,7 +236,7 @@ pub fn run_bench_stats(args: BenchStatsArgs) -> Result<()> {
                 overlap: true,
                 link: None,
             };
-            let out = rt.block_on(run_local(local))?;
+            let out = rt.block_on(async { run_local(local, stop_on_signal()).await })?;
             let acc = out.final_eval.accuracy;
             println!(
                 "{:>10} {:>5} {:>8.2}% {:>+9.2}  {:>8} {:>8.0}",
@@ -597,7 +369,7 @@ pub fn run_bench_link(args: BenchLinkArgs) -> Result<()> {
                 overlap,
                 link,
             };
-            let out = rt.block_on(run_local(local))?;
+            let out = rt.block_on(async { run_local(local, stop_on_signal()).await })?;
             let r = &out.reports[0];
             let per_sync = r.sync_bytes as f64 / r.syncs.max(1) as f64;
             let acc = out.final_eval.accuracy;

@@ -1,22 +1,18 @@
 //! `tether demo` (what `cargo run --release` does): a server and N workers in one
-//! process on the shipped data, an overall progress bar, and a summary table.
+//! process on the shipped data (`tether_lab::local`), an overall progress bar, and
+//! a summary table.
 
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Args;
 use serde::Serialize;
+use tether_lab::local::{Local, run_local};
 use tether_server::{EvalPoint, ServerConfig, Summary};
-use tether_shared::protocol::StopReason;
-use tether_worker::backend::BackendChoice;
-use tether_worker::client::{self, WorkConfig, WorkReport};
-use tokio::sync::{oneshot, watch};
+use tether_worker::client::WorkReport;
 
-use crate::net::{RunFlags, interrupted, runtime};
+use crate::net::{RunFlags, runtime, stop_on_signal};
 use crate::{BackendArg, write_report};
-use tether_lab::throttle::{self, Shape};
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
@@ -91,151 +87,6 @@ struct DemoReport {
     worker_reports: Vec<WorkReport>,
 }
 
-/// A run with a server and local workers in this process.
-pub struct Local {
-    /// The server's configuration (its run settings say what to train).
-    pub config: ServerConfig,
-    /// Workers to start.
-    pub workers: u32,
-    /// Passes over the training set, all workers together.
-    pub epochs: f64,
-    /// The workers' device.
-    pub backend: BackendChoice,
-    /// Port to try first (0: any).
-    pub port: u16,
-    /// Print the URL and draw the overall progress bar.
-    pub chatty: bool,
-    /// Workers keep training while a sync is in flight (where the algorithm allows).
-    pub overlap: bool,
-    /// Workers reach the server through an emulated link of this shape.
-    pub link: Option<Shape>,
-}
-
-/// What a local run produced.
-pub struct Outcome {
-    /// The center on the full test set after the workers finished.
-    pub final_eval: EvalPoint,
-    /// The server's summary.
-    pub summary: Summary,
-    /// One report per worker.
-    pub reports: Vec<WorkReport>,
-    /// The background evaluations.
-    pub history: Vec<EvalPoint>,
-    /// Seconds from start to the final evaluation.
-    pub wall_seconds: f64,
-}
-
-/// Runs a server and `workers` workers until each has trained its share of `epochs`.
-pub async fn run_local(local: Local) -> Result<Outcome> {
-    let started = Instant::now();
-    let settings = local.config.run.clone();
-    let data_dir = local.config.data.clone();
-    let server = tether_server::Server::new(local.config).context("preparing the run")?;
-    let listener = match tokio::net::TcpListener::bind(("127.0.0.1", local.port)).await {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("port {} is taken ({e}); using a free one", local.port);
-            tokio::net::TcpListener::bind("127.0.0.1:0").await?
-        }
-    };
-    let addr = listener.local_addr()?;
-    let state = server.state().clone();
-    if local.chatty {
-        println!(
-            "tether demo: {}, {} workers, τ {}, α {}, η {}, {} model, {} epochs",
-            settings.algorithm.name(),
-            local.workers,
-            settings.tau,
-            settings.alpha,
-            settings.lr,
-            settings.model.name(),
-            local.epochs
-        );
-        println!("  dashboard: http://{addr}/   (press Join there to lend the tab)");
-        if let Some(token) = &state.config.admin_token {
-            println!("  operator token for the dashboard's controls: {token}");
-        }
-        println!("  join from elsewhere: tether work --server ws://{addr}");
-    }
-    let (finish_tx, finish_rx) = oneshot::channel::<()>();
-    let serving = tokio::spawn(server.serve(listener, async move {
-        let _ = finish_rx.await;
-        StopReason::Finished
-    }));
-
-    let worker_addr = match local.link {
-        Some(shape) => throttle::proxy(addr, shape).await?.0,
-        None => addr,
-    };
-    let (_, data) = tether_dataset::load(data_dir.as_deref())?;
-    let train = Arc::new(data.train);
-    let per_worker = (local.epochs * train.len() as f64 / f64::from(local.workers)).ceil();
-    let steps = (per_worker / f64::from(settings.batch)).ceil().max(1.0) as u64;
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let mut workers = Vec::new();
-    for _ in 0..local.workers {
-        let mut w = WorkConfig::new(format!("ws://{worker_addr}/ws"));
-        w.backend = local.backend;
-        w.overlap = local.overlap;
-        w.preloaded = Some(train.clone());
-        w.max_steps = Some(steps);
-        w.progress = false;
-        w.give_up_after = Duration::from_secs(30);
-        workers.push(tokio::spawn(client::run(w, stop_rx.clone())));
-    }
-    tokio::spawn(async move {
-        interrupted().await;
-        eprintln!("stopping: workers finish their steps, sync once more and leave");
-        let _ = stop_tx.send(true);
-    });
-
-    let bar = if local.chatty {
-        tether_worker::progress::bar(per_worker as u64 * u64::from(local.workers), "demo")
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    let watcher = {
-        let state = state.clone();
-        let bar = bar.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                bar.set_position(state.metrics.samples.load(Ordering::Relaxed));
-                let acc = state
-                    .latest_eval()
-                    .map_or("-".into(), |e| format!("{:.2} %", e.accuracy * 100.0));
-                let n = state.workers().len();
-                bar.set_message(format!(
-                    "center {acc} · v{} · {n} workers",
-                    state.center().version()
-                ));
-            }
-        })
-    };
-    let mut reports = Vec::new();
-    for w in workers {
-        reports.push(w.await.context("worker task")?.context("worker failed")?);
-    }
-    watcher.abort();
-    bar.finish_and_clear();
-    if local.chatty {
-        eprintln!("workers done; evaluating the center on the full test set");
-    }
-    // The final figure is on the whole test set whatever --eval-limit says.
-    let test = data.test;
-    let eval_state = state.clone();
-    let final_eval = tokio::task::spawn_blocking(move || eval_state.evaluate_on(&test)).await?;
-    let _ = finish_tx.send(());
-    let summary = serving.await.context("server task")??;
-    Ok(Outcome {
-        final_eval,
-        summary,
-        reports,
-        history: state.evals.lock().map(|h| h.clone()).unwrap_or_default(),
-        wall_seconds: started.elapsed().as_secs_f64(),
-    })
-}
-
 /// 128 bits from the OS's CSPRNG in hex: the demo's operator token (anyone on this
 /// machine can reach the loopback dashboard, so it must not be guessable).
 fn random_token() -> String {
@@ -269,7 +120,7 @@ pub fn run_demo(args: DemoArgs) -> Result<()> {
         overlap: true,
         link: None,
     };
-    let out = runtime()?.block_on(run_local(local))?;
+    let out = runtime()?.block_on(async { run_local(local, stop_on_signal()).await })?;
     let (final_eval, summary, reports) = (out.final_eval, out.summary, out.reports);
     println!();
     println!(

@@ -421,6 +421,18 @@ pub async fn interrupted() {
     let _ = ctrl_c.await;
 }
 
+/// A stop signal that turns true on Ctrl-C or SIGTERM, saying what happens next
+/// (call inside a runtime: it spawns the waiting task).
+pub fn stop_on_signal() -> tokio::sync::watch::Receiver<bool> {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        interrupted().await;
+        eprintln!("stopping: workers finish their steps, sync once more and leave");
+        let _ = tx.send(true);
+    });
+    rx
+}
+
 pub fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -1,14 +1,21 @@
-//! tether's experiments, away from the network: a deterministic simulator that runs
+//! tether's experiments and benchmarks, everything behind `tether repro`, `demo` and
+//! `bench` but the command line: a deterministic simulator that runs
 //! p workers of any algorithm in virtual time ([`simulate`]), reusing the workers'
 //! own training code (`tether_shared::local`) and the server's [`Center`]; the
 //! paper's experiment grids over it ([`repro`]), with their figures ([`plot`]); the
-//! stability maps of the paper's round-robin analysis ([`stability`]); and the
-//! emulated network link the benchmarks and the demo run over ([`throttle`]).
+//! stability maps of the paper's round-robin analysis ([`stability`]); a whole run
+//! in one process, a server and its workers on loopback ([`local`], the demo's and
+//! the benchmarks'); the emulated network link they can run over ([`throttle`]); and
+//! the benchmarks that run real processes: a server against a bare WebSocket echo
+//! ([`server_bench`]), and a relay tree against a flat run ([`tree_bench`]).
 //!
 //! [`Center`]: tether_server::center::Center
 
+pub mod local;
 pub mod plot;
 pub mod repro;
+pub mod server_bench;
 pub mod simulate;
 pub mod stability;
 pub mod throttle;
+pub mod tree_bench;

@@ -1,6 +1,7 @@
 //! tether's one integration-test binary: the real `tether` binary, real servers on
 //! port 0 with real sockets, real training on the shipped data.
 
+mod bench;
 mod browser;
 mod cifar;
 mod cli;

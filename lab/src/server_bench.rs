@@ -1,0 +1,309 @@
+//! The server benchmark behind `tether bench server`: a real `tether serve` process
+//! fed back-to-back elastic syncs by raw protocol clients, against the baseline of
+//! a bare WebSocket echo server moving frames of the same size.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use tether_shared::codec::Encoding;
+use tether_shared::model::ModelKind;
+use tether_shared::protocol::{self, Frame, Hello, Message, PROTOCOL_VERSION, Sync, WorkerKind};
+use thiserror::Error;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+/// Why a measurement failed.
+#[derive(Debug, Error)]
+pub enum ServerBenchError {
+    /// A process or socket failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// The WebSocket failed.
+    #[error("websocket: {0}")]
+    Ws(#[from] tokio_tungstenite::tungstenite::Error),
+    /// A frame that did not decode.
+    #[error("a frame from the server: {0}")]
+    Decode(#[from] protocol::DecodeError),
+    /// The server or the echo did not answer as they should.
+    #[error("{0}")]
+    Unexpected(String),
+    /// A client task panicked.
+    #[error("a client task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+fn unexpected(what: impl Into<String>) -> ServerBenchError {
+    ServerBenchError::Unexpected(what.into())
+}
+
+/// Bytes of one sync frame carrying `model`'s parameters in f32.
+pub fn sync_frame_len(model: ModelKind) -> usize {
+    protocol::encode(
+        &Message::Sync(sync_header(1, 0, 0)),
+        &vec![0.0; model.param_count()],
+    )
+    .len()
+}
+
+fn sync_header(seq: u64, center_version: u64, steps: u64) -> Sync {
+    Sync {
+        session: 1,
+        seq,
+        center_version,
+        steps,
+        samples: 0,
+        loss: 1.0,
+        samples_per_s: 0.0,
+        wait_s: 0.0,
+        members: 0,
+    }
+}
+
+/// Elastic syncs per second that `clients` raw clients get from the server at
+/// `addr` in `seconds`, each sending its next sync as soon as its reply arrives.
+pub async fn sync_rate(
+    addr: SocketAddr,
+    clients: u32,
+    seconds: f64,
+) -> Result<f64, ServerBenchError> {
+    let until = Instant::now() + Duration::from_secs_f64(seconds);
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| tokio::spawn(sync_client(format!("ws://{addr}/ws"), until)))
+        .collect();
+    total_rate(tasks).await
+}
+
+/// Frames per second that `clients` clients get echoed by `echo` in `seconds`.
+pub async fn echo_rate(
+    echo: SocketAddr,
+    frame_len: usize,
+    clients: u32,
+    seconds: f64,
+) -> Result<f64, ServerBenchError> {
+    let until = Instant::now() + Duration::from_secs_f64(seconds);
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| {
+            tokio::spawn(echo_client(
+                format!("ws://{echo}/"),
+                vec![7u8; frame_len],
+                until,
+            ))
+        })
+        .collect();
+    total_rate(tasks).await
+}
+
+async fn total_rate(
+    tasks: Vec<tokio::task::JoinHandle<Result<u64, ServerBenchError>>>,
+) -> Result<f64, ServerBenchError> {
+    let t0 = Instant::now();
+    let mut total = 0;
+    for t in tasks {
+        total += t.await??;
+    }
+    Ok(total as f64 / t0.elapsed().as_secs_f64())
+}
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .max_message_size(None)
+        .max_frame_size(None)
+}
+
+/// Starts `exe serve` (the `tether` binary) for `model` with a loss screen of
+/// `screen_batch` images, its run in `dir`; returns the process and its address,
+/// which its stdout names.
+pub fn spawn_server(
+    exe: &Path,
+    model: ModelKind,
+    screen_batch: usize,
+    dir: &Path,
+) -> Result<(Child, SocketAddr), ServerBenchError> {
+    let mut child = Command::new(exe)
+        .args([
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--algorithm",
+            "easgd",
+        ])
+        .args([
+            "--model",
+            model.name(),
+            "--eval-every",
+            "0",
+            "--checkpoint-every",
+            "0",
+        ])
+        .args([
+            "--max-staleness",
+            "1000000000",
+            "--max-workers",
+            "1024",
+            "--screen-batch",
+            &screen_batch.to_string(),
+            "--run-dir",
+        ])
+        .arg(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let stdout = child.stdout.take().ok_or_else(|| unexpected("no stdout"))?;
+    let mut lines = BufReader::new(stdout).lines();
+    for line in lines.by_ref() {
+        if let Some(rest) = line?.trim().strip_prefix("dashboard: http://") {
+            let addr = rest
+                .split('/')
+                .next()
+                .and_then(|a| a.parse().ok())
+                .ok_or_else(|| unexpected(format!("no address in {rest:?}")))?;
+            std::thread::spawn(move || lines.for_each(drop));
+            return Ok((child, addr));
+        }
+    }
+    let _ = child.kill();
+    Err(unexpected("tether serve did not start"))
+}
+
+/// Resident memory of process `pid` in MB (Linux), if it can be read.
+pub fn rss_mb(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
+/// One raw client doing back-to-back elastic syncs until `until`; returns its count.
+async fn sync_client(url: String, until: Instant) -> Result<u64, ServerBenchError> {
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async_with_config(url.as_str(), Some(ws_config()), true).await?;
+    let hello = Hello {
+        protocol: PROTOCOL_VERSION,
+        kind: WorkerKind::Native,
+        backend: "bench".into(),
+        device: "bench client".into(),
+        threads: 0,
+        token: None,
+        previous_run: None,
+        encodings: vec![Encoding::F32],
+        needs_shard: false,
+        group: None,
+        url: None,
+    };
+    ws.send(WsMessage::Binary(
+        protocol::encode(&Message::Hello(hello), &[]).into(),
+    ))
+    .await?;
+    let (welcome, center) = match next(&mut ws).await? {
+        Frame {
+            message: Message::Welcome(w),
+            payload,
+            ..
+        } => (w, payload),
+        other => {
+            return Err(unexpected(format!(
+                "expected a welcome, got {:?}",
+                other.message
+            )));
+        }
+    };
+    // A worker a little way from the center, as after τ honest steps.
+    let x: Vec<f32> = center
+        .iter()
+        .enumerate()
+        .map(|(j, c)| c + 1e-4 * ((j % 5) as f32 - 2.0))
+        .collect();
+    let (mut seen, mut n) = (welcome.center_version, 0u64);
+    while Instant::now() < until {
+        let sync = Sync {
+            session: welcome.session,
+            ..sync_header(n + 1, seen, n)
+        };
+        ws.send(WsMessage::Binary(
+            protocol::encode(&Message::Sync(sync), &x).into(),
+        ))
+        .await?;
+        match next(&mut ws).await?.message {
+            Message::Reply(r) => seen = r.center_version,
+            other => return Err(unexpected(format!("expected a reply, got {other:?}"))),
+        }
+        n += 1;
+    }
+    let _ = ws.close(None).await;
+    Ok(n)
+}
+
+async fn next(ws: &mut Socket) -> Result<Frame, ServerBenchError> {
+    loop {
+        match ws
+            .next()
+            .await
+            .ok_or_else(|| unexpected("the socket ended"))??
+        {
+            WsMessage::Binary(b) => return Ok(protocol::decode(&b)?),
+            WsMessage::Close(_) => return Err(unexpected("the server closed the socket")),
+            _ => continue,
+        }
+    }
+}
+
+/// The baseline: a WebSocket server that sends every binary frame straight back.
+pub async fn echo_server() -> Result<SocketAddr, ServerBenchError> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) =
+                    tokio_tungstenite::accept_async_with_config(stream, Some(ws_config())).await
+                else {
+                    return;
+                };
+                while let Some(Ok(msg)) = ws.next().await {
+                    if msg.is_binary() && ws.send(msg).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    Ok(addr)
+}
+
+async fn echo_client(url: String, bytes: Vec<u8>, until: Instant) -> Result<u64, ServerBenchError> {
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async_with_config(url.as_str(), Some(ws_config()), true).await?;
+    let payload: tokio_tungstenite::tungstenite::Bytes = bytes.into();
+    let mut n = 0;
+    while Instant::now() < until {
+        ws.send(WsMessage::Binary(payload.clone())).await?;
+        loop {
+            match ws
+                .next()
+                .await
+                .ok_or_else(|| unexpected("the echo ended"))??
+            {
+                WsMessage::Binary(b) if b.len() == payload.len() => break,
+                WsMessage::Binary(_) => return Err(unexpected("the echo changed the frame")),
+                _ => continue,
+            }
+        }
+        n += 1;
+    }
+    Ok(n)
+}
