@@ -302,7 +302,11 @@ fn failed(e: &Experiment, lr: f64, source: SimError) -> ReproError {
 }
 
 /// The test error at parallel time `t`: that of the newest center at or before `t`.
+/// Times within a relative 1e-9 of `t` count as at it: a budget that is the mean of
+/// several seeds' equal final times can round just below them, and the table then
+/// showed the evaluation before the last one.
 pub fn error_at(points: &[Point], t: f64) -> f64 {
+    let t = t + 1e-9 * t.abs();
     points
         .iter()
         .take_while(|p| p.time_s <= t)
@@ -668,4 +672,28 @@ pub fn measure_step_s(model: ModelKind, batch: u32, train: &Arc<ImageSet>) -> f6
 /// link with 1 ms of latency: the default exchange time.
 pub fn gigabit_exchange_s(model: ModelKind) -> f64 {
     2.0 * (model.param_count() * 4 * 8) as f64 / 1e9 + 1e-3
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_error_at_a_mean_of_equal_final_times_is_the_final_error() {
+        let point = |time_s, error| Point {
+            samples: 0,
+            time_s,
+            exchanges: 0,
+            error,
+            loss: 0.0,
+        };
+        // Three seeds' final time; their mean rounds below it (seen in a grid).
+        let end = 59.135_999_999_999_78;
+        let budget = mean([end, end, end].into_iter());
+        assert!(budget < end, "the rounding this guards against");
+        let points = [point(0.0, 0.9), point(56.6, 0.104), point(end, 0.1005)];
+        assert_eq!(error_at(&points, budget), 0.1005);
+        assert_eq!(error_at(&points, 56.0), 0.9);
+        assert!(error_at(&points, -1.0).is_nan());
+    }
 }

@@ -217,22 +217,30 @@ mod tests {
         }
     }
 
-    #[test]
-    fn training_steps_reduce_the_loss_and_learn_the_toy_problem() {
+    /// Trains a fresh `kind` at η `lr` for `epochs` epochs of batch 20 over all of
+    /// `set`, every loss finite; the evaluations on `set` before and after.
+    fn train_on(kind: ModelKind, lr: f64, set: &ImageSet, epochs: u64) -> (Evaluation, Evaluation) {
         let device = Device::flex();
-        let set = toy_set(200);
-        let norm = Normalization::of(&set);
-        let mut trainer = Trainer::new(ModelKind::Small, LocalOptimizer::default(), &device);
-        let before = trainer.evaluate(&set, &norm);
+        let norm = Normalization::of(set);
+        let optimizer = LocalOptimizer {
+            lr,
+            ..LocalOptimizer::default()
+        };
+        let mut trainer = Trainer::new(kind, optimizer, &device);
+        let before = trainer.evaluate(set, &norm);
         let batcher = Batcher::new((0..set.len()).collect(), 20, 1, &norm);
-        for epoch in 0..3 {
-            let order = batcher.epoch_order(epoch);
-            for items in order.chunks(20) {
-                let loss: f32 = trainer.step(batcher.batch(&set, items)).into_scalar();
+        for epoch in 0..epochs {
+            for items in batcher.epoch_order(epoch).chunks(20) {
+                let loss: f32 = trainer.step(batcher.batch(set, items)).into_scalar();
                 assert!(loss.is_finite());
             }
         }
-        let after = trainer.evaluate(&set, &norm);
+        (before, trainer.evaluate(set, &norm))
+    }
+
+    #[test]
+    fn training_steps_reduce_the_loss_and_learn_the_toy_problem() {
+        let (before, after) = train_on(ModelKind::Small, 0.05, &toy_set(200), 3);
         assert!(after.loss < before.loss, "{before:?} → {after:?}");
         assert!(after.accuracy > 0.9, "{after:?}");
     }
@@ -267,20 +275,11 @@ mod tests {
 
     #[test]
     fn the_cifar_network_learns_three_channel_images() {
-        let device = Device::flex();
         let set = toy_colour_set(60);
-        let norm = Normalization::of(&set);
-        assert_eq!(norm.channels.len(), 3);
-        let mut trainer = Trainer::new(ModelKind::Cifar, LocalOptimizer::default(), &device);
-        let before = trainer.evaluate(&set, &norm);
-        let batcher = Batcher::new((0..set.len()).collect(), 20, 1, &norm);
-        for epoch in 0..4 {
-            for items in batcher.epoch_order(epoch).chunks(20) {
-                let loss: f32 = trainer.step(batcher.batch(&set, items)).into_scalar();
-                assert!(loss.is_finite());
-            }
-        }
-        let after = trainer.evaluate(&set, &norm);
+        assert_eq!(Normalization::of(&set).channels.len(), 3);
+        // η 0.01: on flat colours the default 0.05 with momentum overshoots, and
+        // whether it recovers in 4 epochs depended on the CPU kernels' rounding.
+        let (before, after) = train_on(ModelKind::Cifar, 0.01, &set, 4);
         assert!(after.loss < before.loss, "{before:?} → {after:?}");
         assert!(after.accuracy > before.accuracy, "{before:?} → {after:?}");
     }
