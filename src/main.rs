@@ -91,10 +91,12 @@ impl From<ModelArg> for ModelKind {
 }
 
 /// `--model` if given, else the network for the images in `--data`: `cifar` for
-/// CIFAR-10 batches, `small` for IDX sets (the shipped one included).
+/// CIFAR-10 batches, `small` for IDX sets (the shipped one, when there is no
+/// `--data`, included).
 fn model_or_default(model: Option<ModelArg>, data: Option<&Path>) -> ModelKind {
+    let format = data.map_or(tether_dataset::Format::Idx, tether_dataset::format);
     model.map_or_else(
-        || ModelKind::default_for(tether_dataset::format_of(data).input_shape()),
+        || ModelKind::default_for(format.input_shape()),
         ModelKind::from,
     )
 }

@@ -138,7 +138,7 @@ impl Format {
     pub fn input_shape(&self) -> [usize; 3] {
         match self {
             Self::Idx => [1, 28, 28],
-            Self::Cifar10(_) => [3, 32, 32],
+            Self::Cifar10(_) => cifar::SHAPE,
         }
     }
 }
@@ -151,12 +151,6 @@ pub fn format(dir: &Path) -> Format {
         }
     }
     Format::Idx
-}
-
-/// The format of `--data`, or of the shipped data set when it is not given (the
-/// shipped one is IDX even when it cannot be found: loading will say so).
-pub fn format_of(dir: Option<&Path>) -> Format {
-    dir.map_or(Format::Idx, format)
 }
 
 /// Reads CIFAR-10 binary batches from `dir`: training from `data_batch_1.bin`

@@ -14,7 +14,7 @@ use thiserror::Error;
 
 use crate::algorithms::elastic::apply_difference;
 use crate::algorithms::leader::leader_pull;
-use crate::data::{BatchSource, BatchStream, Batcher, ImageSet};
+use crate::data::{BatchSource, BatchStream, Batcher, ImageSet, shape_text};
 use crate::model::{ModelKind, to_flat_async};
 use crate::protocol::{Apply, RunSpec, Shard};
 use crate::train::{LocalOptimizer, Trainer};
@@ -173,13 +173,11 @@ impl LocalWorker {
             });
         }
         let shape = spec.model.input_shape();
-        let found = [data.set.channels, data.set.rows, data.set.cols];
-        if found != shape {
-            let fmt = |s: [usize; 3]| format!("{}×{}×{}", s[0], s[1], s[2]);
+        if data.set.shape() != shape {
             return Err(LocalError::WrongImages {
                 model: spec.model.name(),
-                expected: fmt(shape),
-                found: fmt(found),
+                expected: shape_text(shape),
+                found: shape_text(data.set.shape()),
             });
         }
         if spec.normalization.channels.len() != shape[0] {

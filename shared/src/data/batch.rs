@@ -25,13 +25,6 @@ pub struct ChannelStats {
 }
 
 impl Normalization {
-    /// The same mean and std for a one-channel set.
-    pub fn single(mean: f32, std: f32) -> Self {
-        Self {
-            channels: vec![ChannelStats { mean, std }],
-        }
-    }
-
     /// Mean and standard deviation of each channel of `set`, scaled to [0, 1].
     pub fn of(set: &ImageSet) -> Self {
         let plane = set.rows * set.cols;
@@ -236,6 +229,16 @@ pub fn fill_normalized(
 mod tests {
     use super::*;
 
+    /// One channel left as p/255.
+    fn identity() -> Normalization {
+        Normalization {
+            channels: vec![ChannelStats {
+                mean: 0.0,
+                std: 1.0,
+            }],
+        }
+    }
+
     fn set() -> ImageSet {
         ImageSet {
             source: "t".into(),
@@ -293,7 +296,7 @@ mod tests {
 
     #[test]
     fn epochs_shuffle_differently_and_cover_the_shard() {
-        let b = Batcher::new((0..100).collect(), 32, 5, &Normalization::single(0.0, 1.0));
+        let b = Batcher::new((0..100).collect(), 32, 5, &identity());
         assert_eq!(b.batches_per_epoch(), 4);
         let (e0, e1) = (b.epoch_order(0), b.epoch_order(1));
         assert_ne!(e0, e1);
@@ -308,7 +311,7 @@ mod tests {
     #[test]
     fn a_batch_holds_pixels_and_labels_in_item_order() {
         let s = set();
-        let b = Batcher::new(vec![0, 1, 2], 2, 0, &Normalization::single(0.0, 1.0));
+        let b = Batcher::new(vec![0, 1, 2], 2, 0, &identity());
         let batch = b.batch(&s, &[2, 0]);
         assert_eq!(batch.labels, [3, 1]);
         assert_eq!(batch.images, [0.2, 0.2, 0.0, 1.0]);
@@ -317,7 +320,7 @@ mod tests {
     #[test]
     fn a_stream_walks_each_epoch_in_its_own_order_with_a_short_tail() {
         let s = Arc::new(set());
-        let b = Batcher::new(vec![0, 1, 2], 2, 7, &Normalization::single(0.0, 1.0));
+        let b = Batcher::new(vec![0, 1, 2], 2, 7, &identity());
         let mut stream = BatchStream::new(b.clone(), Arc::clone(&s), 1);
         for epoch in 1..4 {
             let order = b.epoch_order(epoch);

@@ -3,8 +3,11 @@
 
 use super::{CLASSES, DataError, ImageSet, maybe_gunzip};
 
+/// A CIFAR-10 image: channels, rows, cols.
+pub const SHAPE: [usize; 3] = [3, 32, 32];
+
 /// Bytes per CIFAR-10 record.
-pub const RECORD: usize = 1 + 3 * 32 * 32;
+pub const RECORD: usize = 1 + SHAPE[0] * SHAPE[1] * SHAPE[2];
 
 /// Parses one or more concatenated CIFAR-10 binary batches.
 pub fn parse(file: &str, bytes: &[u8]) -> Result<ImageSet, DataError> {
@@ -38,11 +41,12 @@ pub fn parse(file: &str, bytes: &[u8]) -> Result<ImageSet, DataError> {
         labels.push(label);
         pixels.extend_from_slice(&record[1..]);
     }
+    let [channels, rows, cols] = SHAPE;
     Ok(ImageSet {
         source: file.to_string(),
-        channels: 3,
-        rows: 32,
-        cols: 32,
+        channels,
+        rows,
+        cols,
         pixels,
         labels,
     })
@@ -54,11 +58,7 @@ pub fn parse(file: &str, bytes: &[u8]) -> Result<ImageSet, DataError> {
 /// # Panics
 /// If the images are not 3×32×32.
 pub fn encode(set: &ImageSet) -> Vec<u8> {
-    assert_eq!(
-        [set.channels, set.rows, set.cols],
-        [3, 32, 32],
-        "CIFAR-10 images are 3×32×32"
-    );
+    assert_eq!(set.shape(), SHAPE, "CIFAR-10 images are 3×32×32");
     let mut out = Vec::with_capacity(set.len() * RECORD);
     for (i, &label) in set.labels.iter().enumerate() {
         out.push(label);

@@ -140,17 +140,20 @@ impl ImageSet {
         &self.pixels[index * n..(index + 1) * n]
     }
 
+    /// The images' `[channels, rows, cols]`.
+    pub fn shape(&self) -> [usize; 3] {
+        [self.channels, self.rows, self.cols]
+    }
+
     /// Checks that the images are `[channels, rows, cols]`, the model's input.
     pub fn expect_shape(&self, shape: [usize; 3]) -> Result<(), DataError> {
-        let found = [self.channels, self.rows, self.cols];
-        if found == shape {
+        if self.shape() == shape {
             return Ok(());
         }
-        let fmt = |s: [usize; 3]| format!("{}×{}×{}", s[0], s[1], s[2]);
         Err(DataError::WrongImageSize {
             file: self.source.clone(),
-            found: fmt(found),
-            expected: fmt(shape),
+            found: shape_text(self.shape()),
+            expected: shape_text(shape),
         })
     }
 
@@ -170,6 +173,11 @@ impl ImageSet {
             labels: indices.iter().map(|&i| self.labels[i]).collect(),
         }
     }
+}
+
+/// An image shape for people: `3×32×32`.
+pub fn shape_text([channels, rows, cols]: [usize; 3]) -> String {
+    format!("{channels}×{rows}×{cols}")
 }
 
 /// A training and a test set.

@@ -53,7 +53,7 @@ pub fn decode_images(file: &str, bytes: &[u8]) -> Result<ImageSet, DataError> {
         .filter(|&v| v > 0)
         .ok_or_else(|| DataError::WrongImageSize {
             file: file.into(),
-            found: format!("{channels}×{rows}×{cols}"),
+            found: super::shape_text([channels, rows, cols]),
             expected: "a non-empty image".into(),
         })?;
     let expected = count

@@ -48,7 +48,7 @@ impl ModelKind {
     pub fn input_shape(self) -> [usize; 3] {
         match self {
             Self::Small | Self::Paper => [1, 28, 28],
-            Self::Cifar => [3, 32, 32],
+            Self::Cifar => crate::data::cifar::SHAPE,
         }
     }
 
