@@ -32,7 +32,7 @@ use tether_server::{RunSettings, ServerConfig};
 use tether_shared::algorithms::{Algorithm, distance};
 use tether_shared::data::{ImageSet, Normalization, shard_indices};
 use tether_shared::local::{LocalError, LocalWorker, ShardData};
-use tether_shared::model::{FlatError, load_flat, to_flat};
+use tether_shared::model::{FlatError, load_flat};
 use tether_shared::protocol::{Apply, Rejection, Shard};
 use tether_shared::train::evaluate;
 use thiserror::Error;
@@ -258,8 +258,7 @@ fn simulate(
         train.len() as u64,
     );
     let device = Device::flex();
-    device.seed(run.seed);
-    let start = to_flat(&run.model.init(&device));
+    let start = run.model.seeded_params(run.seed);
     let mut center = Center::new(
         run.algorithm,
         start.clone(),

@@ -34,7 +34,6 @@ use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
 use serde::Serialize;
 use tether_shared::data::{ImageSet, Normalization};
-use tether_shared::model::to_flat;
 use tether_shared::protocol::{self, RunSpec, StopReason};
 use thiserror::Error;
 use tokio::net::TcpListener;
@@ -228,9 +227,7 @@ impl Server {
                 .run_dir
                 .clone()
                 .unwrap_or_else(|| PathBuf::from("runs").join(&run_id));
-            let device = burn::tensor::Device::flex();
-            device.seed(run.seed);
-            let params = to_flat(&run.model.init(&device));
+            let params = run.model.seeded_params(run.seed);
             (run_id, dir, params, Vec::new(), 0, 0, Default::default())
         };
         checkpoint::save_settings(&run_dir, run)?;

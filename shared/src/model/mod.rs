@@ -93,6 +93,24 @@ impl ModelKind {
 
     /// A freshly initialised network of this kind on `device`.
     pub fn init(self, device: &Device) -> Net {
+        let _drawing = lock_init();
+        self.init_unlocked(device)
+    }
+
+    /// The flat initial parameters of seed `seed` (Burn's CPU device): the same
+    /// seed gives the same parameters whatever else the process does. Burn keeps one
+    /// random generator per device kind and process, so seeding it and drawing the
+    /// weights hold one lock that every [`init`](Self::init) takes too; before, an
+    /// initialisation elsewhere in the process (another test's run) could draw
+    /// between the two, and one simulated run in five differed from its twin.
+    pub fn seeded_params(self, seed: u64) -> Vec<f32> {
+        let _drawing = lock_init();
+        let device = Device::flex();
+        device.seed(seed);
+        to_flat(&self.init_unlocked(&device))
+    }
+
+    fn init_unlocked(self, device: &Device) -> Net {
         match self {
             Self::Small => Net::Small(SmallCnnConfig::new().init(device)),
             Self::Paper => Net::Paper(PaperCnnConfig::new().init(device)),
@@ -121,6 +139,12 @@ impl std::str::FromStr for ModelKind {
             )),
         }
     }
+}
+
+/// The lock every initialisation holds while it draws from Burn's random generator.
+fn lock_init() -> std::sync::MutexGuard<'static, ()> {
+    static DRAWING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    DRAWING.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Either network, so that trainers and exchanges need not be generic.
