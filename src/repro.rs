@@ -96,6 +96,10 @@ pub struct ReproArgs {
     /// Where the table, JSON and figures go.
     #[arg(long, default_value = "repro")]
     pub out: PathBuf,
+    /// Experiments run side by side, one thread each; the numbers are the same for
+    /// any count [default: the CPU's threads].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub jobs: Option<u32>,
 }
 
 pub fn run(command: ReproCommand) -> Result<()> {
@@ -220,8 +224,14 @@ pub fn run(command: ReproCommand) -> Result<()> {
     let runs = experiments.len();
     let total = experiments.iter().map(|(e, _)| e.budget_samples).sum();
     let bar = tether_worker::progress::bar(total, name);
-    bar.set_message(format!("{runs} runs"));
-    let report = repro::run(&grid, &train, &test, |done, _| bar.set_position(done))?;
+    let jobs = args.jobs.map_or_else(
+        || std::thread::available_parallelism().map_or(1, |n| n.get()),
+        |j| j as usize,
+    );
+    bar.set_message(format!("{runs} runs, {} at a time", jobs.min(runs)));
+    let report = repro::run(&grid, &train, &test, jobs, |done, _| {
+        bar.set_position(done);
+    })?;
     bar.finish_and_clear();
     print!("{}", report.markdown());
     for path in report.write(&args.out)? {

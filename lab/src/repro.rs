@@ -4,7 +4,8 @@
 //! Markdown and figures.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use burn::tensor::Device;
@@ -248,12 +249,15 @@ impl Grid {
     }
 }
 
-/// Runs every experiment of `grid`; `progress` hears (samples done, samples in all).
+/// Runs every experiment of `grid`, `jobs` at a time, each on a thread of its own;
+/// `progress` hears (samples done, samples in all). The report is the same for any
+/// `jobs`: an experiment depends on its settings alone (see [`simulate`]).
 pub fn run(
     grid: &Grid,
     train: &Arc<ImageSet>,
     test: &ImageSet,
-    mut progress: impl FnMut(u64, u64) + Send,
+    jobs: usize,
+    progress: impl FnMut(u64, u64) + Send,
 ) -> Result<Report, ReproError> {
     let experiments = grid.experiments();
     if experiments.is_empty() {
@@ -266,12 +270,40 @@ pub fn run(
     }
     let started = Instant::now();
     let total = experiments.iter().map(|(e, _)| e.budget_samples).sum();
+    // The samples each experiment has done, and who hears their sum.
+    let counted = Mutex::new((progress, vec![0u64; experiments.len()]));
+    let results: Vec<OnceLock<Result<Simulated, ReproError>>> =
+        experiments.iter().map(|_| OnceLock::new()).collect();
+    let next = AtomicUsize::new(0);
+    let failing = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        for _ in 0..jobs.clamp(1, experiments.len()) {
+            scope.spawn(|| {
+                while !failing.load(Ordering::Relaxed) {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some((e, lr)) = experiments.get(i) else {
+                        break;
+                    };
+                    let result = simulate::run(e, train, test, |n| {
+                        let mut c = counted.lock().unwrap_or_else(|e| e.into_inner());
+                        c.1[i] = n;
+                        let done = c.1.iter().sum();
+                        (c.0)(done, total);
+                    })
+                    .map_err(|source| failed(e, *lr, source));
+                    // The first failure stops the grid: the others start nothing new.
+                    failing.fetch_or(result.is_err(), Ordering::Relaxed);
+                    let _ = results[i].set(result);
+                }
+            });
+        }
+    });
     let mut cells = Vec::with_capacity(experiments.len());
-    let mut done = 0;
-    for (e, lr) in &experiments {
+    for ((e, lr), result) in experiments.iter().zip(results) {
+        let Some(result) = result.into_inner() else {
+            continue; // not started: an earlier failure is returned below
+        };
         let s = &e.settings;
-        let result = simulate::run(e, train, test, |n| progress(done + n, total))
-            .map_err(|source| failed(e, *lr, source))?;
         cells.push(Cell {
             algorithm: s.algorithm,
             sequential: e.sequential,
@@ -279,9 +311,8 @@ pub fn run(
             workers: s.expected_workers,
             lr: *lr,
             seed: s.seed,
-            result,
+            result: result?,
         });
-        done += e.budget_samples;
     }
     Ok(summarise(
         grid.clone(),

@@ -222,6 +222,7 @@ impl LocalWorker {
         self.stale = false;
         // Seeded by shard, so two workers on different shards shuffle differently.
         let seed = shard.seed ^ u64::from(shard.index).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        trainer.seed_dropout(seed);
         let batcher = Batcher::new(data.indices, spec.batch as usize, seed, &spec.normalization);
         // The old session's source (and a feeder's thread) ends before the new one starts.
         self.batches = None;

@@ -20,6 +20,11 @@ impl SplitMix64 {
         z ^ (z >> 31)
     }
 
+    /// A uniform float in `[0, 1)` (the top 53 bits).
+    pub fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+
     /// A uniform integer in `0..bound` (Lemire's multiply-shift; bias below 2⁻³²
     /// for the bounds used here).
     pub fn below(&mut self, bound: usize) -> usize {

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::{Batch, ImageSet, Normalization, batch::fill_normalized};
 use crate::model::{FlatError, ModelKind, Net, load_flat, to_flat};
+use crate::rng::SplitMix64;
 
 /// The local optimizer's settings.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -69,6 +70,9 @@ pub struct Trainer {
     device: Device,
     train_device: Device,
     loss: CrossEntropyLoss,
+    /// Dropout's masks: the trainer's own generator, so a seed fixes a training run
+    /// whatever else the process trains.
+    masks: SplitMix64,
 }
 
 impl Trainer {
@@ -82,7 +86,14 @@ impl Trainer {
             device: device.clone(),
             train_device: train_device.clone(),
             loss: CrossEntropyLoss::new(None, &train_device),
+            masks: SplitMix64::new(0),
         }
+    }
+
+    /// Restarts the dropout masks from `seed` (a worker's shard seed, `tether
+    /// train`'s `--seed`).
+    pub fn seed_dropout(&mut self, seed: u64) {
+        self.masks = SplitMix64::new(seed);
     }
 
     pub(crate) fn net(&self) -> &Net {
@@ -111,7 +122,7 @@ impl Trainer {
         );
         let y = Tensor::<1, Int>::from_data(TensorData::new(batch.labels, [n]), &self.train_device);
         let net = self.net.take().expect("trainer holds a network");
-        let loss = self.loss.forward(net.forward(x), y);
+        let loss = self.loss.forward(net.forward_train(x, &mut self.masks), y);
         let grads = GradientsParams::from_grads(loss.backward(), &net);
         self.net = Some(self.optim.step(self.settings.lr, net, grads));
         loss.detach()
@@ -300,5 +311,40 @@ mod tests {
         let batcher = Batcher::new((0..10).collect(), 10, 0, &norm);
         a.step(batcher.batch(&set, &(0..10).collect::<Vec<_>>()));
         assert_ne!(a.params(), b.params());
+    }
+
+    #[test]
+    fn dropout_masks_follow_the_trainers_seed_whatever_else_draws() {
+        // One thread: Burn's kernels sum in load-dependent splits on more.
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        let set = toy_set(16);
+        let norm = Normalization::of(&set);
+        let batch =
+            Batcher::new((0..16).collect(), 16, 0, &norm).batch(&set, &(0..16).collect::<Vec<_>>());
+        let start = ModelKind::Paper.seeded_params(5);
+        let run = |seed: u64, draw_between: bool| {
+            pool.install(|| {
+                let device = Device::flex();
+                let mut trainer =
+                    Trainer::new(ModelKind::Paper, LocalOptimizer::default(), &device);
+                trainer.set_params(&start).unwrap();
+                trainer.seed_dropout(seed);
+                for _ in 0..3 {
+                    if draw_between {
+                        // What another training in the process does to Burn's one generator.
+                        let _: Tensor<2> =
+                            Tensor::random([64, 64], burn::tensor::Distribution::Default, &device);
+                    }
+                    trainer.step(batch.clone());
+                }
+                trainer.params()
+            })
+        };
+        let alone = run(7, false);
+        assert_eq!(alone, run(7, true), "another draw changed the masks");
+        assert_ne!(alone, run(8, false), "dropout is on, so its seed matters");
     }
 }

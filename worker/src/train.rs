@@ -182,6 +182,7 @@ pub fn run(config: &TrainConfig) -> Result<TrainReport, TrainError> {
 
     selected.device.seed(config.seed);
     let mut trainer = Trainer::new(config.model, config.optimizer, &selected.device);
+    trainer.seed_dropout(config.seed);
     let batcher = Batcher::new((0..train_n).collect(), config.batch, config.seed, &norm);
     let steps = batcher.batches_per_epoch();
     // Epoch e trains on the shuffle of epoch e; a thread prepares batches ahead.

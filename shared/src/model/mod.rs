@@ -15,6 +15,8 @@ use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::rng::SplitMix64;
+
 pub use flat::{FlatError, load_flat, to_flat, to_flat_async};
 pub use paper::{PaperCnn, PaperCnnConfig};
 pub use small::{SmallCnn, SmallCnnConfig};
@@ -161,11 +163,21 @@ pub enum Net {
 }
 
 impl Net {
-    /// Logits `[N, 10]` for images `[N, C, H, W]` of the kind's input shape.
+    /// Logits `[N, 10]` for images `[N, C, H, W]` of the kind's input shape, as
+    /// evaluation sees them (no dropout).
     pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
         match self {
             Self::Small(m) => m.forward(images),
             Self::Paper(m) | Self::Cifar(m) => m.forward(images),
+        }
+    }
+
+    /// [`Self::forward`] as training runs it: with dropout (the paper's networks),
+    /// its masks drawn from `masks`.
+    pub fn forward_train(&self, images: Tensor<4>, masks: &mut SplitMix64) -> Tensor<2> {
+        match self {
+            Self::Small(m) => m.forward(images),
+            Self::Paper(m) | Self::Cifar(m) => m.forward_train(images, masks),
         }
     }
 

@@ -9,11 +9,12 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
-use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig, PaddingConfig2d};
+use burn::nn::{Linear, LinearConfig, PaddingConfig2d};
 use burn::tensor::activation::relu;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, Tensor, TensorData};
 
 use super::ops::{conv2d, pool2_relu};
+use crate::rng::SplitMix64;
 
 /// Parameter count on 1×28×28: 1 664 + 204 928 + 73 792 + 147 712 + 2 570.
 pub const PARAMS: usize = 430_666;
@@ -43,7 +44,10 @@ pub struct PaperCnn {
     conv3: Conv2d,
     pool: MaxPool2d,
     fc1: Linear,
-    dropout: Dropout,
+    /// Dropout probability before `fc2`. Not Burn's `Dropout`: that draws its masks
+    /// from the process's one generator, which every network in the process shares,
+    /// so two trainings side by side (a `repro` grid's jobs) changed each other.
+    dropout: f64,
     fc2: Linear,
 }
 
@@ -62,19 +66,42 @@ impl PaperCnnConfig {
             conv3: conv(128, 64, 3),
             pool: MaxPool2dConfig::new([2, 2]).init(),
             fc1: LinearConfig::new(64 * (self.side / 8).pow(2), 256).init(device),
-            dropout: DropoutConfig::new(self.dropout).init(),
+            dropout: self.dropout,
             fc2: LinearConfig::new(256, 10).init(device),
         }
     }
 }
 
 impl PaperCnn {
-    /// Logits `[N, 10]` for images `[N, channels, side, side]`.
+    /// Logits `[N, 10]` for images `[N, channels, side, side]`, without dropout (evaluation).
     pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+        self.fc2.forward(self.features(x))
+    }
+
+    /// [`Self::forward`] with dropout before the last layer, its mask drawn from
+    /// `masks` (training): the same generator state gives the same step anywhere.
+    pub fn forward_train(&self, x: Tensor<4>, masks: &mut SplitMix64) -> Tensor<2> {
+        let x = self.features(x);
+        if self.dropout <= 0.0 {
+            return self.fc2.forward(x);
+        }
+        let keep = 1.0 - self.dropout;
+        let [n, width] = x.dims();
+        let scale = (1.0 / keep) as f32;
+        // A unit survives with probability `keep` and is scaled by 1/keep, as in
+        // PyTorch, so the expected activation is the one `forward` sees.
+        let mask: Vec<f32> = (0..n * width)
+            .map(|_| if masks.next_f64() < keep { scale } else { 0.0 })
+            .collect();
+        let mask = Tensor::<2>::from_data(TensorData::new(mask, [n, width]), &x.device());
+        self.fc2.forward(x * mask)
+    }
+
+    /// Everything before dropout: the convolutions and `fc1` with its ReLU.
+    fn features(&self, x: Tensor<4>) -> Tensor<2> {
         let x = pool2_relu(&self.pool, conv2d(&self.conv1, x));
         let x = pool2_relu(&self.pool, conv2d(&self.conv2, x));
         let x = pool2_relu(&self.pool, conv2d(&self.conv3, x));
-        let x = relu(self.fc1.forward(x.flatten::<2>(1, 3)));
-        self.fc2.forward(self.dropout.forward(x))
+        relu(self.fc1.forward(x.flatten::<2>(1, 3)))
     }
 }
