@@ -76,7 +76,7 @@ enum ModelArg {
     Small,
     /// The EASGD paper's network adapted to 1×28×28 (430,666 parameters).
     Paper,
-    /// The EASGD paper's network on CIFAR-10's 3×32×32 (548,554 parameters).
+    /// The EASGD paper's network on 3×28×28 crops of CIFAR-10's 3×32×32 (433,866 parameters).
     Cifar,
 }
 
@@ -369,7 +369,7 @@ fn run_bench_train(args: BenchTrainArgs) -> Result<()> {
     for m in &args.model {
         let kind: ModelKind = (*m).into();
         train
-            .expect_shape(kind.input_shape())
+            .expect_shape(kind.data_shape())
             .with_context(|| format!("--model {} on this --data", kind.name()))?;
         let r = bench::train_throughput(
             kind,

@@ -167,7 +167,7 @@ pub fn run(command: ReproCommand) -> Result<()> {
     let (_, data) =
         tether_dataset::load(args.data.as_deref()).context("loading the training data (--data)")?;
     data.train
-        .expect_shape(model.input_shape())
+        .expect_shape(model.data_shape())
         .context("--data and --model disagree")?;
     let train = Arc::new(data.train);
     let test = data

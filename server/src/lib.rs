@@ -285,7 +285,7 @@ impl Server {
             .into());
         }
         for set in [&*train, &test] {
-            set.expect_shape(spec.model.input_shape())
+            set.expect_shape(spec.model.data_shape())
                 .map_err(LoadError::from)?;
         }
         if center.len() != spec.model.param_count() {
@@ -389,7 +389,7 @@ impl Server {
 pub fn load_data(config: &ServerConfig) -> Result<(PathBuf, ImageSet, ImageSet), ServerError> {
     let (data_dir, data) = dataset::load(config.data.as_deref())?;
     for set in [&data.train, &data.test] {
-        set.expect_shape(config.run.model.input_shape())
+        set.expect_shape(config.run.model.data_shape())
             .map_err(LoadError::from)?;
     }
     let mut test = data.test;

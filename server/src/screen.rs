@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use tether_shared::data::batch::fill_normalized;
+use tether_shared::data::batch::{Window, fill_normalized};
 use tether_shared::data::{ImageSet, Normalization};
 use tether_shared::model::{ModelKind, Net, load_flat};
 use tether_shared::rng::SplitMix64;
@@ -174,7 +174,9 @@ impl Screen {
         let n = self.train.len();
         let items: Vec<usize> = (0..self.size).map(|_| inner.rng.below(n)).collect();
         let Inner { images, labels, .. } = inner;
-        fill_normalized(&self.train, &items, &self.tables, images, labels);
+        // The centre window, as evaluation sees the images.
+        let window = Window::centre(self.model.input_shape());
+        fill_normalized(&self.train, &items, &self.tables, window, images, labels);
         inner.uses = 0;
         inner.cached = None;
     }

@@ -172,7 +172,7 @@ impl LocalWorker {
                 count: shard.count,
             });
         }
-        let shape = spec.model.input_shape();
+        let shape = spec.model.data_shape();
         if data.set.shape() != shape {
             return Err(LocalError::WrongImages {
                 model: spec.model.name(),
@@ -223,7 +223,8 @@ impl LocalWorker {
         // Seeded by shard, so two workers on different shards shuffle differently.
         let seed = shard.seed ^ u64::from(shard.index).wrapping_mul(0x9e37_79b9_7f4a_7c15);
         trainer.seed_dropout(seed);
-        let batcher = Batcher::new(data.indices, spec.batch as usize, seed, &spec.normalization);
+        let batcher = Batcher::new(data.indices, spec.batch as usize, seed, &spec.normalization)
+            .with_input(spec.model.input_shape());
         // The old session's source (and a feeder's thread) ends before the new one starts.
         self.batches = None;
         let stream = BatchStream::new(batcher, data.set, 0);

@@ -23,8 +23,9 @@ use crate::codec::{self, Encoding};
 use crate::data::Normalization;
 use crate::model::ModelKind;
 
-/// Version of this protocol. A hello with another version is rejected.
-pub const PROTOCOL_VERSION: u32 = 6;
+/// Version of this protocol. A hello with another version is rejected. 7: the
+/// `cifar` network takes 28×28 crops (its parameters changed).
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// Bytes before the header: its length and the payload's length.
 pub const PREFIX_BYTES: usize = 8;

@@ -12,7 +12,8 @@ use burn::optim::{GradientsParams, ModuleOptimizer, SgdConfig};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
-use crate::data::{Batch, ImageSet, Normalization, batch::fill_normalized};
+use crate::data::batch::{Window, fill_normalized};
+use crate::data::{Batch, ImageSet, Normalization};
 use crate::model::{FlatError, ModelKind, Net, load_flat, to_flat};
 use crate::rng::SplitMix64;
 
@@ -177,8 +178,10 @@ pub fn evaluate(net: &Net, set: &ImageSet, norm: &Normalization, device: &Device
     let (mut correct, mut loss_sum) = (0i64, 0.0f64);
     let all: Vec<usize> = (0..set.len()).collect();
     let [c, h, w] = net.kind().input_shape();
+    // The centre of images larger than the network's input (the paper's CIFAR test).
+    let window = Window::centre([c, h, w]);
     for items in all.chunks(CHUNK) {
-        fill_normalized(set, items, &tables, &mut images, &mut labels);
+        fill_normalized(set, items, &tables, window, &mut images, &mut labels);
         let n = items.len();
         let x = Tensor::<4>::from_data(TensorData::new(images.clone(), [n, c, h, w]), device);
         let y = Tensor::<1, Int>::from_data(TensorData::new(labels.clone(), [n]), device);
@@ -239,10 +242,11 @@ mod tests {
         };
         let mut trainer = Trainer::new(kind, optimizer, &device);
         let before = trainer.evaluate(set, &norm);
-        let batcher = Batcher::new((0..set.len()).collect(), 20, 1, &norm);
+        let batcher =
+            Batcher::new((0..set.len()).collect(), 20, 1, &norm).with_input(kind.input_shape());
         for epoch in 0..epochs {
             for items in batcher.epoch_order(epoch).chunks(20) {
-                let loss: f32 = trainer.step(batcher.batch(set, items)).into_scalar();
+                let loss: f32 = trainer.step(batcher.batch(set, items, epoch)).into_scalar();
                 assert!(loss.is_finite());
             }
         }
@@ -309,7 +313,7 @@ mod tests {
         let set = toy_set(10);
         let norm = Normalization::of(&set);
         let batcher = Batcher::new((0..10).collect(), 10, 0, &norm);
-        a.step(batcher.batch(&set, &(0..10).collect::<Vec<_>>()));
+        a.step(batcher.batch(&set, &(0..10).collect::<Vec<_>>(), 0));
         assert_ne!(a.params(), b.params());
     }
 
@@ -322,8 +326,11 @@ mod tests {
             .unwrap();
         let set = toy_set(16);
         let norm = Normalization::of(&set);
-        let batch =
-            Batcher::new((0..16).collect(), 16, 0, &norm).batch(&set, &(0..16).collect::<Vec<_>>());
+        let batch = Batcher::new((0..16).collect(), 16, 0, &norm).batch(
+            &set,
+            &(0..16).collect::<Vec<_>>(),
+            0,
+        );
         let start = ModelKind::Paper.seeded_params(5);
         let run = |seed: u64, draw_between: bool| {
             pool.install(|| {

@@ -50,7 +50,8 @@ pub fn train_throughput(
     repeats: usize,
 ) -> TrainBench {
     let norm = Normalization::of(&train);
-    let batcher = Batcher::new((0..train.len()).collect(), batch, 0, &norm);
+    let batcher =
+        Batcher::new((0..train.len()).collect(), batch, 0, &norm).with_input(kind.input_shape());
     let mut runs = Vec::with_capacity(repeats);
     for _ in 0..repeats.max(1) {
         let mut trainer = Trainer::new(kind, LocalOptimizer::default(), device);

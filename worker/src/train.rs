@@ -166,7 +166,7 @@ pub fn run(config: &TrainConfig) -> Result<TrainReport, TrainError> {
     let selected = backend::select(config.backend, config.threads)?;
     let (data_dir, mut data) = dataset::load(config.data.as_deref())?;
     for set in [&data.train, &data.test] {
-        set.expect_shape(config.model.input_shape())
+        set.expect_shape(config.model.data_shape())
             .map_err(LoadError::from)?;
     }
     if let Some(n) = config.test_limit {
@@ -183,7 +183,8 @@ pub fn run(config: &TrainConfig) -> Result<TrainReport, TrainError> {
     selected.device.seed(config.seed);
     let mut trainer = Trainer::new(config.model, config.optimizer, &selected.device);
     trainer.seed_dropout(config.seed);
-    let batcher = Batcher::new((0..train_n).collect(), config.batch, config.seed, &norm);
+    let batcher = Batcher::new((0..train_n).collect(), config.batch, config.seed, &norm)
+        .with_input(config.model.input_shape());
     let steps = batcher.batches_per_epoch();
     // Epoch e trains on the shuffle of epoch e; a thread prepares batches ahead.
     let mut batches = Prefetch::spawn(BatchStream::new(batcher, Arc::new(data.train), 1));

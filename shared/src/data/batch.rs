@@ -1,5 +1,7 @@
-//! Minibatches: per-epoch shuffles of a shard, pixel normalisation to f32, and the
-//! endless stream of a shard's batches that a worker's steps consume.
+//! Minibatches: per-epoch shuffles of a shard, pixel normalisation to f32, the
+//! window of each image a network sees (random crops in training, as the EASGD paper
+//! trained its CIFAR network), and the endless stream of a shard's batches that a
+//! worker's steps consume.
 
 use std::sync::Arc;
 
@@ -84,6 +86,8 @@ pub struct Batcher {
     batch: usize,
     seed: u64,
     tables: Vec<[f32; 256]>,
+    /// The network's input rows and columns; `None`: the whole image.
+    input: Option<(usize, usize)>,
 }
 
 impl Batcher {
@@ -99,7 +103,16 @@ impl Batcher {
             batch,
             seed,
             tables: norm.tables(),
+            input: None,
         }
+    }
+
+    /// Batches for a network whose input is `[channels, rows, cols]`: images larger
+    /// than that are cropped to it at random, a new place each epoch (the EASGD
+    /// paper's CIFAR network takes 28×28 of CIFAR's 32×32).
+    pub fn with_input(mut self, [_, rows, cols]: [usize; 3]) -> Self {
+        self.input = Some((rows, cols));
+        self
     }
 
     /// Batches per epoch.
@@ -119,13 +132,26 @@ impl Batcher {
         order.chunks(self.batch)
     }
 
-    /// The normalised pixels of `items` (N·C·H·W, row-major) and their labels.
-    pub fn batch(&self, set: &ImageSet, items: &[usize]) -> Batch {
+    /// The normalised pixels of `items` (N·C·H·W of the network's input, row-major)
+    /// and their labels, cropped where the images are larger: each item's window is
+    /// drawn from (seed, `epoch`, item), the same natively and in the browser.
+    pub fn batch(&self, set: &ImageSet, items: &[usize], epoch: u64) -> Batch {
+        let (rows, cols) = self.input.unwrap_or((set.rows, set.cols));
+        let window = if (rows, cols) == (set.rows, set.cols) {
+            Window::Centre { rows, cols }
+        } else {
+            Window::Random {
+                rows,
+                cols,
+                seed: self.seed ^ epoch.wrapping_mul(0xD1B5_4A32_D192_ED03) ^ 0xC409,
+            }
+        };
         let mut batch = Batch::default();
         fill_normalized(
             set,
             items,
             &self.tables,
+            window,
             &mut batch.images,
             &mut batch.labels,
         );
@@ -193,33 +219,100 @@ impl BatchSource for BatchStream {
             self.cursor = 0;
         }
         let end = (self.cursor + self.batcher.batch).min(self.order.len());
-        let batch = self.batcher.batch(&self.set, &self.order[self.cursor..end]);
+        let batch = self
+            .batcher
+            .batch(&self.set, &self.order[self.cursor..end], self.epoch);
         self.cursor = end;
         batch
     }
 }
 
-/// Writes the normalised pixels and labels of `items`, each channel through its own
-/// table of [`Normalization::tables`].
+/// Which `rows`×`cols` window of each image goes into a batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Window {
+    /// The centre (evaluation; the whole image when it is that size). An odd
+    /// margin leaves its extra row or column at the bottom or right.
+    Centre {
+        /// Rows of the window.
+        rows: usize,
+        /// Columns of the window.
+        cols: usize,
+    },
+    /// A place drawn from `seed` and the item's index (training).
+    Random {
+        /// Rows of the window.
+        rows: usize,
+        /// Columns of the window.
+        cols: usize,
+        /// With the item's index, where the window lies.
+        seed: u64,
+    },
+}
+
+impl Window {
+    /// The centre window of a network's input `[channels, rows, cols]`.
+    pub fn centre([_, rows, cols]: [usize; 3]) -> Self {
+        Self::Centre { rows, cols }
+    }
+
+    fn size(self) -> (usize, usize) {
+        match self {
+            Self::Centre { rows, cols } | Self::Random { rows, cols, .. } => (rows, cols),
+        }
+    }
+
+    /// The top row and left column of item `item`'s window in `set`.
+    fn place(self, set: &ImageSet, item: usize) -> (usize, usize) {
+        let (rows, cols) = self.size();
+        let (spare_rows, spare_cols) = (set.rows - rows, set.cols - cols);
+        match self {
+            Self::Centre { .. } => (spare_rows / 2, spare_cols / 2),
+            Self::Random { seed, .. } => {
+                let mut rng =
+                    SplitMix64::new(seed ^ (item as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                (rng.below(spare_rows + 1), rng.below(spare_cols + 1))
+            }
+        }
+    }
+}
+
+/// Writes the normalised pixels of `window` of each of `items`, each channel through
+/// its own table of [`Normalization::tables`], and the items' labels.
 ///
 /// # Panics
-/// If `tables` has not one table per channel of `set` (sessions check the run's
-/// normalisation against the model's input before they make batches).
+/// If `tables` has not one table per channel of `set`, or the window is larger than
+/// the images (sessions check the data and normalisation against the model before
+/// they make batches).
 pub fn fill_normalized(
     set: &ImageSet,
     items: &[usize],
     tables: &[[f32; 256]],
+    window: Window,
     images: &mut Vec<f32>,
     labels: &mut Vec<i64>,
 ) {
     assert_eq!(tables.len(), set.channels, "one normalisation per channel");
+    let (rows, cols) = window.size();
+    assert!(
+        rows <= set.rows && cols <= set.cols,
+        "a {rows}×{cols} window of {}×{} images",
+        set.rows,
+        set.cols
+    );
     images.clear();
     labels.clear();
-    images.reserve(items.len() * set.image_len());
+    images.reserve(items.len() * set.channels * rows * cols);
     let plane = set.rows * set.cols;
     for &i in items {
+        let (top, left) = window.place(set, i);
         for (pixels, table) in set.image(i).chunks_exact(plane).zip(tables) {
-            images.extend(pixels.iter().map(|&p| table[usize::from(p)]));
+            for row in pixels.chunks_exact(set.cols).skip(top).take(rows) {
+                images.extend(
+                    row[left..left + cols]
+                        .iter()
+                        .map(|&p| table[usize::from(p)]),
+                );
+            }
         }
         labels.push(i64::from(set.labels[i]));
     }
@@ -286,7 +379,7 @@ mod tests {
         );
         assert!((g.mean - 0.2).abs() < 1e-6 && g.std == 1.0, "{g:?}");
         assert!((b.mean - 0.5).abs() < 1e-6, "{b:?}");
-        let batch = Batcher::new(vec![0, 1], 2, 0, &norm).batch(&s, &[1]);
+        let batch = Batcher::new(vec![0, 1], 2, 0, &norm).batch(&s, &[1], 0);
         assert_eq!(batch.images.len(), 6);
         // Image 1: red 255 then 0 → +1, −1; green centred to 0; blue 255, 255 → +1, +1.
         assert_eq!([batch.images[0], batch.images[1]], [1.0, -1.0]);
@@ -312,7 +405,7 @@ mod tests {
     fn a_batch_holds_pixels_and_labels_in_item_order() {
         let s = set();
         let b = Batcher::new(vec![0, 1, 2], 2, 0, &identity());
-        let batch = b.batch(&s, &[2, 0]);
+        let batch = b.batch(&s, &[2, 0], 0);
         assert_eq!(batch.labels, [3, 1]);
         assert_eq!(batch.images, [0.2, 0.2, 0.0, 1.0]);
     }
@@ -325,8 +418,73 @@ mod tests {
         for epoch in 1..4 {
             let order = b.epoch_order(epoch);
             for items in b.chunks_with_tail(&order) {
-                assert_eq!(stream.next_batch(), b.batch(&s, items), "epoch {epoch}");
+                assert_eq!(
+                    stream.next_batch(),
+                    b.batch(&s, items, epoch),
+                    "epoch {epoch}"
+                );
             }
         }
+    }
+
+    /// Two 1-channel 4×4 images whose pixel is 10·row + col (plus 100 for the second).
+    fn grid_set() -> ImageSet {
+        let pixels = (0..2u8)
+            .flat_map(|k| (0..16u8).map(move |p| 100 * k + 10 * (p / 4) + p % 4))
+            .collect();
+        ImageSet {
+            source: "grid".into(),
+            channels: 1,
+            rows: 4,
+            cols: 4,
+            pixels,
+            labels: vec![0, 1],
+        }
+    }
+
+    /// Pixel values back from an identity-normalised batch.
+    fn raw(images: &[f32]) -> Vec<u8> {
+        images.iter().map(|v| (v * 255.0).round() as u8).collect()
+    }
+
+    #[test]
+    fn evaluation_sees_the_centre_and_training_a_random_window_per_epoch() {
+        let s = grid_set();
+        let (mut images, mut labels) = (Vec::new(), Vec::new());
+        let tables = identity().tables();
+        fill_normalized(
+            &s,
+            &[1],
+            &tables,
+            Window::centre([1, 2, 2]),
+            &mut images,
+            &mut labels,
+        );
+        assert_eq!(raw(&images), [111, 112, 121, 122]);
+        assert_eq!(labels, [1]);
+
+        let b = Batcher::new(vec![0, 1], 2, 3, &identity()).with_input([1, 2, 2]);
+        let mut places = std::collections::BTreeSet::new();
+        for epoch in 0..40 {
+            let batch = b.batch(&s, &[0, 1], epoch);
+            assert_eq!(batch.images.len(), 2 * 4);
+            assert_eq!(batch, b.batch(&s, &[0, 1], epoch), "seeded");
+            let px = raw(&batch.images);
+            for image in px.chunks(4) {
+                // A 2×2 window of the grid: right, below and diagonal neighbours.
+                let (r, c) = (image[0] % 100 / 10, image[0] % 10);
+                assert!(r <= 2 && c <= 2, "{image:?}");
+                assert_eq!(image[1..], [image[0] + 1, image[0] + 10, image[0] + 11]);
+            }
+            places.insert(px[0]);
+        }
+        assert_eq!(places.len(), 9, "every one of the 3×3 places: {places:?}");
+        // A network as large as the images sees them whole, the same every epoch.
+        let whole = Batcher::new(vec![0], 1, 3, &identity()).with_input([1, 4, 4]);
+        assert_eq!(whole.batch(&s, &[0], 1), whole.batch(&s, &[0], 2));
+        assert_eq!(
+            raw(&whole.batch(&s, &[0], 1).images),
+            raw(&whole.batch(&s, &[0], 5).images)
+        );
     }
 }

@@ -1,8 +1,9 @@
 //! The networks tether trains, identical for native and browser workers, and the flat
 //! parameter view that every exchange with the server uses.
 //!
-//! `small` and `paper` take 1×28×28 images, `cifar` takes 3×32×32; all give 10
-//! logits. Max-pooling is applied
+//! `small` and `paper` take 1×28×28 images, `cifar` 3×28×28 windows of CIFAR's
+//! 3×32×32 (random in training, the centre in evaluation, as in the paper); all
+//! give 10 logits. Max-pooling is applied
 //! *before* ReLU: the two commute (ReLU is monotone), so the result is the same as
 //! the usual conv → ReLU → pool, with ReLU and its backward on a 4× smaller tensor.
 
@@ -29,7 +30,8 @@ pub enum ModelKind {
     Small,
     /// The EASGD paper's CIFAR network adapted to 1×28×28 (430 666 parameters).
     Paper,
-    /// The EASGD paper's CIFAR network on CIFAR-10's 3×32×32 (548 554 parameters).
+    /// The EASGD paper's CIFAR network on 3×28×28 crops of CIFAR-10's 3×32×32
+    /// (433 866 parameters).
     Cifar,
 }
 
@@ -46,18 +48,28 @@ impl ModelKind {
         }
     }
 
-    /// The images this network takes: channels, rows, cols.
+    /// What the network's first layer takes: channels, rows, cols.
     pub fn input_shape(self) -> [usize; 3] {
         match self {
             Self::Small | Self::Paper => [1, 28, 28],
+            // The paper's CIFAR input: 28×28 windows of the 32×32 images.
+            Self::Cifar => [3, 28, 28],
+        }
+    }
+
+    /// The images this network trains on: channels, rows, cols. Larger than
+    /// [`input_shape`](Self::input_shape) where the network sees crops of them.
+    pub fn data_shape(self) -> [usize; 3] {
+        match self {
+            Self::Small | Self::Paper => self.input_shape(),
             Self::Cifar => crate::data::cifar::SHAPE,
         }
     }
 
     /// The network a run trains when none is named: `cifar` for CIFAR-10's 3×32×32
     /// images, `small` otherwise.
-    pub fn default_for(input: [usize; 3]) -> Self {
-        if input == Self::Cifar.input_shape() {
+    pub fn default_for(images: [usize; 3]) -> Self {
+        if images == Self::Cifar.data_shape() {
             Self::Cifar
         } else {
             Self::Small
@@ -158,7 +170,7 @@ pub enum Net {
     Small(SmallCnn),
     /// See [`PaperCnn`].
     Paper(PaperCnn),
-    /// [`PaperCnn`] on 3×32×32.
+    /// [`PaperCnn`] on 3×28×28.
     Cifar(PaperCnn),
 }
 
@@ -207,7 +219,7 @@ mod tests {
         }
         assert_eq!(ModelKind::Small.param_count(), 421_642);
         assert_eq!(ModelKind::Paper.param_count(), 430_666);
-        assert_eq!(ModelKind::Cifar.param_count(), 548_554);
+        assert_eq!(ModelKind::Cifar.param_count(), 433_866);
     }
 
     #[test]
@@ -233,16 +245,18 @@ mod tests {
             ModelKind::Paper.forward_flops_per_sample()
                 > ModelKind::Small.forward_flops_per_sample()
         );
-        // The 3×32×32 network: conv1 sees 3 channels on 32×32, fc1 1 024 inputs.
+        // The CIFAR network: conv1 sees 3 channels on 28×28, fc1 576 inputs.
         assert_eq!(
             ModelKind::Cifar.forward_flops_per_sample(),
-            2 * (3 * 64 * 25 * 1024 + 64 * 128 * 25 * 256 + 128 * 64 * 9 * 64 + 1024 * 256 + 2560)
+            2 * (3 * 64 * 25 * 784 + 64 * 128 * 25 * 196 + 128 * 64 * 9 * 49 + 576 * 256 + 2560)
         );
     }
 
     #[test]
     fn cifar_images_select_the_cifar_network() {
         assert_eq!(ModelKind::default_for([3, 32, 32]), ModelKind::Cifar);
+        assert_eq!(ModelKind::Cifar.data_shape(), [3, 32, 32]);
+        assert_eq!(ModelKind::Cifar.input_shape(), [3, 28, 28]);
         assert_eq!(ModelKind::default_for([1, 28, 28]), ModelKind::Small);
         assert_eq!("cifar".parse::<ModelKind>(), Ok(ModelKind::Cifar));
     }

@@ -36,7 +36,7 @@ fn tether_train_picks_the_cifar_network_for_cifar_batches() -> Result<()> {
         ],
     )?;
     assert_eq!(r["settings"]["model"], "cifar", "{r}");
-    assert_eq!(r["params"], 548_554);
+    assert_eq!(r["params"], 433_866);
     assert_eq!(
         (r["train_samples"].as_u64(), r["test_samples"].as_u64()),
         (Some(600), Some(200))

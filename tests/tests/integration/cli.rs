@@ -202,7 +202,7 @@ fn wgpu_backend_agrees_with_the_cpu_backend() -> Result<()> {
     gpu.set_params(&start)?;
     let order = batcher.epoch_order(0);
     for items in order.chunks(64).take(5) {
-        let batch = batcher.batch(&data.train, items);
+        let batch = batcher.batch(&data.train, items, 0);
         let (lc, lg): (f32, f32) = (
             cpu.step(batch.clone()).into_scalar(),
             gpu.step(batch).into_scalar(),
