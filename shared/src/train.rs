@@ -92,9 +92,11 @@ impl Trainer {
     }
 
     /// Restarts the dropout masks from `seed` (a worker's shard seed, `tether
-    /// train`'s `--seed`).
+    /// train`'s `--seed`). The seed is mixed with a constant of its own: batch
+    /// shuffles start from the same seed, and masks drawn from the very numbers
+    /// that ordered the epoch would not be independent of it.
     pub fn seed_dropout(&mut self, seed: u64) {
-        self.masks = SplitMix64::new(seed);
+        self.masks = SplitMix64::new(seed ^ 0xD20F_0A55_C0FF_EE00);
     }
 
     pub(crate) fn net(&self) -> &Net {
