@@ -42,8 +42,8 @@ fn tether_train_picks_the_cifar_network_for_cifar_batches() -> Result<()> {
         (Some(600), Some(200))
     );
     let acc = r["test_accuracy"].as_f64().context("accuracy")?;
-    // Whole classes click into place one by one: over 13 seeds 2 epochs ended
-    // between 70 % and 100 %.
+    // Whole classes click into place one by one: on 28×28 crops, seeds 0–7 ended
+    // 2 epochs between 60 % and 100 % (this run's seed 0: 88.5 %).
     assert!(acc > 0.5, "ten colours, 2 epochs: {acc} (chance is 0.1)");
 
     // A 1-channel network on 3-channel images: a clear error, nothing trained.
