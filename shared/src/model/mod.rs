@@ -12,7 +12,7 @@ pub mod ops;
 pub mod paper;
 pub mod small;
 
-use burn::module::Module;
+use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -111,6 +111,22 @@ impl ModelKind {
         self.init_unlocked(device)
     }
 
+    /// The network with every parameter drawn now. Burn draws a parameter lazily,
+    /// on its first use; a network used after the lock is released would draw
+    /// then, between another thread's seeding and its draws (a `repro` grid's seed
+    /// then started from other weights when run side by side).
+    fn init_unlocked(self, device: &Device) -> Net {
+        struct Draw;
+        impl ModuleVisitor for Draw {
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+                drop(param.val());
+            }
+        }
+        let net = self.build(device);
+        net.visit(&mut Draw);
+        net
+    }
+
     /// The flat initial parameters of seed `seed` (Burn's CPU device): the same
     /// seed gives the same parameters whatever else the process does. Burn keeps one
     /// random generator per device kind and process, so seeding it and drawing the
@@ -124,7 +140,7 @@ impl ModelKind {
         to_flat(&self.init_unlocked(&device))
     }
 
-    fn init_unlocked(self, device: &Device) -> Net {
+    fn build(self, device: &Device) -> Net {
         match self {
             Self::Small => Net::Small(SmallCnnConfig::new().init(device)),
             Self::Paper => Net::Paper(PaperCnnConfig::new().init(device)),
@@ -259,5 +275,27 @@ mod tests {
         assert_eq!(ModelKind::Cifar.input_shape(), [3, 28, 28]);
         assert_eq!(ModelKind::default_for([1, 28, 28]), ModelKind::Small);
         assert_eq!("cifar".parse::<ModelKind>(), Ok(ModelKind::Cifar));
+    }
+
+    #[test]
+    fn seeded_parameters_ignore_networks_built_on_other_threads() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let want = ModelKind::Paper.seeded_params(1);
+        let stop = AtomicBool::new(false);
+        let got: Vec<Vec<f32>> = std::thread::scope(|s| {
+            s.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    // A worker's network: built here, its weights used (and so, with
+                    // Burn's lazy parameters, drawn) afterwards.
+                    drop(to_flat(&ModelKind::Small.init(&Device::flex())));
+                }
+            });
+            let got = (0..200)
+                .map(|_| ModelKind::Paper.seeded_params(1))
+                .collect();
+            stop.store(true, Ordering::Relaxed);
+            got
+        });
+        assert!(got.iter().all(|g| *g == want), "a seed gave other weights");
     }
 }
