@@ -74,6 +74,10 @@ if [ ! -x "$deploy_venv/bin/kubernetes-validate" ]; then
 fi
 "$deploy_venv/bin/python" scripts/validate_deploy.py --tether "${CARGO_TARGET_DIR:-target}/release/tether"
 
+step "bench link, short: an honest worker on a slow link is never refused, overlap loses ≤ 1 point"
+# Alone on the machine (before the tests): overlap's timing is part of what it checks.
+"${CARGO_TARGET_DIR:-target}/release/tether" bench link --tau 64 --encoding q8 --epochs 0.25 --check 1
+
 step "cargo test (release)"
 log=$(mktemp)
 cargo test --workspace --release --locked 2>&1 | tee "$log"

@@ -287,6 +287,11 @@ pub struct BenchLinkArgs {
     /// on syncs never overlap (`Algorithm::overlaps`).
     #[arg(long, default_value_t = 0.225)]
     pub alpha: f32,
+    /// Fail (exit status 1) when the server refused any of the honest worker's
+    /// frames, or when a row's accuracy is more than this many points below f32
+    /// without overlap on the same link (CI's regression check).
+    #[arg(long, value_name = "POINTS")]
+    pub check: Option<f64>,
     /// Write the results here as JSON.
     #[arg(long)]
     pub report: Option<PathBuf>,
@@ -299,6 +304,8 @@ struct LinkRow {
     encoding: Encoding,
     overlap: bool,
     syncs: u64,
+    refused: u64,
+    held: u64,
     bytes_per_sync: f64,
     fewer_bytes_than_f32: f64,
     wall_s: f64,
@@ -315,6 +322,9 @@ pub fn run_bench_link(args: BenchLinkArgs) -> Result<()> {
     if !(args.mbit > 0.0 && args.delay_ms >= 0.0 && args.epochs > 0.0) {
         bail!("--mbit and --epochs must be positive and --delay-ms not negative");
     }
+    if args.check.is_some_and(|p| !(p >= 0.0)) {
+        bail!("--check takes the points of accuracy a row may lose, 0 or more");
+    }
     let mut encodings = vec![Encoding::F32];
     encodings.extend(args.encoding.iter().filter(|e| **e != Encoding::F32));
     let shape = tether_lab::throttle::Shape::new(args.mbit, args.delay_ms);
@@ -327,12 +337,14 @@ pub fn run_bench_link(args: BenchLinkArgs) -> Result<()> {
         args.epochs
     );
     println!(
-        "{:>4} {:>10} {:>5} {:>7} {:>5} {:>9} {:>7} {:>7} {:>7} {:>7} {:>8} {:>7}",
+        "{:>4} {:>10} {:>5} {:>7} {:>5} {:>7} {:>4} {:>9} {:>7} {:>7} {:>7} {:>7} {:>8} {:>7}",
         "τ",
         "link",
         "enc",
         "overlap",
         "syncs",
+        "refused",
+        "held",
         "KB/sync",
         "fewer",
         "wall s",
@@ -388,6 +400,8 @@ pub fn run_bench_link(args: BenchLinkArgs) -> Result<()> {
                 encoding,
                 overlap: r.overlap,
                 syncs: r.syncs,
+                refused: r.rejections,
+                held: out.summary.held,
                 bytes_per_sync: per_sync,
                 fewer_bytes_than_f32: base_bytes / per_sync.max(1.0),
                 wall_s: r.wall_s,
@@ -397,7 +411,7 @@ pub fn run_bench_link(args: BenchLinkArgs) -> Result<()> {
                 accuracy_vs_f32: (acc - base_acc) * 100.0,
             };
             println!(
-                "{:>4} {:>10} {:>5} {:>7} {:>5} {:>9.0} {:>6.2}× {:>7.1} {:>6.1}% {:>6.1}% {:>7.2}% {:>+7.2}",
+                "{:>4} {:>10} {:>5} {:>7} {:>5} {:>7} {:>4} {:>9.0} {:>6.2}× {:>7.1} {:>6.1}% {:>6.1}% {:>7.2}% {:>+7.2}",
                 tau,
                 if link.is_some() {
                     "emulated"
@@ -407,6 +421,8 @@ pub fn run_bench_link(args: BenchLinkArgs) -> Result<()> {
                 encoding.name(),
                 if row.overlap { "yes" } else { "no" },
                 row.syncs,
+                row.refused,
+                row.held,
                 per_sync / 1e3,
                 row.fewer_bytes_than_f32,
                 row.wall_s,
@@ -424,5 +440,42 @@ pub fn run_bench_link(args: BenchLinkArgs) -> Result<()> {
             "command": "bench link", "model": model.name(), "epochs": args.epochs,
             "mbit_per_s": args.mbit, "delay_ms": args.delay_ms, "alpha": args.alpha, "results": rows,
         }),
-    )
+    )?;
+    match args.check {
+        Some(points) => check_link_rows(&rows, points),
+        None => Ok(()),
+    }
+}
+
+/// `--check`: an honest worker is never refused, and no row loses more than `points`
+/// of accuracy against f32 without overlap on the same link.
+fn check_link_rows(rows: &[LinkRow], points: f64) -> Result<()> {
+    let mut failed = Vec::new();
+    for r in rows {
+        let name = format!(
+            "τ {} {} {} overlap {}",
+            r.tau,
+            r.link,
+            r.encoding.name(),
+            if r.overlap { "on" } else { "off" }
+        );
+        if r.refused > 0 {
+            failed.push(format!(
+                "{name}: the server refused {} frames of an honest worker",
+                r.refused
+            ));
+        }
+        if r.accuracy_vs_f32 < -points {
+            failed.push(format!(
+                "{name}: {:+.2} points against f32 without overlap (allowed −{points})",
+                r.accuracy_vs_f32
+            ));
+        }
+    }
+    if failed.is_empty() {
+        println!("check passed: no refusals, every row within {points} points of f32");
+        Ok(())
+    } else {
+        bail!("bench link check failed:\n  {}", failed.join("\n  "))
+    }
 }

@@ -26,6 +26,7 @@ use std::sync::Arc;
 
 use burn::tensor::Device;
 use serde::Serialize;
+use tether_server::calibrate::honest_progress;
 use tether_server::center::{Center, Cohort, Outcome, Reply, Update};
 use tether_server::config::has_elastic_force;
 use tether_server::{RunSettings, ServerConfig};
@@ -270,6 +271,13 @@ fn simulate(
         // Off: a ratio no finite progress reaches.
         experiment.norm_guard.unwrap_or(1e30),
     );
+    if experiment.norm_guard.is_some() {
+        // As `tether serve` does before its first exchange: the guard's bound
+        // starts from the server's own measure of honest progress.
+        let honest = honest_progress(&spec, Arc::clone(train), start.clone())
+            .map_err(|e| SimError::Settings(format!("measuring honest progress: {e}")))?;
+        center.set_honest_progress(hyper, honest);
+    }
     let mut workers = Vec::with_capacity(p);
     for i in 0..p {
         let shard = Shard {
@@ -365,6 +373,7 @@ fn simulate(
                 values,
                 progress: progress_norm,
                 cohort: Cohort::Workers,
+                settled: true,
                 held: false,
             };
             match center.offer(update, p) {

@@ -244,13 +244,13 @@ impl Engine for RelayEngine {
         let state = self.state()?;
         {
             // τ and η are the run's (the upstream's operator may change them); α
-            // stays this relay's own.
-            let mut center = state.center();
-            let mut own = center.hyper();
+            // stays this relay's own. Changed as an operator's change is, so the
+            // norm guard measures its workers' honest progress anew.
+            let mut own = state.center().hyper();
             if (own.tau, own.lr) != (hyper.tau, hyper.lr) {
                 own.tau = hyper.tau;
                 own.lr = hyper.lr;
-                center.set_hyper(own);
+                state.set_hyper(own);
             }
         }
         let t0 = Instant::now();

@@ -69,6 +69,10 @@ pub struct Update {
     pub progress: f64,
     /// Whose progress it is compared with.
     pub cohort: Cohort,
+    /// The worker ran its steps at the center's current τ and η: it was told them in
+    /// its last two replies (or its welcome). Otherwise its progress is judged
+    /// against the bound before the change too, and teaches the guard nothing.
+    pub settled: bool,
     /// The loss screen held this update ([`crate::screen`]): the worker gets its
     /// reply as usual, but x̃ does not move toward it.
     pub held: bool,
@@ -101,7 +105,8 @@ struct Pending {
 /// Accepted progress norms kept per worker: its figure is their median.
 const HISTORY: usize = 8;
 /// Before any worker of a cohort has an accepted update, progress is bounded by this
-/// fraction of ‖x̃‖ (× the ratio): the bootstrap of a run.
+/// fraction of ‖x̃‖ (× the ratio), or by the server's own measure of honest progress
+/// when that is larger (`calibrate.rs`): the bootstrap of a run.
 const BOOTSTRAP_FRACTION: f64 = 0.05;
 /// Each out-of-line refusal during the bootstrap doubles it, up to this fraction of
 /// ‖x̃‖ (× the ratio): a guess must not shut out a run whose honest first steps are
@@ -138,6 +143,12 @@ struct NormGuard {
     recent: HashMap<u64, (Cohort, VecDeque<f64>)>,
     /// Out-of-line refusals per cohort while it had no figure (the bootstrap).
     bootstrap_refusals: [u32; 2],
+    /// Honest progress per exchange at the current τ and η, as the server measured
+    /// it from the center (`calibrate.rs`); judges workers while they have no figure.
+    honest: Option<f64>,
+    /// Each cohort's bound just before the last change of τ or η: exchanges run at
+    /// the old values are judged against it.
+    before_change: [f64; 2],
 }
 
 impl NormGuard {
@@ -146,7 +157,20 @@ impl NormGuard {
             ratio,
             recent: HashMap::new(),
             bootstrap_refusals: [0; 2],
+            honest: None,
+            before_change: [0.0; 2],
         }
+    }
+
+    /// τ or η changed: progress measured before is no guide to progress now, so the
+    /// guard starts again from the bootstrap (and a new measurement).
+    fn restart(&mut self, center_norm: f64) {
+        for cohort in [Cohort::Workers, Cohort::Relays] {
+            self.before_change[cohort as usize] = self.bound(center_norm, cohort);
+        }
+        self.recent.clear();
+        self.bootstrap_refusals = [0; 2];
+        self.honest = None;
     }
 
     fn typical(&self, cohort: Cohort) -> Option<f64> {
@@ -162,8 +186,13 @@ impl NormGuard {
         let floor = (FLOOR_FRACTION * center_norm).max(1e-6);
         let typical = self.typical(cohort).unwrap_or_else(|| {
             let doublings = self.bootstrap_refusals[cohort as usize].min(64);
-            (BOOTSTRAP_FRACTION * center_norm * 2f64.powi(doublings as i32))
-                .min(BOOTSTRAP_CAP_FRACTION * center_norm)
+            let guess = (BOOTSTRAP_FRACTION * center_norm * 2f64.powi(doublings as i32))
+                .min(BOOTSTRAP_CAP_FRACTION * center_norm);
+            // A relay's exchange spans many worker exchanges: the measure is not its.
+            match (cohort, self.honest) {
+                (Cohort::Workers, Some(honest)) => guess.max(honest),
+                _ => guess,
+            }
         });
         self.ratio * typical.max(floor)
     }
@@ -279,8 +308,22 @@ impl Center {
 
     /// Changes τ, α, η from the next exchange on (the operator's runtime change;
     /// validated by the caller). Workers get the new values with their next reply.
+    /// A new τ or η restarts the norm guard from its bootstrap: progress figures
+    /// taken at the old values would refuse honest workers at a longer τ or larger η.
     pub fn set_hyper(&mut self, hyper: Hyper) {
+        if (hyper.tau, hyper.lr) != (self.hyper.tau, self.hyper.lr) {
+            self.guard.restart(norms(&self.params, &[]).distance);
+        }
         self.hyper = hyper;
+    }
+
+    /// The server's measure of honest progress per exchange at `measured_at`'s τ and
+    /// η (`calibrate.rs`); ignored when τ or η have changed since.
+    pub fn set_honest_progress(&mut self, measured_at: Hyper, progress: f64) {
+        let current = (self.hyper.tau, self.hyper.lr) == (measured_at.tau, measured_at.lr);
+        if current && progress.is_finite() && progress > 0.0 {
+            self.guard.honest = Some(progress);
+        }
     }
 
     /// The LSGD leader's worker session and loss, if any.
@@ -322,7 +365,11 @@ impl Center {
         if !update.progress.is_finite() {
             return Err(Rejection::OutOfLine);
         }
-        if update.progress > self.guard.bound(center_norm, update.cohort) {
+        let mut bound = self.guard.bound(center_norm, update.cohort);
+        if !update.settled {
+            bound = bound.max(self.guard.before_change[update.cohort as usize]);
+        }
+        if update.progress > bound {
             self.guard.refused(update.cohort);
             return Err(Rejection::OutOfLine);
         }
@@ -382,6 +429,7 @@ impl Center {
         let (norm, _) = self.check(&update)?;
         let alpha = self.hyper.alpha;
         let (session, cohort, progress) = (update.session, update.cohort, update.progress);
+        let settled = update.settled;
         let ready = |apply, payload, version| {
             Outcome::Ready(Ready {
                 apply,
@@ -454,8 +502,9 @@ impl Center {
                 }
             }
         };
-        // A held update's progress is no evidence of what honest progress looks like.
-        if !held {
+        // A held update's progress is no evidence of what honest progress looks like,
+        // nor is one run at other settings than the center's.
+        if !held && settled {
             self.guard.accept(session, cohort, progress);
         }
         Ok(outcome)
@@ -691,6 +740,7 @@ mod tests {
             values,
             progress: 0.0,
             cohort: Cohort::Workers,
+            settled: true,
             held: false,
         }
     }
@@ -832,6 +882,102 @@ mod tests {
         }
         assert!((c.progress_bound(Cohort::Workers) - 200.0).abs() < 1e-9);
         assert_eq!(c.version(), 0);
+    }
+
+    #[test]
+    fn the_servers_measure_of_honest_progress_starts_the_bound() {
+        // ‖x̃‖ = 2: the guess alone allows 1. The server measured honest progress
+        // 3.5 at τ 1, η 0.1: the bound is 10 × 3.5, and the first exchange passes.
+        let mut c = guarded(Algorithm::Easgd, vec![1.0; 4]);
+        c.set_honest_progress(hyper(0.25), 3.5);
+        assert!((c.progress_bound(Cohort::Workers) - 35.0).abs() < 1e-9);
+        assert!(c.offer(moved(1, vec![1.0; 4], 3.5), 1).is_ok());
+        // Not for relays (their exchange spans many of their workers'), and a
+        // measure smaller than the guess does not tighten it.
+        assert!((c.progress_bound(Cohort::Relays) - 1.0).abs() < 1e-12);
+        let mut c = guarded(Algorithm::Easgd, vec![1.0; 4]);
+        c.set_honest_progress(hyper(0.25), 0.01);
+        assert!((c.progress_bound(Cohort::Workers) - 1.0).abs() < 1e-12);
+        // A measure taken at other settings, or not a distance, is ignored.
+        let mut c = guarded(Algorithm::Easgd, vec![1.0; 4]);
+        let other = Hyper {
+            tau: 64,
+            ..hyper(0.25)
+        };
+        c.set_honest_progress(other, 3.5);
+        c.set_honest_progress(hyper(0.25), f64::NAN);
+        c.set_honest_progress(hyper(0.25), f64::INFINITY);
+        assert!((c.progress_bound(Cohort::Workers) - 1.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn a_new_tau_or_lr_starts_the_guard_again_and_alpha_does_not() {
+        let mut c = guarded(Algorithm::Easgd, vec![1.0; 4]);
+        c.set_honest_progress(hyper(0.25), 0.5);
+        for _ in 0..HISTORY {
+            c.offer(moved(1, vec![1.0; 4], 0.01), 1).unwrap();
+        }
+        assert!((c.progress_bound(Cohort::Workers) - 0.1).abs() < 1e-12);
+        // α alone: the workers' figures still describe their progress.
+        c.set_hyper(hyper(0.5));
+        assert!((c.progress_bound(Cohort::Workers) - 0.1).abs() < 1e-12);
+        // τ × 16: figures taken at τ 1 would refuse every honest worker for ever.
+        c.set_hyper(Hyper {
+            tau: 16,
+            ..hyper(0.5)
+        });
+        assert!(c.guard.typical(Cohort::Workers).is_none());
+        // Back to the guess until the new τ's measure arrives, then that.
+        assert!((c.progress_bound(Cohort::Workers) - 1.0).abs() < 1e-12);
+        c.set_honest_progress(
+            Hyper {
+                tau: 16,
+                ..hyper(0.5)
+            },
+            0.3,
+        );
+        assert!((c.progress_bound(Cohort::Workers) - 3.0).abs() < 1e-12);
+        c.set_hyper(Hyper {
+            lr: 0.05,
+            tau: 16,
+            alpha: 0.5,
+        });
+        assert!((c.progress_bound(Cohort::Workers) - 1.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn exchanges_run_at_the_old_tau_are_judged_by_the_old_bound_and_teach_nothing() {
+        let mut c = guarded(Algorithm::Easgd, vec![1.0; 4]);
+        for _ in 0..HISTORY {
+            c.offer(moved(1, vec![1.0; 4], 0.3), 1).unwrap();
+        }
+        // Figures of 0.3: the bound is 3. τ → 16 (measured 0.3, bound 3), then back
+        // to τ 1 (measured 0.02: the guess's bound 1 holds), while the worker's sync
+        // in flight ran its 16 steps and moves 2.5.
+        let tau = |tau| Hyper { tau, ..hyper(0.25) };
+        c.set_hyper(tau(16));
+        c.set_honest_progress(tau(16), 0.3);
+        c.set_hyper(tau(1));
+        c.set_honest_progress(tau(1), 0.02);
+        let unsettled = |progress| Update {
+            settled: false,
+            ..moved(1, vec![1.0; 4], progress)
+        };
+        assert!(c.offer(unsettled(2.5), 1).is_ok());
+        assert!(
+            c.guard.typical(Cohort::Workers).is_none(),
+            "it taught the guard"
+        );
+        // Past the old bound it is refused all the same; and once settled, the
+        // same long step is out of line at τ 1.
+        assert_eq!(
+            c.offer(unsettled(3.5), 1).unwrap_err(),
+            Rejection::OutOfLine
+        );
+        assert_eq!(
+            c.offer(moved(1, vec![1.0; 4], 2.5), 1).unwrap_err(),
+            Rejection::OutOfLine
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! listener until the shutdown future resolves; [`run`] does both.
 
 pub mod admin;
+pub mod calibrate;
 pub mod center;
 pub mod checkpoint;
 pub mod config;
@@ -160,6 +161,10 @@ pub struct Summary {
     pub samples: u64,
     /// Accepted syncs.
     pub syncs: u64,
+    /// Of those, the ones the loss screen held (answered; x̃ did not move).
+    pub held: u64,
+    /// Frames refused with a typed rejection.
+    pub rejected: u64,
     /// Bytes received from workers.
     pub bytes_in: u64,
     /// Bytes sent to workers.
@@ -334,6 +339,7 @@ impl Server {
         shutdown: impl Future<Output = StopReason> + Send + 'static,
     ) -> Result<Summary, ServerError> {
         let state = self.state;
+        state.measure_honest_progress(state.calibration.begin());
         let evaluator = spawn_evaluator(state.clone());
         let checkpointer = tokio::spawn(checkpoint_loop(state.clone()));
         let sampler = tokio::spawn(events::sampler(state.clone()));
@@ -377,6 +383,8 @@ impl Server {
             center_version: state.center().version(),
             samples: m.samples.load(Ordering::Relaxed),
             syncs: m.syncs.load(Ordering::Relaxed),
+            held: m.held.load(Ordering::Relaxed),
+            rejected: m.rejects().values().sum(),
             bytes_in: m.bytes_in.load(Ordering::Relaxed),
             bytes_out: m.bytes_out.load(Ordering::Relaxed),
             checkpoint,

@@ -16,6 +16,7 @@ use tether_shared::protocol::{Hyper, RunSpec, Shard, ShardDownload, StopReason, 
 use tether_shared::train::{Evaluation, evaluate};
 use tokio::sync::watch;
 
+use crate::calibrate::{Calibration, Running};
 use crate::center::Center;
 use crate::checkpoint::{History, Resumed, Snapshot};
 use crate::config::{RunSettings, ServerConfig};
@@ -132,6 +133,8 @@ pub struct Shared {
     shards: Mutex<HashMap<(u32, u32), Arc<ShardFile>>>,
     /// Browsers sent to relays so far (round-robin among the least loaded).
     pub relay_turn: AtomicU64,
+    /// The server's measurements of honest progress for the norm guard.
+    pub calibration: Calibration,
 }
 
 /// A shard of the training set as workers download it (`GET /api/shard`).
@@ -199,6 +202,7 @@ impl AppState {
         let (stop, _) = watch::channel(None);
         let (connections, _) = watch::channel(0);
         let (paused, _) = watch::channel(false);
+        let (spec_for_calibration, train_for_calibration) = (spec.clone(), train.clone());
         let screen = (config.screen_batch > 0).then(|| {
             Arc::new(Screen::new(
                 spec.model,
@@ -234,7 +238,37 @@ impl AppState {
             connections,
             shards: Mutex::new(HashMap::new()),
             relay_turn: AtomicU64::new(0),
+            calibration: Calibration::new(spec_for_calibration, train_for_calibration),
         }))
+    }
+
+    /// Changes τ, α, η (validated by the caller); logged and kept for the charts.
+    /// A new τ or η restarts the norm guard and measures honest progress anew; the
+    /// measurement counts as under way before the change, so no exchange is judged
+    /// between the two.
+    pub fn set_hyper(&self, after: Hyper) -> HyperChange {
+        let before = self.center().hyper();
+        let remeasure = (after.tau, after.lr) != (before.tau, before.lr);
+        let running = remeasure.then(|| self.calibration.begin());
+        self.center().set_hyper(after);
+        if let Some(running) = running {
+            self.measure_honest_progress(running);
+        }
+        let change = HyperChange {
+            time_s: self.now_s(),
+            before,
+            after,
+        };
+        tracing::info!(?before, ?after, "hyper-parameters changed by the operator");
+        lock(&self.changes).push(change);
+        change
+    }
+
+    /// Measures honest progress from the center for the norm guard, in the
+    /// background (`calibrate.rs`); `running` is the measurement's count.
+    pub fn measure_honest_progress(&self, running: Running) {
+        let state = self.clone();
+        tokio::spawn(async move { state.calibration.run(&state.center, running).await });
     }
 }
 
@@ -326,24 +360,6 @@ impl Shared {
     /// Run time: seconds served, counted across resumes (the dashboard's clock).
     pub fn now_s(&self) -> f64 {
         self.run_time_before_s + self.started.elapsed().as_secs_f64()
-    }
-
-    /// Changes τ, α, η (validated by the caller); logged and kept for the charts.
-    pub fn set_hyper(&self, after: Hyper) -> HyperChange {
-        let before = {
-            let mut c = self.center();
-            let before = c.hyper();
-            c.set_hyper(after);
-            before
-        };
-        let change = HyperChange {
-            time_s: self.now_s(),
-            before,
-            after,
-        };
-        tracing::info!(?before, ?after, "hyper-parameters changed by the operator");
-        lock(&self.changes).push(change);
-        change
     }
 
     /// Ends the run because `why` (the first reason given is kept): workers are told

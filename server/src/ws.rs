@@ -16,6 +16,7 @@ use tether_shared::protocol::{
     StopReason, Sync, Welcome, WorkerKind,
 };
 
+use crate::calibrate;
 use crate::center::{Cohort, Outcome, Ready, Update};
 use crate::config::has_elastic_force;
 use crate::screen::Verdict;
@@ -118,6 +119,10 @@ struct Conn {
     rejects: u64,
     /// Whose progress the norm guard compares this worker's with.
     cohort: Cohort,
+    /// τ and η as the worker's last two replies (or its welcome) told them, newest
+    /// first: an overlapping worker runs the steps after a reply at the values of the
+    /// reply before, so its sync is at the center's values only when both are.
+    told: [(u32, f64); 2],
 }
 
 /// Rejections per connection that are logged one by one.
@@ -138,6 +143,7 @@ async fn handshake(state: &AppState, socket: &mut WebSocket, browser: bool) -> O
         anchor: Vec::new(),
         sent: Vec::new(),
         link: Link::new(Encoding::F32, &[]),
+        told: [(0, 0.0); 2],
         cohort: Cohort::Workers,
     };
     let first = tokio::time::timeout(state.config.handshake_timeout, socket.recv()).await;
@@ -253,6 +259,7 @@ async fn handshake(state: &AppState, socket: &mut WebSocket, browser: bool) -> O
     }
     conn.link = Link::new(encoding, &center);
     conn.anchor = center;
+    conn.told = [(hyper.tau, hyper.lr); 2];
     Some(conn)
 }
 
@@ -339,12 +346,14 @@ async fn handle(
                     },
                     held,
                 )) => {
+                    let hyper = state.center().hyper();
                     let reply = Message::Reply(Reply {
                         seq,
                         center_version: version,
                         apply,
-                        hyper: state.center().hyper(),
+                        hyper,
                     });
+                    conn.told = [(hyper.tau, hyper.lr), conn.told[0]];
                     let values = conn.link.reply_payload(apply, &payload);
                     let encoding = conn.link.encoding();
                     let (bytes, decoded) =
@@ -455,6 +464,10 @@ async fn exchange(
             _ = stop.wait_for(Option::is_some) => return Err(Rejection::ShuttingDown),
         }
     }
+    // While the server measures honest progress (at start, after a change of τ or
+    // η) the norm guard has no measure to judge a first exchange by: wait for it.
+    state.calibration.settled(calibrate::WAIT).await;
+    let now = state.center().hyper();
     let mut update = Update {
         session: conn.session,
         worker_id: conn.worker_id,
@@ -463,6 +476,7 @@ async fn exchange(
         values,
         progress,
         cohort: conn.cohort,
+        settled: conn.told.iter().all(|t| *t == (now.tau, now.lr)),
         held: false,
     };
     let members = state.workers().len();
