@@ -47,7 +47,10 @@ pub struct RunSettings {
 impl RunSettings {
     /// The built-in settings for `algorithm`: small model, τ = 16, 4 expected workers,
     /// β = 0.9 (α = 0.225) for elastic algorithms, Nesterov δ = 0.9 with η = 0.05 for
-    /// EAMSGD, plain SGD with η = 0.1 for the others (MDOWNPOUR: δ = 0.9 on the server).
+    /// EAMSGD, plain SGD with η = 0.1 for the others, but MDOWNPOUR: plain SGD with
+    /// η = 0.0025 on the workers and δ = 0.9 on the server, whose momentum multiplies
+    /// every push about tenfold (η 0.01 and up sat at chance from τ = 4 on; how the
+    /// value was chosen is in REPRODUCTION.md).
     pub fn defaults(algorithm: Algorithm) -> Self {
         let expected_workers = 4;
         let momentum = match algorithm {
@@ -64,10 +67,10 @@ impl RunSettings {
                 0.0
             },
             expected_workers,
-            lr: if algorithm == Algorithm::Eamsgd {
-                0.05
-            } else {
-                0.1
+            lr: match algorithm {
+                Algorithm::Eamsgd => 0.05,
+                Algorithm::Mdownpour => MDOWNPOUR_LR,
+                _ => 0.1,
             },
             momentum,
             weight_decay: 1e-4,
@@ -187,6 +190,9 @@ pub const MAX_ALPHA: f32 = 0.99;
 pub const MAX_LR: f64 = 10.0;
 /// See [`MAX_ALPHA`].
 pub const MAX_TAU: u32 = 10_000;
+/// MDOWNPOUR's default local η: the best of {0.001, 0.0025, 0.005} at τ 1 and 4
+/// (REPRODUCTION.md); 0.005 lost one seed of two at τ 4.
+pub const MDOWNPOUR_LR: f64 = 0.0025;
 /// See [`MAX_ALPHA`].
 pub const MAX_BATCH: u32 = 65_536;
 /// See [`MAX_ALPHA`].
