@@ -2,25 +2,18 @@
 //! run at a long τ (its bound starts from the server's own measure of honest
 //! progress), and not after the operator lengthens τ mid-run.
 
-use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
 use tether_server::{RunSettings, ServerConfig};
 use tether_shared::algorithms::Algorithm;
-use tether_shared::data::ImageSet;
 use tether_shared::protocol::Hyper;
 use tether_tests::net::TestServer;
 use tether_tests::scratch;
-use tether_worker::backend::BackendChoice;
-use tether_worker::client::{self, WorkConfig};
+use tether_worker::client;
 use tokio::sync::watch;
 
-fn train_set() -> Arc<ImageSet> {
-    static SET: OnceLock<Arc<ImageSet>> = OnceLock::new();
-    SET.get_or_init(|| Arc::new(tether_dataset::load(None).expect("shipped data").1.train))
-        .clone()
-}
+use crate::training::worker;
 
 /// An EAMSGD run on the defaults (loss screen on, guard at 10×) but `tau` and `batch`.
 async fn server(name: &str, tau: u32, batch: u32) -> Result<TestServer> {
@@ -32,16 +25,6 @@ async fn server(name: &str, tau: u32, batch: u32) -> Result<TestServer> {
     cfg.checkpoint_every = None;
     cfg.run_dir = Some(scratch(name)?);
     TestServer::start(cfg).await
-}
-
-fn worker(server: &TestServer, steps: u64) -> WorkConfig {
-    let mut w = WorkConfig::new(server.ws_url());
-    w.backend = BackendChoice::Cpu;
-    w.preloaded = Some(train_set());
-    w.max_steps = Some(steps);
-    w.progress = false;
-    w.give_up_after = Duration::from_secs(10);
-    w
 }
 
 /// What the server refused, by reason (empty when nothing was).

@@ -20,7 +20,8 @@ fn train_set() -> Arc<ImageSet> {
         .clone()
 }
 
-fn worker(server: &TestServer, steps: u64) -> WorkConfig {
+/// A CPU worker of `server` that stops after `steps` steps, on the shipped data.
+pub(crate) fn worker(server: &TestServer, steps: u64) -> WorkConfig {
     let mut w = WorkConfig::new(server.ws_url());
     w.backend = BackendChoice::Cpu;
     w.preloaded = Some(train_set());
