@@ -322,7 +322,7 @@ pub fn run_bench_link(args: BenchLinkArgs) -> Result<()> {
     if !(args.mbit > 0.0 && args.delay_ms >= 0.0 && args.epochs > 0.0) {
         bail!("--mbit and --epochs must be positive and --delay-ms not negative");
     }
-    if args.check.is_some_and(|p| !(p >= 0.0)) {
+    if args.check.is_some_and(|p| p.is_nan() || p < 0.0) {
         bail!("--check takes the points of accuracy a row may lose, 0 or more");
     }
     let mut encodings = vec![Encoding::F32];
