@@ -7,7 +7,6 @@
 //! Validation that needs the center (staleness, the norm guard) happens here too,
 //! before anything is written: a rejected update leaves the center bit-identical.
 
-use std::collections::{HashMap, VecDeque};
 use tether_shared::algorithms::downpour::apply_push;
 use tether_shared::algorithms::elastic::{center_pull_in_place, sync_round};
 use tether_shared::algorithms::leader::LeaderBoard;
@@ -19,6 +18,9 @@ use tether_shared::local::apply_reply;
 use tether_shared::protocol::{Apply, Hyper, Rejection, first_non_finite};
 
 use tokio::sync::oneshot;
+
+pub use crate::guard::Cohort;
+use crate::guard::NormGuard;
 
 /// What a worker gets back from an exchange.
 #[derive(Clone, Debug, PartialEq)]
@@ -100,134 +102,6 @@ struct Pending {
     held: bool,
     values: Vec<f32>,
     reply: oneshot::Sender<Reply>,
-}
-
-/// Accepted progress norms kept per worker: its figure is their median.
-const HISTORY: usize = 8;
-/// Before any worker of a cohort has an accepted update, progress is bounded by this
-/// fraction of ‖x̃‖ (× the ratio), or by the server's own measure of honest progress
-/// when that is larger (`calibrate.rs`): the bootstrap of a run.
-const BOOTSTRAP_FRACTION: f64 = 0.05;
-/// Each out-of-line refusal during the bootstrap doubles it, up to this fraction of
-/// ‖x̃‖ (× the ratio): a guess must not shut out a run whose honest first steps are
-/// longer than it (a relay's first exchange, EAMSGD at τ = 64).
-const BOOTSTRAP_CAP_FRACTION: f64 = 10.0;
-/// The typical figure never falls below this fraction of ‖x̃‖, so workers that
-/// stop moving (or lie that they do) cannot shrink the bound to nothing.
-const FLOOR_FRACTION: f64 = 1e-4;
-
-/// Whose progress an update's progress is compared with.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Cohort {
-    /// Workers and browsers: progress over τ local steps.
-    Workers,
-    /// Relays admitted with the run's relay token. A relay's progress is its
-    /// subtree's over τ_up of its own versions, many worker exchanges long, so a
-    /// bound set by workers would refuse it for ever. A relay without a token is
-    /// judged as a worker: anyone could claim to be one and so pick its own peers.
-    Relays,
-}
-
-/// Refuses updates whose progress is far outside the run's typical progress.
-///
-/// The typical figure is a median of medians: each worker's figure is the median of
-/// its last [`HISTORY`] accepted progress norms, and the typical is the lower median
-/// of the figures of the workers in its [`Cohort`]. No single worker sets it: with two
-/// workers the smaller figure counts, with more the middle one; a worker raising its
-/// own figure step by step raises nothing. Rejected rather than clipped: a clipped
-/// update would still move the center toward a point no honest worker reached
-/// (ARCHITECTURE.md).
-#[derive(Clone, Debug)]
-struct NormGuard {
-    ratio: f64,
-    recent: HashMap<u64, (Cohort, VecDeque<f64>)>,
-    /// Out-of-line refusals per cohort while it had no figure (the bootstrap).
-    bootstrap_refusals: [u32; 2],
-    /// Honest progress per exchange at the current τ and η, as the server measured
-    /// it from the center (`calibrate.rs`); judges workers while they have no figure.
-    honest: Option<f64>,
-    /// Each cohort's bound just before the last change of τ or η: exchanges run at
-    /// the old values are judged against it.
-    before_change: [f64; 2],
-}
-
-impl NormGuard {
-    fn new(ratio: f64) -> Self {
-        Self {
-            ratio,
-            recent: HashMap::new(),
-            bootstrap_refusals: [0; 2],
-            honest: None,
-            before_change: [0.0; 2],
-        }
-    }
-
-    /// τ or η changed: progress measured before is no guide to progress now, so the
-    /// guard starts again from the bootstrap (and a new measurement).
-    fn restart(&mut self, center_norm: f64) {
-        for cohort in [Cohort::Workers, Cohort::Relays] {
-            self.before_change[cohort as usize] = self.bound(center_norm, cohort);
-        }
-        self.recent.clear();
-        self.bootstrap_refusals = [0; 2];
-        self.honest = None;
-    }
-
-    fn typical(&self, cohort: Cohort) -> Option<f64> {
-        let figures = self
-            .recent
-            .values()
-            .filter(|(c, _)| *c == cohort)
-            .filter_map(|(_, h)| lower_median(h.iter().copied()));
-        lower_median(figures)
-    }
-
-    fn bound(&self, center_norm: f64, cohort: Cohort) -> f64 {
-        let floor = (FLOOR_FRACTION * center_norm).max(1e-6);
-        let typical = self.typical(cohort).unwrap_or_else(|| {
-            let doublings = self.bootstrap_refusals[cohort as usize].min(64);
-            let guess = (BOOTSTRAP_FRACTION * center_norm * 2f64.powi(doublings as i32))
-                .min(BOOTSTRAP_CAP_FRACTION * center_norm);
-            // A relay's exchange spans many worker exchanges: the measure is not its.
-            match (cohort, self.honest) {
-                (Cohort::Workers, Some(honest)) => guess.max(honest),
-                _ => guess,
-            }
-        });
-        self.ratio * typical.max(floor)
-    }
-
-    fn accept(&mut self, session: u64, cohort: Cohort, progress: f64) {
-        let (c, h) = self
-            .recent
-            .entry(session)
-            .or_insert((cohort, VecDeque::new()));
-        *c = cohort;
-        if h.len() == HISTORY {
-            h.pop_front();
-        }
-        h.push_back(progress);
-        self.bootstrap_refusals[cohort as usize] = 0;
-    }
-
-    /// An update of `cohort` was out of line: during the bootstrap the bound grows.
-    fn refused(&mut self, cohort: Cohort) {
-        if self.typical(cohort).is_none() {
-            let n = &mut self.bootstrap_refusals[cohort as usize];
-            *n = n.saturating_add(1);
-        }
-    }
-
-    fn forget(&mut self, session: u64) {
-        self.recent.remove(&session);
-    }
-}
-
-/// The lower median (of two, the smaller): `None` when there is nothing.
-fn lower_median(values: impl Iterator<Item = f64>) -> Option<f64> {
-    let mut v: Vec<f64> = values.collect();
-    v.sort_by(f64::total_cmp);
-    v.get(v.len().saturating_sub(1) / 2).copied()
 }
 
 /// The center x̃, its version, and the algorithm state that goes with it.
@@ -322,7 +196,7 @@ impl Center {
     pub fn set_honest_progress(&mut self, measured_at: Hyper, progress: f64) {
         let current = (self.hyper.tau, self.hyper.lr) == (measured_at.tau, measured_at.lr);
         if current && progress.is_finite() && progress > 0.0 {
-            self.guard.honest = Some(progress);
+            self.guard.set_honest(progress);
         }
     }
 
@@ -365,10 +239,9 @@ impl Center {
         if !update.progress.is_finite() {
             return Err(Rejection::OutOfLine);
         }
-        let mut bound = self.guard.bound(center_norm, update.cohort);
-        if !update.settled {
-            bound = bound.max(self.guard.before_change[update.cohort as usize]);
-        }
+        let bound = self
+            .guard
+            .judged_bound(center_norm, update.cohort, update.settled);
         if update.progress > bound {
             self.guard.refused(update.cohort);
             return Err(Rejection::OutOfLine);
@@ -717,6 +590,7 @@ fn check_finite(n: &Norms, values: &[f32]) -> Result<(), Rejection> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::guard::HISTORY;
 
     fn hyper(alpha: f32) -> Hyper {
         Hyper {

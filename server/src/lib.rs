@@ -12,6 +12,7 @@ pub mod center;
 pub mod checkpoint;
 pub mod config;
 pub mod events;
+mod guard;
 pub mod listen;
 pub mod metrics;
 pub mod screen;

@@ -1,0 +1,152 @@
+//! The norm guard: refuses an update whose progress — how far the worker moved since
+//! its last accepted exchange — is far outside the run's typical progress. The center
+//! ([`crate::center::Center`]) asks it before anything is written and tells it what
+//! it accepted; ARCHITECTURE.md (invariants) says why progress is judged and not the
+//! distance to x̃, and how the bound starts.
+
+use std::collections::{HashMap, VecDeque};
+
+/// Accepted progress norms kept per worker: its figure is their median.
+pub(crate) const HISTORY: usize = 8;
+/// Before any worker of a cohort has an accepted update, progress is bounded by this
+/// fraction of ‖x̃‖ (× the ratio), or by the server's own measure of honest progress
+/// when that is larger (`calibrate.rs`): the bootstrap of a run.
+const BOOTSTRAP_FRACTION: f64 = 0.05;
+/// Each out-of-line refusal during the bootstrap doubles it, up to this fraction of
+/// ‖x̃‖ (× the ratio): a guess must not shut out a run whose honest first steps are
+/// longer than it (a relay's first exchange, EAMSGD at τ = 64).
+const BOOTSTRAP_CAP_FRACTION: f64 = 10.0;
+/// The typical figure never falls below this fraction of ‖x̃‖, so workers that
+/// stop moving (or lie that they do) cannot shrink the bound to nothing.
+const FLOOR_FRACTION: f64 = 1e-4;
+
+/// Whose progress an update's progress is compared with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cohort {
+    /// Workers and browsers: progress over τ local steps.
+    Workers,
+    /// Relays admitted with the run's relay token. A relay's progress is its
+    /// subtree's over τ_up of its own versions, many worker exchanges long, so a
+    /// bound set by workers would refuse it for ever. A relay without a token is
+    /// judged as a worker: anyone could claim to be one and so pick its own peers.
+    Relays,
+}
+
+/// Refuses updates whose progress is far outside the run's typical progress.
+///
+/// The typical figure is a median of medians: each worker's figure is the median of
+/// its last [`HISTORY`] accepted progress norms, and the typical is the lower median
+/// of the figures of the workers in its [`Cohort`]. No single worker sets it: with two
+/// workers the smaller figure counts, with more the middle one; a worker raising its
+/// own figure step by step raises nothing. Rejected rather than clipped: a clipped
+/// update would still move the center toward a point no honest worker reached
+/// (ARCHITECTURE.md).
+#[derive(Clone, Debug)]
+pub(crate) struct NormGuard {
+    ratio: f64,
+    recent: HashMap<u64, (Cohort, VecDeque<f64>)>,
+    /// Out-of-line refusals per cohort while it had no figure (the bootstrap).
+    bootstrap_refusals: [u32; 2],
+    /// Honest progress per exchange at the current τ and η, as the server measured
+    /// it from the center (`calibrate.rs`); judges workers while they have no figure.
+    honest: Option<f64>,
+    /// Each cohort's bound just before the last change of τ or η: exchanges run at
+    /// the old values are judged against it.
+    before_change: [f64; 2],
+}
+
+impl NormGuard {
+    pub(crate) fn new(ratio: f64) -> Self {
+        Self {
+            ratio,
+            recent: HashMap::new(),
+            bootstrap_refusals: [0; 2],
+            honest: None,
+            before_change: [0.0; 2],
+        }
+    }
+
+    /// τ or η changed: progress measured before is no guide to progress now, so the
+    /// guard starts again from the bootstrap (and a new measurement).
+    pub(crate) fn restart(&mut self, center_norm: f64) {
+        for cohort in [Cohort::Workers, Cohort::Relays] {
+            self.before_change[cohort as usize] = self.bound(center_norm, cohort);
+        }
+        self.recent.clear();
+        self.bootstrap_refusals = [0; 2];
+        self.honest = None;
+    }
+
+    pub(crate) fn typical(&self, cohort: Cohort) -> Option<f64> {
+        let figures = self
+            .recent
+            .values()
+            .filter(|(c, _)| *c == cohort)
+            .filter_map(|(_, h)| lower_median(h.iter().copied()));
+        lower_median(figures)
+    }
+
+    pub(crate) fn bound(&self, center_norm: f64, cohort: Cohort) -> f64 {
+        let floor = (FLOOR_FRACTION * center_norm).max(1e-6);
+        let typical = self.typical(cohort).unwrap_or_else(|| {
+            let doublings = self.bootstrap_refusals[cohort as usize].min(64);
+            let guess = (BOOTSTRAP_FRACTION * center_norm * 2f64.powi(doublings as i32))
+                .min(BOOTSTRAP_CAP_FRACTION * center_norm);
+            // A relay's exchange spans many worker exchanges: the measure is not its.
+            match (cohort, self.honest) {
+                (Cohort::Workers, Some(honest)) => guess.max(honest),
+                _ => guess,
+            }
+        });
+        self.ratio * typical.max(floor)
+    }
+
+    pub(crate) fn accept(&mut self, session: u64, cohort: Cohort, progress: f64) {
+        let (c, h) = self
+            .recent
+            .entry(session)
+            .or_insert((cohort, VecDeque::new()));
+        *c = cohort;
+        if h.len() == HISTORY {
+            h.pop_front();
+        }
+        h.push_back(progress);
+        self.bootstrap_refusals[cohort as usize] = 0;
+    }
+
+    /// An update of `cohort` was out of line: during the bootstrap the bound grows.
+    pub(crate) fn refused(&mut self, cohort: Cohort) {
+        if self.typical(cohort).is_none() {
+            let n = &mut self.bootstrap_refusals[cohort as usize];
+            *n = n.saturating_add(1);
+        }
+    }
+
+    /// The bound an update's progress is judged against: [`Self::bound`], or for an
+    /// update run at the values before the last change of τ or η (not `settled`),
+    /// the larger of that and the bound before the change.
+    pub(crate) fn judged_bound(&self, center_norm: f64, cohort: Cohort, settled: bool) -> f64 {
+        let bound = self.bound(center_norm, cohort);
+        if settled {
+            bound
+        } else {
+            bound.max(self.before_change[cohort as usize])
+        }
+    }
+
+    /// The server's measure of honest progress at the current τ and η.
+    pub(crate) fn set_honest(&mut self, progress: f64) {
+        self.honest = Some(progress);
+    }
+
+    pub(crate) fn forget(&mut self, session: u64) {
+        self.recent.remove(&session);
+    }
+}
+
+/// The lower median (of two, the smaller): `None` when there is nothing.
+fn lower_median(values: impl Iterator<Item = f64>) -> Option<f64> {
+    let mut v: Vec<f64> = values.collect();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len().saturating_sub(1) / 2).copied()
+}
