@@ -5,8 +5,9 @@
 //! (`center.rs`), so an honest first exchange is never out of line, at any τ.
 //!
 //! Measured once when a server starts (a fresh run or a resumed one) and again after
-//! each runtime change of τ or η, on a blocking thread; exchanges that arrive while
-//! a measurement is under way wait for it ([`Calibration::settled`], bounded).
+//! each runtime change of τ or η, on a blocking thread; an exchange that arrives
+//! while a measurement is under way, and that the guard would refuse without it,
+//! waits for it ([`Calibration::settled`], bounded).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -83,6 +84,11 @@ impl Calibration {
     pub fn begin(&self) -> Running {
         self.running.send_modify(|n| *n += 1);
         Running(self.running.clone())
+    }
+
+    /// Whether a measurement is under way.
+    pub fn running(&self) -> bool {
+        *self.running.borrow() > 0
     }
 
     /// Waits (at most `wait`) until no measurement is under way.

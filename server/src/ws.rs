@@ -465,8 +465,11 @@ async fn exchange(
         }
     }
     // While the server measures honest progress (at start, after a change of τ or
-    // η) the norm guard has no measure to judge a first exchange by: wait for it.
-    state.calibration.settled(calibrate::WAIT).await;
+    // η), an exchange the norm guard would refuse without the measure waits for it
+    // (a GPU worker's first τ steps can outrun the server's CPU measuring them).
+    if state.calibration.running() && progress > state.center().progress_bound(conn.cohort) {
+        state.calibration.settled(calibrate::WAIT).await;
+    }
     let now = state.center().hyper();
     let mut update = Update {
         session: conn.session,

@@ -14,7 +14,7 @@ use tether_worker::backend::BackendChoice;
 use tether_worker::client::{self, WorkConfig};
 use tokio::sync::watch;
 
-fn train_set() -> Arc<ImageSet> {
+pub(crate) fn train_set() -> Arc<ImageSet> {
     static SET: OnceLock<Arc<ImageSet>> = OnceLock::new();
     SET.get_or_init(|| Arc::new(tether_dataset::load(None).expect("shipped data").1.train))
         .clone()
