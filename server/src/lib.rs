@@ -164,8 +164,6 @@ pub struct Summary {
     pub syncs: u64,
     /// Of those, the ones the loss screen held (answered; x̃ did not move).
     pub held: u64,
-    /// Frames refused with a typed rejection.
-    pub rejected: u64,
     /// Bytes received from workers.
     pub bytes_in: u64,
     /// Bytes sent to workers.
@@ -385,7 +383,6 @@ impl Server {
             samples: m.samples.load(Ordering::Relaxed),
             syncs: m.syncs.load(Ordering::Relaxed),
             held: m.held.load(Ordering::Relaxed),
-            rejected: m.rejects().values().sum(),
             bytes_in: m.bytes_in.load(Ordering::Relaxed),
             bytes_out: m.bytes_out.load(Ordering::Relaxed),
             checkpoint,

@@ -202,7 +202,7 @@ impl AppState {
         let (stop, _) = watch::channel(None);
         let (connections, _) = watch::channel(0);
         let (paused, _) = watch::channel(false);
-        let (spec_for_calibration, train_for_calibration) = (spec.clone(), train.clone());
+        let calibration = Calibration::new(spec.clone(), train.clone());
         let screen = (config.screen_batch > 0).then(|| {
             Arc::new(Screen::new(
                 spec.model,
@@ -238,7 +238,7 @@ impl AppState {
             connections,
             shards: Mutex::new(HashMap::new()),
             relay_turn: AtomicU64::new(0),
-            calibration: Calibration::new(spec_for_calibration, train_for_calibration),
+            calibration,
         }))
     }
 
@@ -247,10 +247,14 @@ impl AppState {
     /// measurement counts as under way before the change, so no exchange is judged
     /// between the two.
     pub fn set_hyper(&self, after: Hyper) -> HyperChange {
-        let before = self.center().hyper();
-        let remeasure = (after.tau, after.lr) != (before.tau, before.lr);
-        let running = remeasure.then(|| self.calibration.begin());
-        self.center().set_hyper(after);
+        let (before, running) = {
+            let mut center = self.center();
+            let before = center.hyper();
+            let remeasure = (after.tau, after.lr) != (before.tau, before.lr);
+            let running = remeasure.then(|| self.calibration.begin());
+            center.set_hyper(after);
+            (before, running)
+        };
         if let Some(running) = running {
             self.measure_honest_progress(running);
         }
