@@ -109,10 +109,15 @@ impl Calibration {
         spec.hyper = hyper;
         let train = self.train.clone();
         let started = Instant::now();
-        let measured =
-            tokio::task::spawn_blocking(move || honest_progress(&spec, train, params)).await;
+        // Bounded like the exchanges that wait for it: a measurement that cannot
+        // finish (a machine starved of CPU) must not hold them, nor count as running.
+        let measured = tokio::time::timeout(
+            WAIT,
+            tokio::task::spawn_blocking(move || honest_progress(&spec, train, params)),
+        )
+        .await;
         match measured {
-            Ok(Ok(progress)) => {
+            Ok(Ok(Ok(progress))) => {
                 tracing::info!(
                     tau = hyper.tau,
                     lr = hyper.lr,
@@ -123,8 +128,11 @@ impl Calibration {
                 let mut c = center.lock().unwrap_or_else(|e| e.into_inner());
                 c.set_honest_progress(hyper, progress);
             }
-            Ok(Err(e)) => tracing::warn!("could not measure honest progress: {e}"),
-            Err(e) => tracing::warn!("measuring honest progress failed: {e}"),
+            Ok(Ok(Err(e))) => tracing::warn!("could not measure honest progress: {e}"),
+            Ok(Err(e)) => tracing::warn!("measuring honest progress failed: {e}"),
+            Err(_) => tracing::warn!(
+                "measuring honest progress took over {WAIT:?}; the norm guard judges by its guess"
+            ),
         }
         drop(running);
     }

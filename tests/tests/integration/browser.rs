@@ -163,7 +163,12 @@ async fn dashboard_run(
     let report = read_json(&out.join(format!("report-{label}.json")))
         .with_context(|| format!("no report from the browser run:\n{log}"))?;
     if !node.status.success() || report["ok"] != true {
-        bail!("browser run failed: {}\n{log}", report["failure"]);
+        // What the server refused and what the native worker saw, for a flaky run.
+        bail!(
+            "browser run failed: {}\nserver rejections: {:?}\nnative worker: {native:?}\n{log}",
+            report["failure"],
+            server.state.metrics.rejects()
+        );
     }
     assert!(out.join(format!("dashboard-{label}.png")).exists());
     if https {
