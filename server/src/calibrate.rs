@@ -60,6 +60,17 @@ pub fn honest_progress(
     Ok(progress * f64::from(tau) / f64::from(steps))
 }
 
+/// Runs `f` on a rayon pool of its own with one thread: Burn's CPU kernels would
+/// otherwise queue the measurement's work behind everything else on the process's
+/// pool (the loss screen, the evaluator, in-process workers), so its time would
+/// depend on their load; on its own thread it takes a core's share, predictably.
+fn on_one_thread<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    match rayon::ThreadPoolBuilder::new().num_threads(1).build() {
+        Ok(pool) => pool.install(f),
+        Err(_) => f(),
+    }
+}
+
 /// Measurements under way, and the exchanges that wait for them.
 pub struct Calibration {
     spec: RunSpec,
@@ -113,7 +124,9 @@ impl Calibration {
         // finish (a machine starved of CPU) must not hold them, nor count as running.
         let measured = tokio::time::timeout(
             WAIT,
-            tokio::task::spawn_blocking(move || honest_progress(&spec, train, params)),
+            tokio::task::spawn_blocking(move || {
+                on_one_thread(|| honest_progress(&spec, train, params))
+            }),
         )
         .await;
         match measured {

@@ -182,8 +182,8 @@ impl Center {
 
     /// Changes τ, α, η from the next exchange on (the operator's runtime change;
     /// validated by the caller). Workers get the new values with their next reply.
-    /// A new τ or η restarts the norm guard from its bootstrap: progress figures
-    /// taken at the old values would refuse honest workers at a longer τ or larger η.
+    /// A new τ or η restarts the norm guard from the server's next measure: progress
+    /// figures taken at the old values would refuse honest workers at a longer τ.
     pub fn set_hyper(&mut self, hyper: Hyper) {
         if (hyper.tau, hyper.lr) != (self.hyper.tau, self.hyper.lr) {
             self.guard.restart(norms(&self.params, &[]).distance);
@@ -785,8 +785,13 @@ mod tests {
     }
 
     #[test]
-    fn a_new_tau_or_lr_starts_the_guard_again_and_alpha_does_not() {
+    fn a_new_tau_or_lr_starts_the_guard_again_from_its_measure_and_alpha_does_not() {
         let mut c = guarded(Algorithm::Easgd, vec![1.0; 4]);
+        let at = |tau, lr| Hyper {
+            tau,
+            lr,
+            ..hyper(0.5)
+        };
         c.set_honest_progress(hyper(0.25), 0.5);
         for _ in 0..HISTORY {
             c.offer(moved(1, vec![1.0; 4], 0.01), 1).unwrap();
@@ -795,28 +800,19 @@ mod tests {
         // α alone: the workers' figures still describe their progress.
         c.set_hyper(hyper(0.5));
         assert!((c.progress_bound(Cohort::Workers) - 0.1).abs() < 1e-12);
-        // τ × 16: figures taken at τ 1 would refuse every honest worker for ever.
-        c.set_hyper(Hyper {
-            tau: 16,
-            ..hyper(0.5)
-        });
+        // τ × 16: the old figures judge until the new τ's measure arrives…
+        c.set_hyper(at(16, 0.1));
+        assert!((c.progress_bound(Cohort::Workers) - 0.1).abs() < 1e-12);
+        // …which replaces them, alone: late in a run the start's guess (‖x̃‖/20,
+        // a bound of 1 here) is far looser than honest progress.
+        c.set_honest_progress(at(16, 0.1), 0.02);
         assert!(c.guard.typical(Cohort::Workers).is_none());
-        // Back to the guess until the new τ's measure arrives, then that.
-        assert!((c.progress_bound(Cohort::Workers) - 1.0).abs() < 1e-12);
-        c.set_honest_progress(
-            Hyper {
-                tau: 16,
-                ..hyper(0.5)
-            },
-            0.3,
-        );
-        assert!((c.progress_bound(Cohort::Workers) - 3.0).abs() < 1e-12);
-        c.set_hyper(Hyper {
-            lr: 0.05,
-            tau: 16,
-            alpha: 0.5,
-        });
-        assert!((c.progress_bound(Cohort::Workers) - 1.0).abs() < 1e-12);
+        assert!((c.progress_bound(Cohort::Workers) - 0.2).abs() < 1e-12);
+        // η too; until its measure, the last one holds.
+        c.set_hyper(at(16, 0.05));
+        assert!((c.progress_bound(Cohort::Workers) - 0.2).abs() < 1e-12);
+        c.set_honest_progress(at(16, 0.05), 0.05);
+        assert!((c.progress_bound(Cohort::Workers) - 0.5).abs() < 1e-12);
     }
 
     #[test]
@@ -826,8 +822,8 @@ mod tests {
             c.offer(moved(1, vec![1.0; 4], 0.3), 1).unwrap();
         }
         // Figures of 0.3: the bound is 3. τ → 16 (measured 0.3, bound 3), then back
-        // to τ 1 (measured 0.02: the guess's bound 1 holds), while the worker's sync
-        // in flight ran its 16 steps and moves 2.5.
+        // to τ 1 (measured 0.02, bound 0.2), while the worker's sync in flight ran
+        // its 16 steps and moves 2.5.
         let tau = |tau| Hyper { tau, ..hyper(0.25) };
         c.set_hyper(tau(16));
         c.set_honest_progress(tau(16), 0.3);

@@ -47,12 +47,21 @@ pub(crate) struct NormGuard {
     recent: HashMap<u64, (Cohort, VecDeque<f64>)>,
     /// Out-of-line refusals per cohort while it had no figure (the bootstrap).
     bootstrap_refusals: [u32; 2],
-    /// Honest progress per exchange at the current τ and η, as the server measured
-    /// it from the center (`calibrate.rs`); judges workers while they have no figure.
+    /// Honest progress per exchange as the server last measured it from the center
+    /// (`calibrate.rs`; at the current τ and η unless `stale`); judges workers while
+    /// they have no figure.
     honest: Option<f64>,
     /// Each cohort's bound just before the last change of τ or η: exchanges run at
     /// the old values are judged against it.
     before_change: [f64; 2],
+    /// τ or η changed and the figures are still the old values': the next measure
+    /// replaces them.
+    stale: bool,
+    /// τ or η changed during the run: from then on the bootstrap is the measure
+    /// alone. The guess (‖x̃‖/20) is for a run's start, where a worker that rejoins
+    /// a resumed run with its own parameters may stand that far from x̃; late in a
+    /// run it is far looser than honest progress.
+    changed: bool,
 }
 
 impl NormGuard {
@@ -63,18 +72,20 @@ impl NormGuard {
             bootstrap_refusals: [0; 2],
             honest: None,
             before_change: [0.0; 2],
+            stale: false,
+            changed: false,
         }
     }
 
-    /// τ or η changed: progress measured before is no guide to progress now, so the
-    /// guard starts again from the bootstrap (and a new measurement).
+    /// τ or η changed: workers' progress figures taken before are no guide to their
+    /// progress now. They judge until the server's measure at the new values arrives
+    /// ([`Self::set_honest`]), which then starts the workers' bound again from it.
     pub(crate) fn restart(&mut self, center_norm: f64) {
         for cohort in [Cohort::Workers, Cohort::Relays] {
             self.before_change[cohort as usize] = self.bound(center_norm, cohort);
         }
-        self.recent.clear();
-        self.bootstrap_refusals = [0; 2];
-        self.honest = None;
+        self.stale = true;
+        self.changed = true;
     }
 
     pub(crate) fn typical(&self, cohort: Cohort) -> Option<f64> {
@@ -94,6 +105,7 @@ impl NormGuard {
                 .min(BOOTSTRAP_CAP_FRACTION * center_norm);
             // A relay's exchange spans many worker exchanges: the measure is not its.
             match (cohort, self.honest) {
+                (Cohort::Workers, Some(honest)) if self.changed => honest,
                 (Cohort::Workers, Some(honest)) => guess.max(honest),
                 _ => guess,
             }
@@ -134,9 +146,16 @@ impl NormGuard {
         }
     }
 
-    /// The server's measure of honest progress at the current τ and η.
+    /// The server's measure of honest progress at the current τ and η; after a
+    /// change of τ or η it replaces the figures taken before.
     pub(crate) fn set_honest(&mut self, progress: f64) {
         self.honest = Some(progress);
+        // Workers' figures only: a relay's exchange spans many of its workers', which
+        // this measure does not describe.
+        if std::mem::take(&mut self.stale) {
+            self.recent.retain(|_, (c, _)| *c != Cohort::Workers);
+            self.bootstrap_refusals[Cohort::Workers as usize] = 0;
+        }
     }
 
     pub(crate) fn forget(&mut self, session: u64) {

@@ -160,6 +160,11 @@ async fn dashboard_run(
         String::from_utf8_lossy(&node.stderr)
     );
     eprintln!("{log}");
+    eprintln!(
+        "[{label}] server rejections: {:?}; native worker ids {:?}",
+        server.state.metrics.rejects(),
+        native.worker_ids
+    );
     let report = read_json(&out.join(format!("report-{label}.json")))
         .with_context(|| format!("no report from the browser run:\n{log}"))?;
     if !node.status.success() || report["ok"] != true {
