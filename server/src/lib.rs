@@ -15,18 +15,24 @@ pub mod events;
 mod guard;
 pub mod listen;
 pub mod metrics;
+mod run_id;
 pub mod screen;
 pub mod state;
 pub mod tls;
+mod untrusted;
+mod watch;
 pub mod web;
 pub mod workers;
 pub mod ws;
+
+use run_id::age;
+pub use run_id::new_run_id;
+use watch::{spawn_evaluator, watch_finish};
 
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request, State, WebSocketUpgrade};
@@ -414,107 +420,6 @@ pub async fn run(
     Server::new(config)?.serve(listener, shutdown).await
 }
 
-/// Scores the center every `eval_every` when it has changed, on a blocking thread so
-/// syncs never wait for it.
-fn spawn_evaluator(state: AppState) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let Some(every) = state.config.eval_every else {
-            return;
-        };
-        let mut stop = state.stop_signal();
-        let mut last = None;
-        let mut syncs_then = (0.0, 0u64);
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(every) => {}
-                _ = stop.wait_for(Option::is_some) => return,
-            }
-            let version = state.center().version();
-            if last == Some(version) {
-                continue;
-            }
-            let s = state.clone();
-            if let Ok(point) = tokio::task::spawn_blocking(move || s.evaluate_now()).await {
-                log_progress(&state, &point, &mut syncs_then);
-                last = Some(point.version);
-                if let Some(why) = finish_reason(&state) {
-                    state.finish(why);
-                }
-            }
-        }
-    })
-}
-
-/// One line per evaluation: where the run stands, and a warning when shards go
-/// untrained.
-fn log_progress(state: &AppState, point: &EvalPoint, then: &mut (f64, u64)) {
-    let syncs = state.metrics.syncs.load(Ordering::Relaxed);
-    let rate = (syncs - then.1) as f64 / (point.time_s - then.0).max(1e-9);
-    *then = (point.time_s, syncs);
-    let workers = state.workers().len();
-    tracing::info!(
-        samples = point.samples,
-        version = point.version,
-        accuracy = format!("{:.2}%", point.accuracy * 100.0),
-        workers,
-        syncs_per_s = format!("{rate:.1}"),
-        "center evaluated"
-    );
-    let shards = state.config.run.expected_workers as usize;
-    if workers < shards {
-        tracing::warn!(
-            workers,
-            shards,
-            "fewer workers than shards: {} shard(s) are not being trained",
-            shards - workers
-        );
-    }
-}
-
-/// Why the run is over now, if a finish condition holds.
-fn finish_reason(state: &AppState) -> Option<String> {
-    let f = state.config.finish;
-    let samples = state.metrics.samples.load(Ordering::Relaxed);
-    if let Some(max) = f.max_samples
-        && samples >= max
-    {
-        return Some(format!(
-            "{samples} training images reached --max-samples {max}"
-        ));
-    }
-    if let Some(max) = f.max_time
-        && state.now_s() >= max.as_secs_f64()
-    {
-        return Some(format!("--max-time {} s reached", max.as_secs()));
-    }
-    if let (Some(target), Some(e)) = (f.target_accuracy, state.latest_eval())
-        && e.accuracy >= target
-    {
-        return Some(format!(
-            "test accuracy {:.2} % reached --target-accuracy {:.2} %",
-            e.accuracy * 100.0,
-            target * 100.0
-        ));
-    }
-    None
-}
-
-/// Checks the sample and time limits four times a second (accuracy is checked after
-/// each evaluation); once one holds, `serve` drains, checkpoints and reports.
-async fn watch_finish(state: AppState) {
-    let f = state.config.finish;
-    if f.max_samples.is_none() && f.max_time.is_none() {
-        return;
-    }
-    let mut every = tokio::time::interval(Duration::from_millis(250));
-    while !state.stopping() {
-        every.tick().await;
-        if let Some(why) = finish_reason(&state) {
-            state.finish(why);
-        }
-    }
-}
-
 /// `report.json` in the run directory: how the run ended and what it reached.
 async fn write_report(
     state: &AppState,
@@ -601,58 +506,4 @@ pub async fn write_checkpoint(
     tracing::info!(version, path = %path.display(), "checkpoint written");
     *state.last_checkpoint.lock().expect("lock") = Some((version, path.clone()));
     Ok(Some(path))
-}
-
-/// How long ago a Unix time was, for people: "12 min", "3 h 5 min", "40 s".
-fn age(unix: f64) -> String {
-    let secs = (crate::workers::unix_now() - unix).max(0.0) as u64;
-    match secs {
-        0..60 => format!("{secs} s"),
-        60..3600 => format!("{} min", secs / 60),
-        _ => format!("{} h {} min", secs / 3600, secs / 60 % 60),
-    }
-}
-
-/// A run id from the UTC time and a little randomness: `20261123-084103-3fa9`.
-pub fn new_run_id() -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO);
-    let secs = now.as_secs();
-    let (y, m, d) = civil_from_days((secs / 86_400) as i64);
-    let t = secs % 86_400;
-    let salt = (now.subsec_nanos() ^ std::process::id().wrapping_mul(2_654_435_761)) & 0xffff;
-    format!(
-        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}-{salt:04x}",
-        t / 3600,
-        t / 60 % 60,
-        t % 60
-    )
-}
-
-/// (year, month, day) of a day count since 1970-01-01 (Howard Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn civil_dates_are_right() {
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(20_415), (2025, 11, 23));
-        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
-        let id = new_run_id();
-        assert_eq!(id.len(), "20261123-084103-3fa9".len(), "{id}");
-    }
 }

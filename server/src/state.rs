@@ -16,7 +16,7 @@ use tether_shared::protocol::{Hyper, RunSpec, Shard, ShardDownload, StopReason, 
 use tether_shared::train::{Evaluation, evaluate};
 use tokio::sync::watch;
 
-use crate::calibrate::{Calibration, Running};
+use crate::calibrate::Calibration;
 use crate::center::Center;
 use crate::checkpoint::{History, Resumed, Snapshot};
 use crate::config::{RunSettings, ServerConfig};
@@ -24,6 +24,10 @@ use crate::events::Timeline;
 use crate::metrics::Metrics;
 use crate::screen::Screen;
 use crate::workers::{ShardPlan, WorkerStatus, Workers};
+
+mod hyper;
+pub use crate::untrusted::{MAX_NAME_CHARS, MAX_REASON_CHARS, clip, secret_bytes};
+pub use hyper::HyperChange;
 
 /// One evaluation of the center on the test set.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -38,17 +42,6 @@ pub struct EvalPoint {
     pub accuracy: f64,
     /// Mean test cross-entropy.
     pub loss: f64,
-}
-
-/// An operator's runtime change of τ, α, η.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-pub struct HyperChange {
-    /// Run time (seconds served, counted across resumes).
-    pub time_s: f64,
-    /// The values before.
-    pub before: Hyper,
-    /// The values after.
-    pub after: Hyper,
 }
 
 /// A refused frame, for the dashboard's list of recent rejections.
@@ -146,32 +139,6 @@ pub struct ShardFile {
     pub sha256: [u8; 32],
 }
 
-/// `N` bytes from the operating system's CSPRNG (sessions and tickets are
-/// bearer secrets: a session id also authorises its shard's download).
-pub fn secret_bytes<const N: usize>() -> [u8; N] {
-    let mut bytes = [0u8; N];
-    rustls::crypto::ring::default_provider()
-        .secure_random
-        .fill(&mut bytes)
-        .expect("the operating system's random source works");
-    bytes
-}
-
-/// At most `max` characters of a client-supplied `text` (cut with "…"): whatever a
-/// client names itself or provokes in a rejection ends up in every status and
-/// dashboard push, so its size must not be the client's choice.
-pub fn clip(text: &str, max: usize) -> String {
-    match text.char_indices().nth(max) {
-        None => text.to_string(),
-        Some((cut, _)) => format!("{}…", &text[..cut]),
-    }
-}
-
-/// The longest device or backend name kept for a worker.
-pub const MAX_NAME_CHARS: usize = 80;
-/// The longest rejection text kept for the dashboard.
-pub const MAX_REASON_CHARS: usize = 240;
-
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding one of these locks is a bug; the data (plain vectors
     // and counters) stays usable, so the server keeps serving rather than cascading.
@@ -240,39 +207,6 @@ impl AppState {
             relay_turn: AtomicU64::new(0),
             calibration,
         }))
-    }
-
-    /// Changes τ, α, η (validated by the caller); logged and kept for the charts.
-    /// A new τ or η restarts the norm guard and measures honest progress anew; the
-    /// measurement counts as under way before the change, so no exchange is judged
-    /// between the two.
-    pub fn set_hyper(&self, after: Hyper) -> HyperChange {
-        let (before, running) = {
-            let mut center = self.center();
-            let before = center.hyper();
-            let remeasure = (after.tau, after.lr) != (before.tau, before.lr);
-            let running = remeasure.then(|| self.calibration.begin());
-            center.set_hyper(after);
-            (before, running)
-        };
-        if let Some(running) = running {
-            self.measure_honest_progress(running);
-        }
-        let change = HyperChange {
-            time_s: self.now_s(),
-            before,
-            after,
-        };
-        tracing::info!(?before, ?after, "hyper-parameters changed by the operator");
-        lock(&self.changes).push(change);
-        change
-    }
-
-    /// Measures honest progress from the center for the norm guard, in the
-    /// background (`calibrate.rs`); `running` is the measurement's count.
-    pub fn measure_honest_progress(&self, running: Running) {
-        let state = self.clone();
-        tokio::spawn(async move { state.calibration.run(&state.center, running).await });
     }
 }
 
