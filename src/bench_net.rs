@@ -14,7 +14,6 @@ use tether_lab::server_bench;
 use tether_server::{RunSettings, ServerConfig};
 use tether_shared::algorithms::Algorithm;
 use tether_shared::codec::Encoding;
-use tether_shared::model::ModelKind;
 use tether_worker::backend::BackendChoice;
 
 use crate::net::{algorithm_parser, runtime, stop_on_signal};
@@ -29,7 +28,7 @@ pub struct BenchServerArgs {
     #[arg(long, default_value_t = 3.0)]
     pub seconds: f64,
     /// Model whose size the updates have.
-    #[arg(long, value_enum, default_value = "paper")]
+    #[arg(long, value_parser = crate::parse_model, default_value = "paper")]
     pub model: ModelArg,
     /// The server's loss-screen batch (`serve --screen-batch`; 0: off). The bench's
     /// updates are all held, so each costs one forward pass over the batch.
@@ -51,13 +50,13 @@ struct ServerRow {
 }
 
 pub fn run_bench_server(args: BenchServerArgs) -> Result<()> {
-    let model: ModelKind = args.model.into();
+    let model = args.model;
     let dir = std::env::temp_dir().join(format!("tether-bench-server-{}", std::process::id()));
     let exe = std::env::current_exe()?;
-    let (mut child, addr) = server_bench::spawn_server(&exe, model, args.screen_batch, &dir)?;
+    let (mut child, addr) = server_bench::spawn_server(&exe, &model, args.screen_batch, &dir)?;
     let result = runtime()?.block_on(async {
         let echo = server_bench::echo_server().await?;
-        let frame_len = server_bench::sync_frame_len(model);
+        let frame_len = server_bench::sync_frame_len(&model);
         println!(
             "update: {} f32 ({:.2} MB per frame each way); server pid {}",
             model.param_count(),
@@ -281,7 +280,7 @@ pub struct BenchLinkArgs {
     #[arg(long, default_value_t = 0.5)]
     pub epochs: f64,
     /// Model trained.
-    #[arg(long, value_enum, default_value = "small")]
+    #[arg(long, value_parser = crate::parse_model, default_value = "small")]
     pub model: ModelArg,
     /// Elastic force α: by default that of one worker of four (β 0.9 / 4). From 0.5
     /// on syncs never overlap (`Algorithm::overlaps`).
@@ -329,7 +328,7 @@ pub fn run_bench_link(args: BenchLinkArgs) -> Result<()> {
     encodings.extend(args.encoding.iter().filter(|e| **e != Encoding::F32));
     let shape = tether_lab::throttle::Shape::new(args.mbit, args.delay_ms);
     let link_name = format!("{} Mbit/s, {} ms", args.mbit, args.delay_ms);
-    let model: ModelKind = args.model.into();
+    let model = args.model;
     println!(
         "one EAMSGD worker (α {}), {} model, {} epoch(s) per run; link {link_name} one way, each direction",
         args.alpha,
@@ -366,7 +365,7 @@ pub fn run_bench_link(args: BenchLinkArgs) -> Result<()> {
         for (link, encoding, overlap) in runs {
             let mut settings = RunSettings::defaults(Algorithm::Eamsgd);
             settings.tau = tau;
-            settings.model = model;
+            settings.model = model.clone();
             settings.expected_workers = 1;
             settings.alpha = args.alpha;
             let mut config = quiet_config(settings);

@@ -32,7 +32,7 @@ pub struct BenchTreeArgs {
     #[arg(long, default_value_t = 4)]
     pub tau_up: u32,
     /// The network.
-    #[arg(long, value_enum, default_value = "small")]
+    #[arg(long, value_parser = crate::parse_model, default_value = "small")]
     pub model: ModelArg,
     /// Write the rows here as JSON.
     #[arg(long)]
@@ -48,7 +48,7 @@ pub fn run_bench_tree(args: BenchTreeArgs) -> Result<()> {
         tau: args.tau,
         batch: args.batch,
         tau_up: args.tau_up,
-        model: args.model.into(),
+        model: args.model,
     };
     let base = std::env::temp_dir().join(format!("tether-bench-tree-{}", std::process::id()));
     let rows = runtime()?.block_on(tree_bench::run(&bench, &base))?;

@@ -5,6 +5,7 @@
 mod bench_net;
 mod bench_tree;
 mod demo;
+mod models;
 mod net;
 mod repro;
 mod sim;
@@ -13,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
-use tether_shared::model::ModelKind;
+use tether_shared::model::Model;
 use tether_shared::train::LocalOptimizer;
 use tether_worker::backend::BackendChoice;
 use tether_worker::{bench, train};
@@ -64,41 +65,23 @@ enum Command {
     /// Benchmarks; each prints a ratio against a baseline measured in the same run.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// The networks: the shipped ones, or check description files (their layers'
+    /// shapes, parameters and FLOPs) before a run uses them.
+    Models(models::ModelsArgs),
     /// The paper's experiments in parallel time: p workers simulated in virtual
     /// time (real training, virtual clocks); writes a table, JSON and figures.
     #[command(subcommand)]
     Repro(repro::ReproCommand),
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum ModelArg {
-    /// Small fast CNN (421,642 parameters).
-    Small,
-    /// The EASGD paper's network adapted to 1×28×28 (430,666 parameters).
-    Paper,
-    /// The EASGD paper's network on 3×28×28 crops of CIFAR-10's 3×32×32 (433,866 parameters).
-    Cifar,
-}
-
-impl From<ModelArg> for ModelKind {
-    fn from(m: ModelArg) -> Self {
-        match m {
-            ModelArg::Small => ModelKind::Small,
-            ModelArg::Paper => ModelKind::Paper,
-            ModelArg::Cifar => ModelKind::Cifar,
-        }
-    }
-}
+pub(crate) use models::{ModelArg, parse_model};
 
 /// `--model` if given, else the network for the images in `--data`: `cifar` for
 /// CIFAR-10 batches, `small` for IDX sets (the shipped one, when there is no
 /// `--data`, included).
-fn model_or_default(model: Option<ModelArg>, data: Option<&Path>) -> ModelKind {
+fn model_or_default(model: Option<ModelArg>, data: Option<&Path>) -> Model {
     let format = data.map_or(tether_dataset::Format::Idx, tether_dataset::format);
-    model.map_or_else(
-        || ModelKind::default_for(format.input_shape()),
-        ModelKind::from,
-    )
+    model.unwrap_or_else(|| Model::default_for(format.input_shape()))
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -123,8 +106,9 @@ impl From<BackendArg> for BackendChoice {
 
 #[derive(Args, Debug)]
 struct TrainArgs {
-    /// Network to train [default: cifar for CIFAR-10 data, else small].
-    #[arg(long, value_enum)]
+    /// Network to train: a shipped name or a description file (.toml or .json)
+    /// [default: cifar for CIFAR-10 data, else small].
+    #[arg(long, value_parser = crate::parse_model)]
     model: Option<ModelArg>,
     /// Passes over the training set.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
@@ -200,7 +184,7 @@ enum BenchCommand {
 #[derive(Args, Debug)]
 struct BenchTrainArgs {
     /// Models to measure (repeat the flag for several).
-    #[arg(long, value_enum, default_values = ["small", "paper"])]
+    #[arg(long, value_parser = crate::parse_model, default_values = ["small", "paper"])]
     model: Vec<ModelArg>,
     /// Images per step.
     #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..))]
@@ -232,6 +216,11 @@ struct BenchTrainArgs {
     /// Skip the PyTorch peer.
     #[arg(long)]
     no_peer: bool,
+    /// Also time the hand-written network of the same name (small, paper, cifar),
+    /// alternating with the description-built one: the cost of building networks
+    /// from descriptions.
+    #[arg(long)]
+    reference: bool,
     /// Write the results here as JSON.
     #[arg(long)]
     report: Option<PathBuf>,
@@ -283,6 +272,7 @@ fn main() -> Result<()> {
         Command::Bench(BenchCommand::Link(args)) => bench_net::run_bench_link(args),
         Command::Bench(BenchCommand::Tree(args)) => bench_tree::run_bench_tree(args),
         Command::Repro(command) => repro::run(command),
+        Command::Models(args) => models::run(&args),
     }
 }
 
@@ -367,11 +357,11 @@ fn run_bench_train(args: BenchTrainArgs) -> Result<()> {
     );
     let mut rows = Vec::new();
     for m in &args.model {
-        let kind: ModelKind = (*m).into();
+        let kind = m;
         train
-            .expect_shape(kind.data_shape())
+            .expect_network(kind)
             .with_context(|| format!("--model {} on this --data", kind.name()))?;
-        let r = bench::train_throughput(
+        let (r, reference) = bench::train_throughput(
             kind,
             &selected.device,
             std::sync::Arc::clone(&train),
@@ -379,6 +369,7 @@ fn run_bench_train(args: BenchTrainArgs) -> Result<()> {
             args.warmup as usize,
             args.steps as usize,
             args.repeats as usize,
+            args.reference,
         );
         let peer = if args.no_peer {
             Err("skipped (--no-peer)".to_string())
@@ -403,11 +394,21 @@ fn run_bench_train(args: BenchTrainArgs) -> Result<()> {
         if let Err(why) = &peer {
             println!("       PyTorch peer not measured: {why}");
         }
+        if let Some(hand) = &reference {
+            println!(
+                "       hand-written {}: {:.0} samples/s; from its description: {:.2}× that",
+                kind.name(),
+                hand.samples_per_s,
+                r.samples_per_s / hand.samples_per_s
+            );
+        }
         rows.push(serde_json::json!({
             "model": kind.name(), "batch": r.batch, "samples_per_s": r.samples_per_s, "runs": r.runs,
             "gflops": r.gflops, "fraction_of_sgemm": r.gflops / sgemm,
             "pytorch_samples_per_s": peer.as_ref().ok(), "ratio_to_pytorch": peer.as_ref().ok().map(|p| r.samples_per_s / p),
             "pytorch_error": peer.as_ref().err(),
+            "hand_written_samples_per_s": reference.as_ref().map(|h| h.samples_per_s),
+            "hand_written_runs": reference.as_ref().map(|h| h.runs.clone()),
         }));
     }
     let report = serde_json::json!({

@@ -35,8 +35,9 @@ pub struct RunFlags {
     /// momentum), average (sync, β = 1), diloco (outer Nesterov), lsgd (leader pull).
     #[arg(long, value_parser = algorithm_parser())]
     pub algorithm: Option<Algorithm>,
-    /// Network [default: cifar for CIFAR-10 data, else small].
-    #[arg(long, value_enum)]
+    /// Network: a shipped name (small, paper, cifar, lenet5, vgg, resnet8, resnet20) or a
+    /// description file (.toml or .json) [default: cifar for CIFAR-10 data, else small].
+    #[arg(long, value_parser = crate::parse_model)]
     pub model: Option<ModelArg>,
     /// Local steps between synchronisations τ [default: 16].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
@@ -82,8 +83,8 @@ impl RunFlags {
                         saved.algorithm.name()
                     );
                 }
-                if let Some(m) = self.model
-                    && tether_shared::model::ModelKind::from(m) != saved.model
+                if let Some(m) = &self.model
+                    && *m != saved.model
                 {
                     bail!(
                         "the run trains the {} model; a resumed run keeps its model",
@@ -94,7 +95,7 @@ impl RunFlags {
             }
             None => {
                 let mut s = RunSettings::defaults(self.algorithm.unwrap_or(Algorithm::Eamsgd));
-                s.model = crate::model_or_default(self.model, data);
+                s.model = crate::model_or_default(self.model.clone(), data);
                 s
             }
         };

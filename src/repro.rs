@@ -35,8 +35,9 @@ pub struct ReproArgs {
     /// batches [default: the shipped Fashion-MNIST].
     #[arg(long)]
     pub data: Option<PathBuf>,
-    /// The network [default: cifar for CIFAR-10 data, else small].
-    #[arg(long, value_enum)]
+    /// The network: a shipped name or a description file [default: cifar for
+    /// CIFAR-10 data, else small].
+    #[arg(long, value_parser = crate::parse_model)]
     pub model: Option<ModelArg>,
     /// Training per experiment, in epochs of the training set over all workers;
     /// for `workers`, per worker, so every p gets the same parallel time
@@ -167,7 +168,7 @@ pub fn run(command: ReproCommand) -> Result<()> {
     let (_, data) =
         tether_dataset::load(args.data.as_deref()).context("loading the training data (--data)")?;
     data.train
-        .expect_shape(model.data_shape())
+        .expect_network(&model)
         .context("--data and --model disagree")?;
     let train = Arc::new(data.train);
     let test = data
@@ -176,7 +177,7 @@ pub fn run(command: ReproCommand) -> Result<()> {
     let step_s = match args.step_ms {
         Some(ms) => ms / 1e3,
         None => {
-            let s = repro::measure_step_s(model, args.batch, &train);
+            let s = repro::measure_step_s(&model, args.batch, &train);
             eprintln!(
                 "one local step ({} model, batch {}) takes {:.1} ms here: the parallel-time unit (--step-ms to fix it)",
                 model.name(),
@@ -204,7 +205,7 @@ pub fn run(command: ReproCommand) -> Result<()> {
         workers: pick(&args.workers, workers),
         lrs: args.lr.clone(),
         seeds: (0..args.seeds).collect(),
-        model,
+        model: model.clone(),
         batch: args.batch,
         budget_samples: epochs(budget),
         budget_per_worker: per_worker,
@@ -214,7 +215,7 @@ pub fn run(command: ReproCommand) -> Result<()> {
             speeds: args.speeds.clone(),
             exchange_s: args
                 .exchange_ms
-                .map_or_else(|| repro::gigabit_exchange_s(model), |ms| ms / 1e3),
+                .map_or_else(|| repro::gigabit_exchange_s(&model), |ms| ms / 1e3),
         },
         norm_guard: args.norm_guard,
         panel_by,

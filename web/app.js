@@ -207,7 +207,7 @@ function renderStatus(s) {
   pill.className = `pill ${s.stopping ? 'stopped' : label}`;
   const set = (id, text) => { $(id).textContent = text; };
   set('f-algorithm', s.settings.algorithm);
-  set('f-model', s.settings.model);
+  set('f-model', s.network ? `${s.network.name} (${s.network.params.toLocaleString('en')} parameters)` : '–');
   set('f-tau', s.hyper.tau);
   set('f-alpha', fmt(s.hyper.alpha, 4));
   set('f-beta', fmt(s.effective_beta, 3));

@@ -15,7 +15,7 @@ use tether_server::config::has_elastic_force;
 use tether_shared::algorithms::Algorithm;
 use tether_shared::data::{ImageSet, Normalization, shard_indices};
 use tether_shared::local::{LocalWorker, ShardData};
-use tether_shared::model::{ModelKind, to_flat};
+use tether_shared::model::{Model, to_flat};
 use tether_shared::protocol::Shard;
 use thiserror::Error;
 
@@ -50,7 +50,7 @@ pub struct Grid {
     /// Seeds (initial center, shards, batch order).
     pub seeds: Vec<u64>,
     /// The network.
-    pub model: ModelKind,
+    pub model: Model,
     /// Images per local step.
     pub batch: u32,
     /// Training images per experiment, over all its workers (per worker when
@@ -226,7 +226,7 @@ impl Grid {
         for &lr in &lrs {
             for &seed in &self.seeds {
                 let mut settings = RunSettings::defaults(algorithm);
-                settings.model = self.model;
+                settings.model = self.model.clone();
                 settings.tau = tau;
                 settings.expected_workers = workers;
                 settings.batch = self.batch;
@@ -662,9 +662,9 @@ impl Report {
 
 /// Seconds one local step of `model` at `batch` takes here: the mean of 8 steps
 /// after 2 to warm up, by one worker on its shard of `train`.
-pub fn measure_step_s(model: ModelKind, batch: u32, train: &Arc<ImageSet>) -> f64 {
+pub fn measure_step_s(model: &Model, batch: u32, train: &Arc<ImageSet>) -> f64 {
     let mut settings = RunSettings::defaults(Algorithm::Easgd);
-    settings.model = model;
+    settings.model = model.clone();
     settings.batch = batch;
     let device = Device::flex();
     let spec = settings.spec(
@@ -701,7 +701,7 @@ pub fn measure_step_s(model: ModelKind, batch: u32, train: &Arc<ImageSet>) -> f6
 
 /// Seconds an exchange of `model`'s f32 parameters takes both ways over a 1 Gbit/s
 /// link with 1 ms of latency: the default exchange time.
-pub fn gigabit_exchange_s(model: ModelKind) -> f64 {
+pub fn gigabit_exchange_s(model: &Model) -> f64 {
     2.0 * (model.param_count() * 4 * 8) as f64 / 1e9 + 1e-3
 }
 

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use tether_shared::codec::Encoding;
-use tether_shared::model::ModelKind;
+use tether_shared::model::Model;
 use tether_shared::protocol::{self, Frame, Hello, Message, PROTOCOL_VERSION, Sync, WorkerKind};
 use thiserror::Error;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
@@ -41,7 +41,7 @@ fn unexpected(what: impl Into<String>) -> ServerBenchError {
 }
 
 /// Bytes of one sync frame carrying `model`'s parameters in f32.
-pub fn sync_frame_len(model: ModelKind) -> usize {
+pub fn sync_frame_len(model: &Model) -> usize {
     protocol::encode(
         &Message::Sync(sync_header(1, 0, 0)),
         &vec![0.0; model.param_count()],
@@ -121,15 +121,20 @@ fn ws_config() -> WebSocketConfig {
         .max_frame_size(None)
 }
 
-/// Starts `exe serve` (the `tether` binary) for `model` with a loss screen of
+/// Starts `exe serve` (the `tether` binary) for `model` (its description written
+/// to `dir`) with a loss screen of
 /// `screen_batch` images, its run in `dir`; returns the process and its address,
 /// which its stdout names.
 pub fn spawn_server(
     exe: &Path,
-    model: ModelKind,
+    model: &Model,
     screen_batch: usize,
     dir: &Path,
 ) -> Result<(Child, SocketAddr), ServerBenchError> {
+    // The description goes by file, so a network of the user's own is served too.
+    std::fs::create_dir_all(dir)?;
+    let description = dir.join("model.json");
+    std::fs::write(&description, model.description())?;
     let mut child = Command::new(exe)
         .args([
             "serve",
@@ -140,14 +145,9 @@ pub fn spawn_server(
             "--algorithm",
             "easgd",
         ])
-        .args([
-            "--model",
-            model.name(),
-            "--eval-every",
-            "0",
-            "--checkpoint-every",
-            "0",
-        ])
+        .args(["--eval-every", "0", "--checkpoint-every", "0"])
+        .arg("--model")
+        .arg(&description)
         .args([
             "--max-staleness",
             "1000000000",

@@ -35,7 +35,7 @@ use tether_shared::data::{ImageSet, Normalization, shard_indices};
 use tether_shared::local::{LocalError, LocalWorker, ShardData};
 use tether_shared::model::{FlatError, load_flat};
 use tether_shared::protocol::{Apply, Rejection, Shard};
-use tether_shared::train::evaluate;
+use tether_shared::train::{evaluate, ready_to_score};
 use thiserror::Error;
 use tokio::sync::oneshot;
 
@@ -303,6 +303,7 @@ fn simulate(
 
     let score = |params: &[f32]| -> Result<(f64, f64), SimError> {
         let net = load_flat(run.model.init(&device), params)?;
+        let net = ready_to_score(net, train, &normalization, &device);
         let e = evaluate(&net, test, &normalization, &device);
         Ok((1.0 - e.accuracy, e.loss))
     };

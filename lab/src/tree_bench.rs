@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde_json::Value;
-use tether_shared::model::ModelKind;
+use tether_shared::model::Model;
 use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -33,7 +33,7 @@ pub struct TreeBench {
     /// A relay's workers' updates between its exchanges with the root.
     pub tau_up: u32,
     /// The network.
-    pub model: ModelKind,
+    pub model: Model,
 }
 
 /// Why a layout could not be measured.

@@ -127,7 +127,7 @@ impl RelayEngine {
             .take()
             .ok_or_else(|| "the relay's server could not start before".to_string())?;
         config.run.algorithm = spec.algorithm;
-        config.run.model = spec.model;
+        config.run.model = spec.model.clone();
         config.run.tau = spec.hyper.tau;
         config.run.lr = spec.hyper.lr;
         // Its own workers' α: as `tether serve` sets it, β 0.9 over the workers it

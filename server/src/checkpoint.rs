@@ -15,7 +15,7 @@ use safetensors::tensor::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tether_shared::algorithms::Algorithm;
-use tether_shared::model::ModelKind;
+use tether_shared::model::Model;
 use thiserror::Error;
 
 use crate::config::RunSettings;
@@ -37,7 +37,7 @@ pub struct Snapshot {
     /// The algorithm that produced it.
     pub algorithm: Algorithm,
     /// The network; fixes the length of `params`.
-    pub model: ModelKind,
+    pub model: Model,
     /// The center's version.
     pub version: u64,
     /// Training images workers had reported.
@@ -84,7 +84,7 @@ pub struct Manifest {
     /// The algorithm.
     pub algorithm: Algorithm,
     /// The network.
-    pub model: ModelKind,
+    pub model: Model,
     /// The center's version.
     pub version: u64,
     /// Training images reported.
@@ -185,7 +185,7 @@ pub fn write(dir: &Path, snap: &Snapshot, keep: usize) -> Result<PathBuf, Checkp
         format: FORMAT,
         run_id: snap.run_id.clone(),
         algorithm: snap.algorithm,
-        model: snap.model,
+        model: snap.model.clone(),
         version: snap.version,
         samples: snap.samples,
         file,
@@ -359,7 +359,7 @@ pub fn verify(manifest_path: &Path) -> Result<(Snapshot, Manifest), String> {
     let snapshot = Snapshot {
         run_id: m.run_id.clone(),
         algorithm: m.algorithm,
-        model: m.model,
+        model: m.model.clone(),
         version: m.version,
         samples: m.samples,
         params,
@@ -435,11 +435,11 @@ mod tests {
     }
 
     fn snap(version: u64) -> Snapshot {
-        let n = ModelKind::Small.param_count();
+        let n = Model::small().param_count();
         Snapshot {
             run_id: "r".into(),
             algorithm: Algorithm::Mdownpour,
-            model: ModelKind::Small,
+            model: Model::small(),
             version,
             samples: version * 10,
             params: (0..n).map(|i| i as f32 * 1e-3 + version as f32).collect(),

@@ -10,7 +10,7 @@ use tether_shared::algorithms::Algorithm;
 use tether_shared::algorithms::leader::LSGD_LAMBDA;
 use tether_shared::codec::Encoding;
 use tether_shared::data::Normalization;
-use tether_shared::model::ModelKind;
+use tether_shared::model::Model;
 use tether_shared::protocol::{Hyper, RunSpec, Shard};
 use thiserror::Error;
 
@@ -23,7 +23,7 @@ pub struct RunSettings {
     /// Which algorithm.
     pub algorithm: Algorithm,
     /// Which network.
-    pub model: ModelKind,
+    pub model: Model,
     /// Local steps between synchronisations τ.
     pub tau: u32,
     /// Elastic moving rate α (EASGD, EAMSGD, synchronous EASGD). Averaging uses 1/p
@@ -59,7 +59,7 @@ impl RunSettings {
         };
         Self {
             algorithm,
-            model: ModelKind::Small,
+            model: Model::small(),
             tau: 16,
             alpha: if has_elastic_force(algorithm) {
                 DEFAULT_BETA / expected_workers as f32
@@ -104,7 +104,7 @@ impl RunSettings {
         RunSpec {
             run_id,
             algorithm: self.algorithm,
-            model: self.model,
+            model: self.model.clone(),
             hyper: self.hyper(),
             momentum: self.local_momentum(),
             nesterov: self.local_momentum() > 0.0,
@@ -177,6 +177,17 @@ impl RunSettings {
                 self.batch
             ));
         }
+        let per_image = self.model.spec().tally.activations;
+        let limit = tether_shared::local::MAX_STEP_VALUES;
+        if per_image.saturating_mul(self.batch as usize) > limit {
+            return bad(format!(
+                "--batch {} of the {} model keeps {per_image} values per image, more than \
+                 the {limit} a worker gives one step: use --batch {} or less",
+                self.batch,
+                self.model.name(),
+                limit / per_image.max(1)
+            ));
+        }
         Ok(())
     }
 }
@@ -230,6 +241,34 @@ pub fn is_synchronous(algorithm: Algorithm) -> bool {
         algorithm,
         Algorithm::EasgdSync | Algorithm::Average | Algorithm::Diloco
     )
+}
+
+/// The network a run trains, at a glance.
+#[derive(Clone, Debug, Serialize)]
+pub struct NetworkSummary {
+    /// Its name.
+    pub name: String,
+    /// SHA-256 of its canonical description.
+    pub sha256: String,
+    /// Trainable parameters.
+    pub params: usize,
+    /// The images it takes: channels, height, width.
+    pub input: [usize; 3],
+    /// Classes it scores.
+    pub classes: usize,
+}
+
+impl NetworkSummary {
+    /// The summary of `model`.
+    pub fn of(model: &Model) -> Self {
+        Self {
+            name: model.name().to_owned(),
+            sha256: model.sha256().to_owned(),
+            params: model.param_count(),
+            input: model.data_shape(),
+            classes: model.classes(),
+        }
+    }
 }
 
 /// A setting out of range.

@@ -295,8 +295,7 @@ impl Server {
             .into());
         }
         for set in [&*train, &test] {
-            set.expect_shape(spec.model.data_shape())
-                .map_err(LoadError::from)?;
+            set.expect_network(&spec.model).map_err(LoadError::from)?;
         }
         if center.len() != spec.model.param_count() {
             return Err(ConfigError(format!(
@@ -401,7 +400,7 @@ impl Server {
 pub fn load_data(config: &ServerConfig) -> Result<(PathBuf, ImageSet, ImageSet), ServerError> {
     let (data_dir, data) = dataset::load(config.data.as_deref())?;
     for set in [&data.train, &data.test] {
-        set.expect_shape(config.run.model.data_shape())
+        set.expect_network(&config.run.model)
             .map_err(LoadError::from)?;
     }
     let mut test = data.test;

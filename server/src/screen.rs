@@ -24,7 +24,7 @@ use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use tether_shared::data::batch::{Window, fill_normalized};
 use tether_shared::data::{ImageSet, Normalization};
-use tether_shared::model::{ModelKind, Net, load_flat};
+use tether_shared::model::{Model, Net, load_flat};
 use tether_shared::rng::SplitMix64;
 
 use crate::state::secret_bytes;
@@ -84,7 +84,7 @@ impl Verdict {
 /// Scores candidate centers on secret training batches (one at a time: the model,
 /// the batch and the cache are shared).
 pub struct Screen {
-    model: ModelKind,
+    model: Model,
     tables: Vec<[f32; 256]>,
     train: Arc<ImageSet>,
     size: usize,
@@ -110,7 +110,7 @@ struct Inner {
 impl Screen {
     /// A screen drawing batches of `size` images from `train` (`size` ≥ 1).
     pub fn new(
-        model: ModelKind,
+        model: Model,
         normalization: &Normalization,
         train: Arc<ImageSet>,
         size: usize,
@@ -193,7 +193,10 @@ impl Screen {
         let device = &inner.device;
         let x = Tensor::<4>::from_data(TensorData::new(inner.images.clone(), [n, c, h, w]), device);
         let y = Tensor::<2, Int>::from_data(TensorData::new(inner.labels.clone(), [n, 1]), device);
-        let nll = log_softmax(net.forward(x), 1).gather(1, y).neg();
+        // Batch statistics for batch norms: the center's own were never estimated.
+        let nll = log_softmax(net.forward_batch_stats(x), 1)
+            .gather(1, y)
+            .neg();
         inner.net = Some(net);
         nll.into_data()
             .convert::<f32>()

@@ -13,13 +13,13 @@ use sha2::{Digest, Sha256};
 use tether_shared::data::{ImageSet, encode_images, shard_indices};
 use tether_shared::model::load_flat;
 use tether_shared::protocol::{Hyper, RunSpec, Shard, ShardDownload, StopReason, WorkerKind};
-use tether_shared::train::{Evaluation, evaluate};
+use tether_shared::train::{Evaluation, evaluate, ready_to_score};
 use tokio::sync::watch;
 
 use crate::calibrate::Calibration;
 use crate::center::Center;
 use crate::checkpoint::{History, Resumed, Snapshot};
-use crate::config::{RunSettings, ServerConfig};
+use crate::config::{NetworkSummary, RunSettings, ServerConfig};
 use crate::events::Timeline;
 use crate::metrics::Metrics;
 use crate::screen::Screen;
@@ -172,7 +172,7 @@ impl AppState {
         let calibration = Calibration::new(spec.clone(), train.clone());
         let screen = (config.screen_batch > 0).then(|| {
             Arc::new(Screen::new(
-                spec.model,
+                spec.model.clone(),
                 &spec.normalization,
                 train.clone(),
                 config.screen_batch,
@@ -400,7 +400,7 @@ impl Shared {
         Snapshot {
             run_id: self.spec.run_id.clone(),
             algorithm: self.spec.algorithm,
-            model: self.spec.model,
+            model: self.spec.model.clone(),
             version: center.version(),
             samples: self.metrics.samples.load(Ordering::Relaxed),
             params: center.params().to_vec(),
@@ -430,6 +430,7 @@ impl Shared {
         let device = burn::tensor::Device::flex();
         let net = load_flat(self.spec.model.init(&device), &params)
             .expect("the center has the model's length");
+        let net = ready_to_score(net, &self.train, &self.spec.normalization, &device);
         let Evaluation { accuracy, loss } = evaluate(&net, set, &self.spec.normalization, &device);
         let point = EvalPoint {
             time_s: self.now_s(),
@@ -464,6 +465,7 @@ impl Shared {
         let m = &self.metrics;
         Status {
             run_id: self.spec.run_id.clone(),
+            network: NetworkSummary::of(&self.spec.model),
             settings: self.config.run.clone(),
             hyper,
             effective_beta: f64::from(hyper.alpha) * workers.len() as f64,
@@ -519,6 +521,8 @@ pub fn subtree_workers(workers: &[WorkerStatus]) -> u64 {
 pub struct Status {
     /// The run's id.
     pub run_id: String,
+    /// The network at a glance (its whole description is in `settings.model`).
+    pub network: NetworkSummary,
     /// Its settings.
     pub settings: RunSettings,
     /// τ, α, η now.

@@ -15,7 +15,7 @@ use thiserror::Error;
 use crate::algorithms::elastic::apply_difference;
 use crate::algorithms::leader::leader_pull;
 use crate::data::{BatchSource, BatchStream, Batcher, ImageSet, shape_text};
-use crate::model::{ModelKind, to_flat_async};
+use crate::model::{Model, to_flat_async};
 use crate::protocol::{Apply, RunSpec, Shard};
 use crate::train::{LocalOptimizer, Trainer};
 
@@ -46,7 +46,7 @@ pub enum LocalError {
         /// What was wrong ("the center", "the reply").
         what: &'static str,
         /// The model's name.
-        model: &'static str,
+        model: String,
         /// Its parameter count.
         expected: usize,
         /// Values received.
@@ -56,7 +56,7 @@ pub enum LocalError {
     #[error("the {model} model takes {expected} images but this worker's data holds {found}")]
     WrongImages {
         /// The model's name.
-        model: &'static str,
+        model: String,
         /// channels×rows×cols the model takes.
         expected: String,
         /// channels×rows×cols of the data.
@@ -66,16 +66,35 @@ pub enum LocalError {
     #[error("the run normalises {found} channels but the {model} model takes {expected}")]
     WrongNormalization {
         /// The model's name.
-        model: &'static str,
+        model: String,
         /// Input channels of the model.
         expected: usize,
         /// Channels in the normalisation.
         found: usize,
     },
+    /// The run's batch of the run's network would hold more activations than a
+    /// worker gives one step (a server may describe any network; a tab has limits).
+    #[error(
+        "the {model} model keeps {per_image} values per image; a batch of {batch} needs more than the {limit} a step may hold"
+    )]
+    StepTooLarge {
+        /// The model's name.
+        model: String,
+        /// Activations of one image.
+        per_image: usize,
+        /// The run's batch.
+        batch: u32,
+        /// Most values one step may keep.
+        limit: usize,
+    },
     /// Training was asked for before a session started.
     #[error("no session started")]
     NotStarted,
 }
+
+/// Most activation values one training step may keep (1 GiB of f32), whatever
+/// network and batch a server asks for.
+pub const MAX_STEP_VALUES: usize = 1 << 28;
 
 /// What τ local steps produced, once read back.
 #[derive(Clone, Debug)]
@@ -116,7 +135,7 @@ pub type Feeder = Box<dyn Fn(BatchStream) -> Box<dyn BatchSource>>;
 /// One worker's model, optimizer and position in its shard.
 pub struct LocalWorker {
     device: Device,
-    trainer: Option<(ModelKind, LocalOptimizer, Trainer)>,
+    trainer: Option<(Model, LocalOptimizer, Trainer)>,
     /// The session's batches; `None` before a session starts.
     batches: Option<Box<dyn BatchSource>>,
     feeder: Option<Feeder>,
@@ -175,14 +194,31 @@ impl LocalWorker {
         let shape = spec.model.data_shape();
         if data.set.shape() != shape {
             return Err(LocalError::WrongImages {
-                model: spec.model.name(),
+                model: spec.model.name().to_owned(),
                 expected: shape_text(shape),
                 found: shape_text(data.set.shape()),
             });
         }
+        let per_image = spec.model.spec().tally.activations;
+        if per_image.saturating_mul(spec.batch as usize) > MAX_STEP_VALUES {
+            return Err(LocalError::StepTooLarge {
+                model: spec.model.name().to_owned(),
+                per_image,
+                batch: spec.batch,
+                limit: MAX_STEP_VALUES,
+            });
+        }
+        let classes = spec.model.classes();
+        if let Some(&label) = data.set.labels.iter().find(|&&l| usize::from(l) >= classes) {
+            return Err(LocalError::WrongImages {
+                model: spec.model.name().to_owned(),
+                expected: format!("labels below {classes}"),
+                found: format!("label {label}"),
+            });
+        }
         if spec.normalization.channels.len() != shape[0] {
             return Err(LocalError::WrongNormalization {
-                model: spec.model.name(),
+                model: spec.model.name().to_owned(),
                 expected: shape[0],
                 found: spec.normalization.channels.len(),
             });
@@ -191,7 +227,7 @@ impl LocalWorker {
         if center.len() != expected {
             return Err(LocalError::WrongLength {
                 what: "the center",
-                model: spec.model.name(),
+                model: spec.model.name().to_owned(),
                 expected,
                 found: center.len(),
             });
@@ -205,9 +241,9 @@ impl LocalWorker {
         let reuse = matches!(&self.trainer, Some((m, o, _)) if *m == spec.model && *o == optimizer);
         if !reuse {
             self.trainer = Some((
-                spec.model,
+                spec.model.clone(),
                 optimizer,
-                Trainer::new(spec.model, optimizer, &self.device),
+                Trainer::new(&spec.model, optimizer, &self.device),
             ));
         }
         let (_, _, trainer) = self.trainer.as_mut().expect("set above");
@@ -224,7 +260,8 @@ impl LocalWorker {
         let seed = shard.seed ^ u64::from(shard.index).wrapping_mul(0x9e37_79b9_7f4a_7c15);
         trainer.seed_dropout(seed);
         let batcher = Batcher::new(data.indices, spec.batch as usize, seed, &spec.normalization)
-            .with_input(spec.model.input_shape());
+            .with_input(spec.model.input_shape())
+            .with_flip(spec.model.spec().flip);
         // The old session's source (and a feeder's thread) ends before the new one starts.
         self.batches = None;
         let stream = BatchStream::new(batcher, data.set, 0);
@@ -341,7 +378,7 @@ impl LocalWorker {
         if payload.len() != self.params.len() {
             return Err(LocalError::WrongLength {
                 what: "the reply",
-                model: kind.name(),
+                model: kind.name().to_owned(),
                 expected: self.params.len(),
                 found: payload.len(),
             });

@@ -21,7 +21,7 @@ use thiserror::Error;
 use crate::algorithms::Algorithm;
 use crate::codec::{self, Encoding};
 use crate::data::Normalization;
-use crate::model::ModelKind;
+use crate::model::Model;
 
 /// Version of this protocol. A hello with another version is rejected. 7: the
 /// `cifar` network takes 28×28 crops (its parameters changed).
@@ -104,7 +104,7 @@ pub struct RunSpec {
     /// Which algorithm.
     pub algorithm: Algorithm,
     /// Which network; fixes the parameter count.
-    pub model: ModelKind,
+    pub model: Model,
     /// τ, α, η.
     pub hyper: Hyper,
     /// Local momentum δ (0: plain SGD).

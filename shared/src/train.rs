@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::batch::{Window, fill_normalized};
 use crate::data::{Batch, ImageSet, Normalization};
-use crate::model::{FlatError, ModelKind, Net, load_flat, to_flat};
+use crate::model::{FlatError, Model, Net, load_flat, to_flat};
 use crate::rng::SplitMix64;
 
 /// The local optimizer's settings.
@@ -43,7 +43,8 @@ impl Default for LocalOptimizer {
 }
 
 impl LocalOptimizer {
-    fn build(&self) -> ModuleOptimizer {
+    /// Burn's optimizer with these settings (any module; `Trainer` holds one).
+    pub fn optimizer(&self) -> ModuleOptimizer {
         let mut config = SgdConfig::new();
         if self.momentum > 0.0 {
             // Burn's default dampening is 0.1; PyTorch's (and the paper's) is 0.
@@ -77,12 +78,12 @@ pub struct Trainer {
 }
 
 impl Trainer {
-    /// A fresh network of `kind` on `device` (a plain device; autodiff is added here).
-    pub fn new(kind: ModelKind, settings: LocalOptimizer, device: &Device) -> Self {
+    /// A fresh network of `model` on `device` (a plain device; autodiff is added here).
+    pub fn new(model: &Model, settings: LocalOptimizer, device: &Device) -> Self {
         let train_device = device.clone().autodiff();
         Self {
-            net: Some(kind.init(&train_device)),
-            optim: settings.build(),
+            net: Some(model.init(&train_device)),
+            optim: settings.optimizer(),
             settings,
             device: device.clone(),
             train_device: train_device.clone(),
@@ -113,7 +114,7 @@ impl Trainer {
     /// [`crate::data::Batcher`] over a set checked against the model).
     pub fn step(&mut self, batch: Batch) -> Tensor<1> {
         let n = batch.len();
-        let [c, h, w] = self.net().kind().input_shape();
+        let [c, h, w] = self.net().model().input_shape();
         assert_eq!(
             batch.images.len(),
             n * c * h * w,
@@ -156,9 +157,11 @@ impl Trainer {
         }
     }
 
-    /// Test accuracy (fraction 0..1) and mean loss of the current parameters on `set`.
-    pub fn evaluate(&self, set: &ImageSet, norm: &Normalization) -> Evaluation {
-        evaluate(&self.net().valid(), set, norm, &self.device)
+    /// Test accuracy (fraction 0..1) and mean loss of the current parameters on
+    /// `set`, batch norms' statistics estimated from `train` first.
+    pub fn evaluate(&self, set: &ImageSet, train: &ImageSet, norm: &Normalization) -> Evaluation {
+        let net = ready_to_score(self.net().valid(), train, norm, &self.device);
+        evaluate(&net, set, norm, &self.device)
     }
 }
 
@@ -171,7 +174,34 @@ pub struct Evaluation {
     pub loss: f64,
 }
 
-/// Evaluates `net` (a validation copy on `device`) on all of `set`, 1000 images at a time.
+/// Images [`ready_to_score`] estimates batch-norm statistics from.
+const NORM_IMAGES: usize = 2048;
+
+/// `net` with its batch norms' statistics estimated from up to 2 048 of `train`'s
+/// images (centre windows, as scoring sees them; evenly spread, so the same set
+/// gives the same statistics), 128 at a time. Unchanged without batch norms.
+pub fn ready_to_score(net: Net, train: &ImageSet, norm: &Normalization, device: &Device) -> Net {
+    if !net.has_norms() || train.is_empty() {
+        return net;
+    }
+    let tables = norm.tables();
+    let [c, h, w] = net.model().input_shape();
+    let window = Window::centre([c, h, w]);
+    let step = train.len().div_ceil(NORM_IMAGES).max(1);
+    let items: Vec<usize> = (0..train.len()).step_by(step).collect();
+    let (mut images, mut labels) = (Vec::new(), Vec::new());
+    let batches: Vec<Tensor<4>> = items
+        .chunks(128)
+        .map(|chunk| {
+            fill_normalized(train, chunk, &tables, window, &mut images, &mut labels);
+            let n = chunk.len();
+            Tensor::from_data(TensorData::new(images.clone(), [n, c, h, w]), device)
+        })
+        .collect();
+    net.estimate_norms(batches)
+}
+
+/// Evaluates `net` (a validation copy on `device`, ready to score) on all of `set`, 1000 images at a time.
 pub fn evaluate(net: &Net, set: &ImageSet, norm: &Normalization, device: &Device) -> Evaluation {
     const CHUNK: usize = 1000;
     let tables = norm.tables();
@@ -179,7 +209,7 @@ pub fn evaluate(net: &Net, set: &ImageSet, norm: &Normalization, device: &Device
     let (mut images, mut labels) = (Vec::new(), Vec::new());
     let (mut correct, mut loss_sum) = (0i64, 0.0f64);
     let all: Vec<usize> = (0..set.len()).collect();
-    let [c, h, w] = net.kind().input_shape();
+    let [c, h, w] = net.model().input_shape();
     // The centre of images larger than the network's input (the paper's CIFAR test).
     let window = Window::centre([c, h, w]);
     for items in all.chunks(CHUNK) {
@@ -235,7 +265,7 @@ mod tests {
 
     /// Trains a fresh `kind` at η `lr` for `epochs` epochs of batch 20 over all of
     /// `set`, every loss finite; the evaluations on `set` before and after.
-    fn train_on(kind: ModelKind, lr: f64, set: &ImageSet, epochs: u64) -> (Evaluation, Evaluation) {
+    fn train_on(kind: &Model, lr: f64, set: &ImageSet, epochs: u64) -> (Evaluation, Evaluation) {
         let device = Device::flex();
         let norm = Normalization::of(set);
         let optimizer = LocalOptimizer {
@@ -243,7 +273,7 @@ mod tests {
             ..LocalOptimizer::default()
         };
         let mut trainer = Trainer::new(kind, optimizer, &device);
-        let before = trainer.evaluate(set, &norm);
+        let before = trainer.evaluate(set, set, &norm);
         let batcher =
             Batcher::new((0..set.len()).collect(), 20, 1, &norm).with_input(kind.input_shape());
         for epoch in 0..epochs {
@@ -252,12 +282,12 @@ mod tests {
                 assert!(loss.is_finite());
             }
         }
-        (before, trainer.evaluate(set, &norm))
+        (before, trainer.evaluate(set, set, &norm))
     }
 
     #[test]
     fn training_steps_reduce_the_loss_and_learn_the_toy_problem() {
-        let (before, after) = train_on(ModelKind::Small, 0.05, &toy_set(200), 3);
+        let (before, after) = train_on(&Model::small(), 0.05, &toy_set(200), 3);
         assert!(after.loss < before.loss, "{before:?} → {after:?}");
         assert!(after.accuracy > 0.9, "{after:?}");
     }
@@ -296,7 +326,7 @@ mod tests {
         assert_eq!(Normalization::of(&set).channels.len(), 3);
         // η 0.01: on flat colours the default 0.05 with momentum overshoots, and
         // whether it recovers in 4 epochs depended on the CPU kernels' rounding.
-        let (before, after) = train_on(ModelKind::Cifar, 0.01, &set, 4);
+        let (before, after) = train_on(&Model::shipped("cifar").unwrap(), 0.01, &set, 4);
         assert!(after.loss < before.loss, "{before:?} → {after:?}");
         assert!(after.accuracy > before.accuracy, "{before:?} → {after:?}");
     }
@@ -304,8 +334,8 @@ mod tests {
     #[test]
     fn set_params_round_trips_and_rejects_wrong_lengths() {
         let device = Device::flex();
-        let mut a = Trainer::new(ModelKind::Small, LocalOptimizer::default(), &device);
-        let b = Trainer::new(ModelKind::Small, LocalOptimizer::default(), &device);
+        let mut a = Trainer::new(&Model::small(), LocalOptimizer::default(), &device);
+        let b = Trainer::new(&Model::small(), LocalOptimizer::default(), &device);
         let before = a.params();
         assert!(a.set_params(&before[..10]).is_err());
         assert_eq!(a.params(), before);
@@ -333,12 +363,15 @@ mod tests {
             &(0..16).collect::<Vec<_>>(),
             0,
         );
-        let start = ModelKind::Paper.seeded_params(5);
+        let start = Model::shipped("paper").unwrap().seeded_params(5);
         let run = |seed: u64, draw_between: bool| {
             pool.install(|| {
                 let device = Device::flex();
-                let mut trainer =
-                    Trainer::new(ModelKind::Paper, LocalOptimizer::default(), &device);
+                let mut trainer = Trainer::new(
+                    &Model::shipped("paper").unwrap(),
+                    LocalOptimizer::default(),
+                    &device,
+                );
                 trainer.set_params(&start).unwrap();
                 trainer.seed_dropout(seed);
                 for _ in 0..3 {

@@ -8,11 +8,17 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Instant;
 
-use burn::tensor::{Device, Distribution, Tensor};
+use burn::module::Module;
+use burn::nn::loss::CrossEntropyLoss;
+use burn::optim::GradientsParams;
+use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 use serde::Serialize;
 use tether_shared::algorithms::elastic;
-use tether_shared::data::{BatchSource, BatchStream, Batcher, ImageSet, Normalization};
-use tether_shared::model::ModelKind;
+use tether_shared::data::{Batch, BatchSource, BatchStream, Batcher, ImageSet, Normalization};
+use tether_shared::model::Model;
+use tether_shared::model::flat::load_module;
+use tether_shared::model::reference::{PaperCnnConfig, SmallCnnConfig};
+use tether_shared::rng::SplitMix64;
 use tether_shared::train::{LocalOptimizer, Trainer};
 
 use crate::prefetch::Prefetch;
@@ -21,7 +27,7 @@ use crate::prefetch::Prefetch;
 #[derive(Clone, Debug, Serialize)]
 pub struct TrainBench {
     /// Which network.
-    pub model: ModelKind,
+    pub model: Model,
     /// Images per step.
     pub batch: usize,
     /// Median samples/s over the repeats.
@@ -37,44 +43,121 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
+/// One training step on a batch, returning its loss (detached).
+type Step = Box<dyn FnMut(Batch) -> Tensor<1>>;
+
 /// Times `steps` training steps (after `warmup` untimed ones) on real batches,
 /// `repeats` times from a fresh network, as the peer's bench.py does. Batches come
-/// the way a worker's do: shuffled, prepared ahead on their own thread.
+/// the way a worker's do: shuffled, prepared ahead on their own thread. With
+/// `reference`, the hand-written network of the same name (small, paper, cifar) is
+/// timed too, alternating with the description-built one repeat by repeat, so both
+/// see the same machine.
+#[allow(clippy::too_many_arguments)] // each is one documented bench setting
 pub fn train_throughput(
-    kind: ModelKind,
+    kind: &Model,
     device: &Device,
     train: Arc<ImageSet>,
     batch: usize,
     warmup: usize,
     steps: usize,
     repeats: usize,
-) -> TrainBench {
+    reference: bool,
+) -> (TrainBench, Option<TrainBench>) {
     let norm = Normalization::of(&train);
-    let batcher =
-        Batcher::new((0..train.len()).collect(), batch, 0, &norm).with_input(kind.input_shape());
-    let mut runs = Vec::with_capacity(repeats);
-    for _ in 0..repeats.max(1) {
-        let mut trainer = Trainer::new(kind, LocalOptimizer::default(), device);
+    let batcher = Batcher::new((0..train.len()).collect(), batch, 0, &norm)
+        .with_input(kind.input_shape())
+        .with_flip(kind.spec().flip);
+    let time = |mut step: Step| {
         let mut batches = Prefetch::spawn(BatchStream::new(batcher.clone(), Arc::clone(&train), 0));
-        let mut step = || trainer.step(batches.next_batch());
         for _ in 0..warmup {
-            let _: f32 = step().into_scalar();
+            let _: f32 = step(batches.next_batch()).into_scalar();
         }
         let t0 = Instant::now();
         let mut last = None;
         for _ in 0..steps {
-            last = Some(step());
+            last = Some(step(batches.next_batch()));
         }
         // Reading the last loss waits for all queued work (matters on GPUs).
         if let Some(loss) = last {
             let _: f32 = loss.into_scalar();
         }
-        runs.push((steps * batch) as f64 / t0.elapsed().as_secs_f64());
+        (steps * batch) as f64 / t0.elapsed().as_secs_f64()
+    };
+    let with_reference = reference && reference_step(kind, device).is_some();
+    let (mut runs, mut reference_runs) = (Vec::new(), Vec::new());
+    for _ in 0..repeats.max(1) {
+        let mut trainer = Trainer::new(kind, LocalOptimizer::default(), device);
+        runs.push(time(Box::new(move |b| trainer.step(b))));
+        if let Some(step) = reference_step(kind, device).filter(|_| with_reference) {
+            reference_runs.push(time(step));
+        }
     }
+    let bench = |runs: Vec<f64>| summary(kind, batch, runs);
+    (bench(runs), with_reference.then(|| bench(reference_runs)))
+}
+
+/// A training step of the hand-written network called `kind`'s name, if there is one.
+fn reference_step(kind: &Model, device: &Device) -> Option<Step> {
+    if Model::shipped(kind.name()).as_ref() != Some(kind) {
+        return None; // a network of the user's own that shares a shipped name
+    }
+    let device = device.clone().autodiff();
+    let input = kind.input_shape();
+    let [c, h, _] = input;
+    let flat = kind.seeded_params(0);
+    match kind.name() {
+        "small" => {
+            let net = SmallCnnConfig::new().init(&device);
+            let net = load_module(net, &flat).expect("same network");
+            Some(reference_loop(net, device, input, |m, x, _| m.forward(x)))
+        }
+        "paper" | "cifar" => {
+            let net = PaperCnnConfig::new()
+                .with_channels(c)
+                .with_side(h)
+                .init(&device);
+            let net = load_module(net, &flat).expect("same network");
+            Some(reference_loop(net, device, input, |m, x, masks| {
+                m.forward_train(x, masks)
+            }))
+        }
+        _ => None,
+    }
+}
+
+/// The explicit Burn step `Trainer::step` runs, over a hand-written module.
+fn reference_loop<M>(
+    net: M,
+    device: Device,
+    input: [usize; 3],
+    forward: impl Fn(&M, Tensor<4>, &mut SplitMix64) -> Tensor<2> + 'static,
+) -> Step
+where
+    M: Module + 'static,
+{
+    let settings = LocalOptimizer::default();
+    let mut optim = settings.optimizer();
+    let loss = CrossEntropyLoss::new(None, &device);
+    let mut masks = SplitMix64::new(0);
+    let mut net = Some(net);
+    Box::new(move |batch: Batch| {
+        let n = batch.len();
+        let [c, h, w] = input;
+        let x = Tensor::<4>::from_data(TensorData::new(batch.images, [n, c, h, w]), &device);
+        let y = Tensor::<1, Int>::from_data(TensorData::new(batch.labels, [n]), &device);
+        let m = net.take().expect("a network between steps");
+        let l = loss.forward(forward(&m, x, &mut masks), y);
+        let grads = GradientsParams::from_grads(l.backward(), &m);
+        net = Some(optim.step(settings.lr, m, grads));
+        l.detach()
+    })
+}
+
+fn summary(kind: &Model, batch: usize, runs: Vec<f64>) -> TrainBench {
     let samples_per_s = median(&mut runs.clone());
     let gflops = samples_per_s * 3.0 * kind.forward_flops_per_sample() as f64 / 1e9;
     TrainBench {
-        model: kind,
+        model: kind.clone(),
         batch,
         samples_per_s,
         runs,
@@ -102,7 +185,7 @@ pub fn sgemm_gflops(device: &Device, n: usize, repeats: usize) -> f64 {
 pub fn peer_throughput(
     python: &str,
     script: &Path,
-    model: ModelKind,
+    model: &Model,
     threads: usize,
     batch: usize,
 ) -> Result<f64, String> {

@@ -10,7 +10,7 @@ use std::time::Instant;
 use burn::tensor::Tensor;
 use serde::Serialize;
 use tether_shared::data::{BatchSource, BatchStream, Batcher, Normalization};
-use tether_shared::model::ModelKind;
+use tether_shared::model::Model;
 use tether_shared::train::{LocalOptimizer, Trainer};
 use thiserror::Error;
 
@@ -23,7 +23,7 @@ use tether_dataset::{self as dataset, LoadError};
 #[derive(Clone, Debug, Serialize)]
 pub struct TrainConfig {
     /// Which network.
-    pub model: ModelKind,
+    pub model: Model,
     /// Passes over the training set.
     pub epochs: usize,
     /// Images per step.
@@ -47,7 +47,7 @@ pub struct TrainConfig {
 impl Default for TrainConfig {
     fn default() -> Self {
         Self {
-            model: ModelKind::Small,
+            model: Model::small(),
             epochs: 3,
             batch: 128,
             optimizer: LocalOptimizer::default(),
@@ -166,8 +166,7 @@ pub fn run(config: &TrainConfig) -> Result<TrainReport, TrainError> {
     let selected = backend::select(config.backend, config.threads)?;
     let (data_dir, mut data) = dataset::load(config.data.as_deref())?;
     for set in [&data.train, &data.test] {
-        set.expect_shape(config.model.data_shape())
-            .map_err(LoadError::from)?;
+        set.expect_network(&config.model).map_err(LoadError::from)?;
     }
     if let Some(n) = config.test_limit {
         data.test = data
@@ -180,14 +179,18 @@ pub fn run(config: &TrainConfig) -> Result<TrainReport, TrainError> {
         .map_or(data.train.len(), |n| n.min(data.train.len()));
     tracing::info!(device = %selected.description, data = %data_dir.display(), train_n, "training");
 
-    selected.device.seed(config.seed);
-    let mut trainer = Trainer::new(config.model, config.optimizer, &selected.device);
+    let mut trainer = Trainer::new(&config.model, config.optimizer, &selected.device);
+    trainer
+        .set_params(&config.model.seeded_params(config.seed))
+        .expect("seeded parameters fit their network");
     trainer.seed_dropout(config.seed);
     let batcher = Batcher::new((0..train_n).collect(), config.batch, config.seed, &norm)
-        .with_input(config.model.input_shape());
+        .with_input(config.model.input_shape())
+        .with_flip(config.model.spec().flip);
     let steps = batcher.batches_per_epoch();
     // Epoch e trains on the shuffle of epoch e; a thread prepares batches ahead.
-    let mut batches = Prefetch::spawn(BatchStream::new(batcher, Arc::new(data.train), 1));
+    let train = Arc::new(data.train);
+    let mut batches = Prefetch::spawn(BatchStream::new(batcher, Arc::clone(&train), 1));
     let mut epochs = Vec::with_capacity(config.epochs);
     let mut train_seconds_total = 0.0;
     for epoch in 1..=config.epochs {
@@ -222,7 +225,7 @@ pub fn run(config: &TrainConfig) -> Result<TrainReport, TrainError> {
         train_seconds_total += train_seconds;
         bar.finish_and_clear();
         let t1 = Instant::now();
-        let eval = trainer.evaluate(&data.test, &norm);
+        let eval = trainer.evaluate(&data.test, &train, &norm);
         let report = EpochReport {
             epoch,
             train_loss: loss_sum / train_n as f64,

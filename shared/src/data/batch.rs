@@ -88,6 +88,8 @@ pub struct Batcher {
     tables: Vec<[f32; 256]>,
     /// The network's input rows and columns; `None`: the whole image.
     input: Option<(usize, usize)>,
+    /// Random horizontal flips.
+    flip: bool,
 }
 
 impl Batcher {
@@ -104,6 +106,7 @@ impl Batcher {
             seed,
             tables: norm.tables(),
             input: None,
+            flip: false,
         }
     }
 
@@ -112,6 +115,13 @@ impl Batcher {
     /// paper's CIFAR network takes 28×28 of CIFAR's 32×32).
     pub fn with_input(mut self, [_, rows, cols]: [usize; 3]) -> Self {
         self.input = Some((rows, cols));
+        self
+    }
+
+    /// Batches whose images are mirrored left to right at random (half of them,
+    /// drawn with the window).
+    pub fn with_flip(mut self, flip: bool) -> Self {
+        self.flip = flip;
         self
     }
 
@@ -137,13 +147,14 @@ impl Batcher {
     /// drawn from (seed, `epoch`, item), the same natively and in the browser.
     pub fn batch(&self, set: &ImageSet, items: &[usize], epoch: u64) -> Batch {
         let (rows, cols) = self.input.unwrap_or((set.rows, set.cols));
-        let window = if (rows, cols) == (set.rows, set.cols) {
+        let window = if (rows, cols) == (set.rows, set.cols) && !self.flip {
             Window::Centre { rows, cols }
         } else {
             Window::Random {
                 rows,
                 cols,
                 seed: self.seed ^ epoch.wrapping_mul(0xD1B5_4A32_D192_ED03) ^ 0xC409,
+                flip: self.flip,
             }
         };
         let mut batch = Batch::default();
@@ -246,6 +257,8 @@ pub enum Window {
         cols: usize,
         /// With the item's index, where the window lies.
         seed: u64,
+        /// Whether half the windows are mirrored left to right.
+        flip: bool,
     },
 }
 
@@ -261,16 +274,18 @@ impl Window {
         }
     }
 
-    /// The top row and left column of item `item`'s window in `set`.
-    fn place(self, set: &ImageSet, item: usize) -> (usize, usize) {
+    /// The top row and left column of item `item`'s window in `set`, and whether
+    /// it is mirrored.
+    fn place(self, set: &ImageSet, item: usize) -> (usize, usize, bool) {
         let (rows, cols) = self.size();
         let (spare_rows, spare_cols) = (set.rows - rows, set.cols - cols);
         match self {
-            Self::Centre { .. } => (spare_rows / 2, spare_cols / 2),
-            Self::Random { seed, .. } => {
+            Self::Centre { .. } => (spare_rows / 2, spare_cols / 2, false),
+            Self::Random { seed, flip, .. } => {
                 let mut rng =
                     SplitMix64::new(seed ^ (item as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-                (rng.below(spare_rows + 1), rng.below(spare_cols + 1))
+                let (top, left) = (rng.below(spare_rows + 1), rng.below(spare_cols + 1));
+                (top, left, flip && rng.next_u64() & 1 == 1)
             }
         }
     }
@@ -304,14 +319,17 @@ pub fn fill_normalized(
     images.reserve(items.len() * set.channels * rows * cols);
     let plane = set.rows * set.cols;
     for &i in items {
-        let (top, left) = window.place(set, i);
+        let (top, left, mirrored) = window.place(set, i);
         for (pixels, table) in set.image(i).chunks_exact(plane).zip(tables) {
             for row in pixels.chunks_exact(set.cols).skip(top).take(rows) {
-                images.extend(
-                    row[left..left + cols]
-                        .iter()
-                        .map(|&p| table[usize::from(p)]),
-                );
+                let row = row[left..left + cols]
+                    .iter()
+                    .map(|&p| table[usize::from(p)]);
+                if mirrored {
+                    images.extend(row.rev());
+                } else {
+                    images.extend(row);
+                }
             }
         }
         labels.push(i64::from(set.labels[i]));
@@ -486,5 +504,44 @@ mod tests {
             raw(&whole.batch(&s, &[0], 1).images),
             raw(&whole.batch(&s, &[0], 5).images)
         );
+    }
+
+    #[test]
+    fn flips_mirror_half_the_windows_and_evaluation_none() {
+        let s = grid_set();
+        let b = Batcher::new(vec![0, 1], 2, 3, &identity())
+            .with_input([1, 4, 4])
+            .with_flip(true);
+        let (mut plain, mut mirrored) = (0, 0);
+        for epoch in 0..40 {
+            let batch = b.batch(&s, &[0, 1], epoch);
+            assert_eq!(batch, b.batch(&s, &[0, 1], epoch), "seeded");
+            for image in raw(&batch.images).chunks(16) {
+                // Each row of the grid counts up left to right, or down when mirrored.
+                if image[1] == image[0] + 1 {
+                    plain += 1;
+                } else {
+                    assert_eq!(
+                        image[..4],
+                        [image[3] + 3, image[3] + 2, image[3] + 1, image[3]]
+                    );
+                    mirrored += 1;
+                }
+            }
+        }
+        assert!(
+            plain > 20 && mirrored > 20,
+            "{plain} plain, {mirrored} mirrored"
+        );
+        let (mut images, mut labels) = (Vec::new(), Vec::new());
+        fill_normalized(
+            &s,
+            &[0],
+            &identity().tables(),
+            Window::centre([1, 4, 4]),
+            &mut images,
+            &mut labels,
+        );
+        assert_eq!(raw(&images)[1], raw(&images)[0] + 1, "scoring never flips");
     }
 }

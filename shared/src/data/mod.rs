@@ -157,6 +157,22 @@ impl ImageSet {
         })
     }
 
+    /// [`expect_shape`](Self::expect_shape) of the images `model` trains on, and
+    /// every label one of its classes.
+    pub fn expect_network(&self, model: &crate::model::Model) -> Result<(), DataError> {
+        self.expect_shape(model.data_shape())?;
+        let classes = model.classes();
+        match self.labels.iter().position(|&l| usize::from(l) >= classes) {
+            None => Ok(()),
+            Some(index) => Err(DataError::BadLabel {
+                file: self.source.clone(),
+                label: self.labels[index],
+                index,
+                classes,
+            }),
+        }
+    }
+
     /// A new set holding the given items, in that order (e.g. one worker's shard).
     pub fn subset(&self, indices: &[usize]) -> ImageSet {
         let n = self.image_len();

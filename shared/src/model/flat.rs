@@ -21,7 +21,7 @@ pub enum FlatError {
     #[error("flat parameter vector has {found} values, the {model} model has {expected}")]
     WrongLength {
         /// The model's name.
-        model: &'static str,
+        model: String,
         /// Its parameter count.
         expected: usize,
         /// The vector's length.
@@ -42,7 +42,7 @@ impl ModuleVisitor for Collect<'_> {
 
 /// Copies all parameters of `net` into one vector, in the documented order.
 pub fn to_flat(net: &Net) -> Vec<f32> {
-    let mut out = Vec::with_capacity(net.kind().param_count());
+    let mut out = Vec::with_capacity(net.model().param_count());
     net.visit(&mut Collect(&mut out));
     out
 }
@@ -100,10 +100,10 @@ impl ModuleMapper for Load<'_> {
 /// Replaces all parameters of `net` by the values of `flat` (same order as
 /// [`to_flat`]). The network is unchanged if the length is wrong.
 pub fn load_flat(net: Net, flat: &[f32]) -> Result<Net, FlatError> {
-    let expected = net.kind().param_count();
+    let expected = net.model().param_count();
     if flat.len() != expected {
         return Err(FlatError::WrongLength {
-            model: net.kind().name(),
+            model: net.model().name().to_owned(),
             expected,
             found: flat.len(),
         });
@@ -111,18 +111,33 @@ pub fn load_flat(net: Net, flat: &[f32]) -> Result<Net, FlatError> {
     Ok(net.map(&mut Load { flat, offset: 0 }))
 }
 
+/// Loads any module's parameters from the first values of `flat` in its traversal
+/// order (the hand-written reference networks; a layer checked against Burn's own).
+pub fn load_module<M: Module>(module: M, flat: &[f32]) -> Result<M, FlatError> {
+    let expected = module.num_params();
+    if flat.len() < expected {
+        return Err(FlatError::WrongLength {
+            model: "module".into(),
+            expected,
+            found: flat.len(),
+        });
+    }
+    Ok(module.map(&mut Load { flat, offset: 0 }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::ModelKind;
+    use crate::model::Model;
+    use burn::module::Module;
     use burn::tensor::Device;
 
     #[test]
     fn round_trip_is_bit_exact() {
         let device = Device::flex();
-        for kind in [ModelKind::Small, ModelKind::Paper] {
+        for kind in ["small", "paper", "resnet8"].map(|n| Model::shipped(n).unwrap()) {
             let a = kind.init(&device);
-            let b = kind.init(&device); // different random weights
+            let b = load_flat(kind.init(&device), &kind.seeded_params(1)).unwrap();
             let flat_a = to_flat(&a);
             assert_eq!(flat_a.len(), kind.param_count());
             assert_ne!(flat_a, to_flat(&b));
@@ -136,7 +151,8 @@ mod tests {
                 "{kind:?}"
             );
             // And the loaded network computes what the original does.
-            let x = Tensor::<4>::ones([2, 1, 28, 28], &device);
+            let [c, h, w] = kind.input_shape();
+            let x = Tensor::<4>::ones([2, c, h, w], &device);
             let (ya, yb) = (a.valid().forward(x.clone()), b.valid().forward(x));
             assert_eq!(ya.into_data(), yb.into_data());
         }
@@ -145,12 +161,10 @@ mod tests {
     #[test]
     fn order_starts_with_the_first_layers_weight_then_bias() {
         let device = Device::flex();
-        let net = ModelKind::Small.init(&device);
-        let flat: Vec<f32> = (0..ModelKind::Small.param_count())
-            .map(|i| i as f32)
-            .collect();
+        let small = Model::small();
+        let net = small.init(&device);
+        let flat: Vec<f32> = (0..small.param_count()).map(|i| i as f32).collect();
         let net = load_flat(net, &flat).unwrap();
-        let Net::Small(_) = &net else { panic!("small") };
         let back = to_flat(&net);
         assert_eq!(&back[..3], &[0.0, 1.0, 2.0]);
         assert_eq!(back, flat);
@@ -159,13 +173,13 @@ mod tests {
     #[test]
     fn wrong_length_is_an_error_and_changes_nothing() {
         let device = Device::flex();
-        let net = ModelKind::Small.init(&device);
+        let net = Model::small().init(&device);
         let before = to_flat(&net);
         let err = load_flat(net.clone(), &before[1..]).unwrap_err();
         assert_eq!(
             err,
             FlatError::WrongLength {
-                model: "small",
+                model: "small".into(),
                 expected: 421_642,
                 found: 421_641
             }

@@ -1,301 +1,227 @@
-//! The networks tether trains, identical for native and browser workers, and the flat
-//! parameter view that every exchange with the server uses.
+//! The networks tether trains: any CNN a description ([`spec`]) sets out, built at
+//! run time identically by the server and by native and browser workers, and the
+//! flat parameter view that every exchange with the server uses.
 //!
-//! `small` and `paper` take 1×28×28 images, `cifar` 3×28×28 windows of CIFAR's
-//! 3×32×32 (random in training, the centre in evaluation, as in the paper); all
-//! give 10 logits. Max-pooling is applied
-//! *before* ReLU: the two commute (ReLU is monotone), so the result is the same as
-//! the usual conv → ReLU → pool, with ReLU and its backward on a 4× smaller tensor.
+//! A [`Model`] is a checked description with its canonical JSON and that text's
+//! SHA-256; the welcome carries both. Seven descriptions ship in `models/`
+//! ([`Model::shipped`]): `small`, `paper`, `cifar` (the networks tether began
+//! with), `lenet5`, `vgg`, `resnet8` and `resnet20`.
 
 pub mod flat;
+mod init;
+pub mod net;
 pub mod ops;
-pub mod paper;
-pub mod small;
+pub mod reference;
+mod shipped;
+pub mod spec;
 
-use burn::module::{Module, ModuleVisitor, Param};
-use burn::tensor::{Device, Tensor};
-use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
-use crate::rng::SplitMix64;
+use burn::tensor::Device;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use sha2::{Digest, Sha256};
 
 pub use flat::{FlatError, load_flat, to_flat, to_flat_async};
-pub use paper::{PaperCnn, PaperCnnConfig};
-pub use small::{SmallCnn, SmallCnnConfig};
+pub use net::Net;
+pub use shipped::SHIPPED;
+pub use spec::{NetSpec, SpecError};
 
-/// Which network to train.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ModelKind {
-    /// A small fast CNN for CPUs and browsers (421 642 parameters).
-    Small,
-    /// The EASGD paper's CIFAR network adapted to 1×28×28 (430 666 parameters).
-    Paper,
-    /// The EASGD paper's CIFAR network on 3×28×28 crops of CIFAR-10's 3×32×32
-    /// (433 866 parameters).
-    Cifar,
+/// A network description, checked, with its canonical text and hash. Cheap to clone.
+#[derive(Clone)]
+pub struct Model(Arc<Inner>);
+
+struct Inner {
+    spec: NetSpec,
+    json: String,
+    sha256: String,
 }
 
-impl ModelKind {
-    /// Every network, in the order the CLI lists them.
-    pub const ALL: [Self; 3] = [Self::Small, Self::Paper, Self::Cifar];
+impl Model {
+    /// The model of a checked description.
+    pub fn new(spec: NetSpec) -> Self {
+        let json = spec.to_json();
+        let sha256 = hex(&Sha256::digest(json.as_bytes()));
+        Self(Arc::new(Inner { spec, json, sha256 }))
+    }
 
-    /// The name used on the command line and in reports.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Small => "small",
-            Self::Paper => "paper",
-            Self::Cifar => "cifar",
+    /// A description's text: JSON if it starts with `{`, TOML otherwise.
+    /// `fallback_name` names a network that does not name itself.
+    pub fn parse(text: &str, fallback_name: &str) -> Result<Self, SpecError> {
+        let spec = if text.trim_start().starts_with('{') {
+            NetSpec::from_json(text, fallback_name)?
+        } else {
+            NetSpec::from_toml(text, fallback_name)?
+        };
+        Ok(Self::new(spec))
+    }
+
+    /// The shipped description called `name`, if there is one.
+    pub fn shipped(name: &str) -> Option<Self> {
+        let (_, text) = SHIPPED.iter().find(|(n, _)| *n == name)?;
+        Some(Self::parse(text, name).expect("shipped descriptions are valid"))
+    }
+
+    /// The `small` network, the default for 28×28 grey images.
+    pub fn small() -> Self {
+        Self::shipped("small").expect("small ships")
+    }
+
+    /// The shipped network a run trains when none is named: `cifar` for CIFAR-10's
+    /// 3×32×32 images, `small` otherwise.
+    pub fn default_for(images: [usize; 3]) -> Self {
+        match Self::shipped("cifar") {
+            Some(cifar) if cifar.data_shape() == images => cifar,
+            _ => Self::small(),
         }
     }
 
+    /// The description.
+    pub fn spec(&self) -> &NetSpec {
+        &self.0.spec
+    }
+
+    /// The name used on the command line and in reports.
+    pub fn name(&self) -> &str {
+        &self.0.spec.name
+    }
+
+    /// The canonical JSON description (what the welcome carries).
+    pub fn description(&self) -> &str {
+        &self.0.json
+    }
+
+    /// SHA-256 of [`Self::description`], in hex.
+    pub fn sha256(&self) -> &str {
+        &self.0.sha256
+    }
+
     /// What the network's first layer takes: channels, rows, cols.
-    pub fn input_shape(self) -> [usize; 3] {
-        match self {
-            Self::Small | Self::Paper => [1, 28, 28],
-            // The paper's CIFAR input: 28×28 windows of the 32×32 images.
-            Self::Cifar => [3, 28, 28],
-        }
+    pub fn input_shape(&self) -> [usize; 3] {
+        self.0.spec.input_shape()
     }
 
     /// The images this network trains on: channels, rows, cols. Larger than
     /// [`input_shape`](Self::input_shape) where the network sees crops of them.
-    pub fn data_shape(self) -> [usize; 3] {
-        match self {
-            Self::Small | Self::Paper => self.input_shape(),
-            Self::Cifar => crate::data::cifar::SHAPE,
-        }
+    pub fn data_shape(&self) -> [usize; 3] {
+        self.0.spec.input
     }
 
-    /// The network a run trains when none is named: `cifar` for CIFAR-10's 3×32×32
-    /// images, `small` otherwise.
-    pub fn default_for(images: [usize; 3]) -> Self {
-        if images == Self::Cifar.data_shape() {
-            Self::Cifar
-        } else {
-            Self::Small
-        }
+    /// Classes the network scores.
+    pub fn classes(&self) -> usize {
+        self.0.spec.classes
     }
 
     /// Number of trainable parameters, i.e. the flat vector's length.
-    pub fn param_count(self) -> usize {
-        match self {
-            Self::Small => small::PARAMS,
-            Self::Paper => paper::PARAMS,
-            Self::Cifar => paper::CIFAR_PARAMS,
-        }
+    pub fn param_count(&self) -> usize {
+        self.0.spec.tally.params
     }
 
-    /// Multiply-adds ×2 of one forward pass on one sample, counted from the layer
-    /// shapes (convolutions and fully connected layers; pooling, ReLU and the loss
-    /// are negligible). A training step costs about 3× this (forward, then the
-    /// input and weight gradients).
-    pub fn forward_flops_per_sample(self) -> u64 {
-        let conv = |cin: u64, cout: u64, k: u64, hw: u64| 2 * cin * cout * k * k * hw * hw;
-        let fc = |i: u64, o: u64| 2 * i * o;
-        match self {
-            Self::Small => conv(1, 32, 3, 28) + conv(32, 64, 3, 14) + fc(3136, 128) + fc(128, 10),
-            Self::Paper | Self::Cifar => {
-                let [c, side, _] = self.input_shape().map(|v| v as u64);
-                conv(c, 64, 5, side)
-                    + conv(64, 128, 5, side / 2)
-                    + conv(128, 64, 3, side / 4)
-                    + fc(64 * (side / 8).pow(2), 256)
-                    + fc(256, 10)
-            }
-        }
+    /// Multiply-adds ×2 of one forward pass on one sample (convolutions and linear
+    /// layers). A training step costs about 3× this.
+    pub fn forward_flops_per_sample(&self) -> u64 {
+        self.0.spec.tally.flops
     }
 
-    /// A freshly initialised network of this kind on `device`.
-    pub fn init(self, device: &Device) -> Net {
-        let _drawing = lock_init();
-        self.init_unlocked(device)
+    /// The network with the parameters of seed 0 on `device`.
+    pub fn init(&self, device: &Device) -> Net {
+        load_flat(Net::zeroed(self, device), &self.seeded_params(0))
+            .expect("seeded parameters fit their network")
     }
 
-    /// The network with every parameter drawn now. Burn draws a parameter lazily,
-    /// on its first use; a network used after the lock is released would draw
-    /// then, between another thread's seeding and its draws (a `repro` grid's seed
-    /// then started from other weights when run side by side).
-    fn init_unlocked(self, device: &Device) -> Net {
-        struct Draw;
-        impl ModuleVisitor for Draw {
-            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-                drop(param.val());
-            }
-        }
-        let net = self.build(device);
-        net.visit(&mut Draw);
-        net
-    }
-
-    /// The flat initial parameters of seed `seed` (Burn's CPU device): the same
-    /// seed gives the same parameters whatever else the process does. Burn keeps one
-    /// random generator per device kind and process, so seeding it and drawing the
-    /// weights hold one lock that every [`init`](Self::init) takes too; before, an
-    /// initialisation elsewhere in the process (another test's run) could draw
-    /// between the two, and one simulated run in five differed from its twin.
-    pub fn seeded_params(self, seed: u64) -> Vec<f32> {
-        let _drawing = lock_init();
-        let device = Device::flex();
-        device.seed(seed);
-        to_flat(&self.init_unlocked(&device))
-    }
-
-    fn build(self, device: &Device) -> Net {
-        match self {
-            Self::Small => Net::Small(SmallCnnConfig::new().init(device)),
-            Self::Paper => Net::Paper(PaperCnnConfig::new().init(device)),
-            Self::Cifar => {
-                let [channels, side, _] = self.input_shape();
-                Net::Cifar(
-                    PaperCnnConfig::new()
-                        .with_channels(channels)
-                        .with_side(side)
-                        .init(device),
-                )
-            }
-        }
+    /// The flat initial parameters of seed `seed`: the same description and seed
+    /// give the same vector on every machine and in every process.
+    pub fn seeded_params(&self, seed: u64) -> Vec<f32> {
+        init::seeded_params(&self.0.spec, seed)
     }
 }
 
-impl std::str::FromStr for ModelKind {
+impl PartialEq for Model {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.sha256 == other.0.sha256
+    }
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Model({} {})", self.name(), &self.sha256()[..12])
+    }
+}
+
+/// A shipped network's name (files are read by the binaries, which know the disk).
+impl std::str::FromStr for Model {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "small" => Ok(Self::Small),
-            "paper" => Ok(Self::Paper),
-            "cifar" => Ok(Self::Cifar),
-            other => Err(format!(
-                "unknown model {other:?} (expected small, paper or cifar)"
-            )),
-        }
+        Self::shipped(s).ok_or_else(|| {
+            let names: Vec<&str> = SHIPPED.iter().map(|(n, _)| *n).collect();
+            format!(
+                "unknown model {s:?} (shipped: {}; or a .toml/.json description file)",
+                names.join(", ")
+            )
+        })
     }
 }
 
-/// The lock every initialisation holds while it draws from Burn's random generator.
-fn lock_init() -> std::sync::MutexGuard<'static, ()> {
-    static DRAWING: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    DRAWING.lock().unwrap_or_else(|e| e.into_inner())
+/// On the wire and in files: the name (for people reading a report), the canonical
+/// description and its hash, checked on arrival.
+#[derive(Serialize, Deserialize)]
+struct Wire {
+    name: String,
+    description: String,
+    sha256: String,
 }
 
-/// Either network, so that trainers and exchanges need not be generic.
-// A trainer holds one `Net`; boxing the variants would buy nothing.
-#[allow(clippy::large_enum_variant)]
-#[derive(Module, Debug)]
-pub enum Net {
-    /// See [`SmallCnn`].
-    Small(SmallCnn),
-    /// See [`PaperCnn`].
-    Paper(PaperCnn),
-    /// [`PaperCnn`] on 3×28×28.
-    Cifar(PaperCnn),
+impl Serialize for Model {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        Wire {
+            name: self.name().to_owned(),
+            description: self.description().to_owned(),
+            sha256: self.sha256().to_owned(),
+        }
+        .serialize(s)
+    }
 }
 
-impl Net {
-    /// Logits `[N, 10]` for images `[N, C, H, W]` of the kind's input shape, as
-    /// evaluation sees them (no dropout).
-    pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
-        match self {
-            Self::Small(m) => m.forward(images),
-            Self::Paper(m) | Self::Cifar(m) => m.forward(images),
+impl<'de> Deserialize<'de> for Model {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        /// Files written before networks were descriptions name a shipped one.
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Written {
+            Name(String),
+            Wire(Wire),
         }
+        // Postcard (the wire) cannot tell the forms apart; only files may be old.
+        let wire = if d.is_human_readable() {
+            match Written::deserialize(d)? {
+                Written::Wire(wire) => wire,
+                Written::Name(name) => {
+                    return Self::shipped(&name).ok_or_else(|| {
+                        D::Error::custom(format!("no shipped network is called {name:?}"))
+                    });
+                }
+            }
+        } else {
+            Wire::deserialize(d)?
+        };
+        let model = Self::new(
+            NetSpec::from_json(&wire.description, "unnamed")
+                .map_err(|e| D::Error::custom(format!("network description: {e}")))?,
+        );
+        if model.sha256() != wire.sha256 {
+            return Err(D::Error::custom(format!(
+                "network description hashes to {}, not the {} sent with it",
+                model.sha256(),
+                wire.sha256
+            )));
+        }
+        Ok(model)
     }
+}
 
-    /// [`Self::forward`] as training runs it: with dropout (the paper's networks),
-    /// its masks drawn from `masks`.
-    pub fn forward_train(&self, images: Tensor<4>, masks: &mut SplitMix64) -> Tensor<2> {
-        match self {
-            Self::Small(m) => m.forward(images),
-            Self::Paper(m) | Self::Cifar(m) => m.forward_train(images, masks),
-        }
-    }
-
-    /// Which network this is.
-    pub fn kind(&self) -> ModelKind {
-        match self {
-            Self::Small(_) => ModelKind::Small,
-            Self::Paper(_) => ModelKind::Paper,
-            Self::Cifar(_) => ModelKind::Cifar,
-        }
-    }
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parameter_counts_match_the_declared_ones() {
-        let device = Device::flex();
-        for kind in ModelKind::ALL {
-            assert_eq!(
-                kind.init(&device).num_params(),
-                kind.param_count(),
-                "{kind:?}"
-            );
-        }
-        assert_eq!(ModelKind::Small.param_count(), 421_642);
-        assert_eq!(ModelKind::Paper.param_count(), 430_666);
-        assert_eq!(ModelKind::Cifar.param_count(), 433_866);
-    }
-
-    #[test]
-    fn forward_gives_ten_logits_per_image() {
-        let device = Device::flex();
-        for kind in ModelKind::ALL {
-            let [c, h, w] = kind.input_shape();
-            let out = kind
-                .init(&device)
-                .forward(Tensor::zeros([3, c, h, w], &device));
-            assert_eq!(out.dims(), [3, 10], "{kind:?}");
-        }
-    }
-
-    #[test]
-    fn flop_counts_are_the_layer_sums() {
-        // small: 0.45 M + 7.23 M + 0.80 M + 2.6 k multiply-adds, ×2.
-        assert_eq!(
-            ModelKind::Small.forward_flops_per_sample(),
-            2 * (225_792 + 3_612_672 + 401_408 + 1_280)
-        );
-        assert!(
-            ModelKind::Paper.forward_flops_per_sample()
-                > ModelKind::Small.forward_flops_per_sample()
-        );
-        // The CIFAR network: conv1 sees 3 channels on 28×28, fc1 576 inputs.
-        assert_eq!(
-            ModelKind::Cifar.forward_flops_per_sample(),
-            2 * (3 * 64 * 25 * 784 + 64 * 128 * 25 * 196 + 128 * 64 * 9 * 49 + 576 * 256 + 2560)
-        );
-    }
-
-    #[test]
-    fn cifar_images_select_the_cifar_network() {
-        assert_eq!(ModelKind::default_for([3, 32, 32]), ModelKind::Cifar);
-        assert_eq!(ModelKind::Cifar.data_shape(), [3, 32, 32]);
-        assert_eq!(ModelKind::Cifar.input_shape(), [3, 28, 28]);
-        assert_eq!(ModelKind::default_for([1, 28, 28]), ModelKind::Small);
-        assert_eq!("cifar".parse::<ModelKind>(), Ok(ModelKind::Cifar));
-    }
-
-    #[test]
-    fn seeded_parameters_ignore_networks_built_on_other_threads() {
-        use std::sync::atomic::{AtomicBool, Ordering};
-        let want = ModelKind::Paper.seeded_params(1);
-        let stop = AtomicBool::new(false);
-        let got: Vec<Vec<f32>> = std::thread::scope(|s| {
-            s.spawn(|| {
-                while !stop.load(Ordering::Relaxed) {
-                    // A worker's network: built here, its weights used (and so, with
-                    // Burn's lazy parameters, drawn) afterwards.
-                    drop(to_flat(&ModelKind::Small.init(&Device::flex())));
-                }
-            });
-            let got = (0..200)
-                .map(|_| ModelKind::Paper.seeded_params(1))
-                .collect();
-            stop.store(true, Ordering::Relaxed);
-            got
-        });
-        assert!(got.iter().all(|g| *g == want), "a seed gave other weights");
-    }
-}
+mod tests;

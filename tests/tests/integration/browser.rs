@@ -21,7 +21,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use tether_server::{RunSettings, ServerConfig, tls};
 use tether_shared::algorithms::Algorithm;
-use tether_shared::model::ModelKind;
+use tether_shared::model::Model;
 use tether_tests::net::TestServer;
 use tether_tests::serve::Serve;
 use tether_tests::{read_json, scratch};
@@ -82,7 +82,7 @@ async fn dashboard_run(
     run.batch = BATCH;
     run.alpha = 0.3;
     if let Some(dir) = data {
-        run.model = ModelKind::default_for(tether_dataset::format(dir).input_shape());
+        run.model = Model::default_for(tether_dataset::format(dir).input_shape());
     }
     let mut config = ServerConfig::new(run);
     config.data = data.map(Path::to_path_buf);

@@ -35,7 +35,7 @@ fn tether_train_picks_the_cifar_network_for_cifar_batches() -> Result<()> {
             "cpu",
         ],
     )?;
-    assert_eq!(r["settings"]["model"], "cifar", "{r}");
+    assert_eq!(r["settings"]["model"]["name"], "cifar", "{r}");
     assert_eq!(r["params"], 433_866);
     assert_eq!(
         (r["train_samples"].as_u64(), r["test_samples"].as_u64()),
@@ -85,7 +85,7 @@ async fn served_cifar_trains_native_workers_with_and_without_the_data() -> Resul
         ],
     )?;
     let status = serve.status().await?;
-    assert_eq!(status["settings"]["model"], "cifar", "{status}");
+    assert_eq!(status["network"]["name"], "cifar", "{status}");
     let work = |with_data: bool| -> Result<std::process::Child> {
         let mut cmd = Command::new(tether_bin()?);
         cmd.env("TETHER_CACHE", root.join("cache"))

@@ -178,7 +178,7 @@ fn stability_simulation_reproduces_the_paper_and_draws_the_maps() -> Result<()> 
 fn wgpu_backend_agrees_with_the_cpu_backend() -> Result<()> {
     use burn::tensor::Device;
     use tether_shared::data::{Batcher, Normalization};
-    use tether_shared::model::ModelKind;
+    use tether_shared::model::Model;
     use tether_shared::train::{LocalOptimizer, Trainer};
     use tether_worker::backend::{BackendChoice, select};
 
@@ -196,8 +196,8 @@ fn wgpu_backend_agrees_with_the_cpu_backend() -> Result<()> {
     let norm = Normalization::of(&data.train);
     let batcher = Batcher::new((0..data.train.len()).collect(), 64, 0, &norm);
     let cpu_device = Device::flex();
-    let mut cpu = Trainer::new(ModelKind::Small, LocalOptimizer::default(), &cpu_device);
-    let mut gpu = Trainer::new(ModelKind::Small, LocalOptimizer::default(), &wgpu.device);
+    let mut cpu = Trainer::new(&Model::small(), LocalOptimizer::default(), &cpu_device);
+    let mut gpu = Trainer::new(&Model::small(), LocalOptimizer::default(), &wgpu.device);
     let start = cpu.params();
     gpu.set_params(&start)?;
     let order = batcher.epoch_order(0);

@@ -9,6 +9,7 @@ mod guard;
 mod hardening;
 mod internet;
 mod lifecycle;
+mod models;
 mod protocol;
 mod reliability;
 mod repro;

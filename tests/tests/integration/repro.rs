@@ -176,7 +176,7 @@ fn a_grid_on_cifar_batches_trains_the_cifar_network() -> Result<()> {
     let err = String::from_utf8_lossy(&run.stderr);
     anyhow::ensure!(run.status.success(), "{err}");
     let json = read_json(&out.join("tau.json"))?;
-    assert_eq!(json["grid"]["model"], "cifar", "{json}");
+    assert_eq!(json["grid"]["model"]["name"], "cifar", "{json}");
     let points = json["cells"][0]["result"]["points"]
         .as_array()
         .context("points")?;

@@ -72,8 +72,9 @@ fn on_cpu<const D: usize>(t: &Tensor<D>) -> bool {
 }
 
 /// `conv.forward(x)`, through [`CpuOps::conv2d_nchw`] when it applies: a CPU tensor
-/// and a convolution of the kind tether's models use (stride 1, no dilation or
-/// groups, a square kernel, the same padding on every side, a bias).
+/// and a convolution the direct kernels take (stride 1, no dilation or groups, a
+/// square kernel, the same padding on every side, less than the kernel); Burn's
+/// own layer for the rest.
 pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     let [k, kw] = conv.kernel_size;
     let pad = match conv.padding {
@@ -82,12 +83,17 @@ pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
         _ => None,
     };
     let plain = conv.stride == [1, 1] && conv.dilation == [1, 1] && conv.groups == 1 && k == kw;
-    match (pad, &conv.bias) {
-        (Some(pad), Some(bias)) if plain && pad < k && on_cpu(&x) => {
+    match pad {
+        Some(pad) if plain && pad < k && on_cpu(&x) => {
+            // A convolution without bias adds zeros: a constant, so no gradient for it.
+            let bias = match &conv.bias {
+                Some(bias) => bias.val(),
+                None => Tensor::zeros([conv.weight.dims()[0]], &x.device()),
+            };
             Tensor::from_dispatch(<Dispatch as CpuOps>::conv2d_nchw(
                 x.into_dispatch(),
                 conv.weight.val().into_dispatch(),
-                bias.val().into_dispatch(),
+                bias.into_dispatch(),
                 pad,
             ))
         }

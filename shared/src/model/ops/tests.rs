@@ -172,3 +172,27 @@ fn a_nan_is_passed_on() {
         .unwrap();
     assert!(y[0].is_nan(), "{y:?}");
 }
+
+#[test]
+fn conv_without_bias_runs_the_direct_kernel_and_matches_burn() {
+    let device = Device::flex().autodiff();
+    let mut rng = SplitMix64::new(11);
+    let conv = Conv2dConfig::new([3, 5], [3, 3])
+        .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+        .with_bias(false)
+        .init(&device);
+    let x = random(&mut rng, [2, 3, 6, 7], &device).require_grad();
+    let (ours, theirs) = (conv2d(&conv, x.clone()), conv.forward(x.clone()));
+    let (g_ours, g_theirs) =
+        outputs_agree_then_backward("no bias", ours, theirs, &mut rng, &device);
+    assert_close(
+        "input gradient",
+        x.grad(&g_ours).unwrap(),
+        x.grad(&g_theirs).unwrap(),
+    );
+    assert_close(
+        "weight gradient",
+        conv.weight.grad(&g_ours).unwrap(),
+        conv.weight.grad(&g_theirs).unwrap(),
+    );
+}

@@ -9,7 +9,7 @@ use burn::nn::{Linear, LinearConfig, PaddingConfig2d};
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
 
-use super::ops::{conv2d, pool2_relu};
+use crate::model::ops::{conv2d, pool2_relu};
 
 /// Parameter count: 320 + 18 496 + 401 536 + 1 290.
 pub const PARAMS: usize = 421_642;

@@ -14,7 +14,7 @@ use burn::nn::{Linear, LinearConfig, PaddingConfig2d};
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor, TensorData};
 
-use super::ops::{conv2d, pool2_relu};
+use crate::model::ops::{conv2d, pool2_relu};
 use crate::rng::SplitMix64;
 
 /// Parameter count on 1×28×28: 1 664 + 204 928 + 73 792 + 147 712 + 2 570.
