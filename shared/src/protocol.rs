@@ -447,6 +447,9 @@ pub enum DecodeError {
     /// A hello of another protocol version (its header does not decode as ours).
     #[error("protocol version {0} is not supported (this side speaks {PROTOCOL_VERSION})")]
     OtherVersion(u32),
+    /// A welcome whose network description this side cannot build.
+    #[error("the run's network cannot be built here: {0}")]
+    Network(crate::model::SpecError),
 }
 
 impl Message {
@@ -536,8 +539,9 @@ fn decode_header(header: &[u8]) -> Result<Message, DecodeError> {
     let (message, rest) = match postcard::take_from_bytes::<Message>(header) {
         Ok(decoded) => decoded,
         Err(e) => {
-            return Err(match hello_version(header) {
-                Some(v) if v != PROTOCOL_VERSION => DecodeError::OtherVersion(v),
+            return Err(match (hello_version(header), welcome_network(header)) {
+                (Some(v), _) if v != PROTOCOL_VERSION => DecodeError::OtherVersion(v),
+                (_, Some(why)) => DecodeError::Network(why),
                 _ => DecodeError::BadHeader(e.to_string()),
             });
         }
@@ -558,6 +562,18 @@ fn hello_version(header: &[u8]) -> Option<u32> {
     }
     let (version, _) = postcard::take_from_bytes::<u32>(rest).ok()?;
     Some(version)
+}
+
+/// Why the network of a welcome whose header does not decode cannot be built, if
+/// that is why: a welcome starts with the variant tag 1, the run's id and algorithm,
+/// then the network (postcard drops the reason a field gave for not decoding).
+fn welcome_network(header: &[u8]) -> Option<crate::model::SpecError> {
+    let (&tag, rest) = header.split_first()?;
+    if tag != 1 {
+        return None;
+    }
+    let (_, rest) = postcard::take_from_bytes::<(String, Algorithm)>(rest).ok()?;
+    crate::model::wire_error(rest)
 }
 
 /// A frame's header bytes, value count, payload encoding and payload bytes.

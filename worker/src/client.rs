@@ -16,7 +16,8 @@ use tether_shared::codec::{Encoding, Link};
 use tether_shared::data::{ImageSet, decode_images, shard_indices};
 use tether_shared::local::ShardData;
 use tether_shared::protocol::{
-    self, Frame, Hello, Message, PROTOCOL_VERSION, Remedy, StopReason, Sync, Welcome, WorkerKind,
+    self, DecodeError, Frame, Hello, Message, PROTOCOL_VERSION, Remedy, StopReason, Sync, Welcome,
+    WorkerKind,
 };
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -535,7 +536,8 @@ async fn session<E: Engine>(
     .await
     {
         Err(_) => return Ok((End::Lost("no welcome within 30 s".into()), None)),
-        Ok(Err(why)) => return Ok((End::Lost(why), None)),
+        Ok(Err(Ok(why))) => return Ok((End::Lost(why), None)),
+        Ok(Err(Err(fatal))) => return Err(fatal),
         Ok(Ok(Frame {
             message: Message::Welcome(w),
             payload,
@@ -953,20 +955,27 @@ async fn until_stopped(stop: &mut watch::Receiver<bool>) {
     }
 }
 
-/// The next protocol frame on a socket not yet split (the handshake).
-async fn next_frame(socket: &mut Socket, report: &mut WorkReport) -> Result<Frame, String> {
+/// The next protocol frame on a socket not yet split (the handshake). `Err(Ok)`:
+/// the connection is lost; `Err(Err)`: no retry helps (a network this worker
+/// cannot build).
+async fn next_frame(
+    socket: &mut Socket,
+    report: &mut WorkReport,
+) -> Result<Frame, Result<String, WorkError>> {
     loop {
         match socket.next().await {
             Some(Ok(WsMessage::Binary(b))) => {
                 report.bytes_in += b.len() as u64;
-                return protocol::decode(&b)
-                    .map_err(|e| format!("undecodable frame from the server: {e}"));
+                return protocol::decode(&b).map_err(|e| match e {
+                    DecodeError::Network(_) => Err(WorkError::Refused(e.to_string())),
+                    e => Ok(format!("undecodable frame from the server: {e}")),
+                });
             }
             Some(Ok(WsMessage::Close(_))) | None => {
-                return Err("server closed the connection".into());
+                return Err(Ok("server closed the connection".into()));
             }
             Some(Ok(_)) => continue,
-            Some(Err(e)) => return Err(e.to_string()),
+            Some(Err(e)) => return Err(Ok(e.to_string())),
         }
     }
 }

@@ -219,6 +219,25 @@ impl<'de> Deserialize<'de> for Model {
     }
 }
 
+/// Why the network at the start of `bytes` (postcard, as a welcome carries it) does
+/// not build, if it does not.
+pub(crate) fn wire_error(bytes: &[u8]) -> Option<SpecError> {
+    let (wire, _) = postcard::take_from_bytes::<Wire>(bytes).ok()?;
+    match NetSpec::from_json(&wire.description, &wire.name) {
+        Err(e) => Some(e),
+        Ok(spec) => {
+            let model = Model::new(spec);
+            (model.sha256() != wire.sha256).then(|| {
+                SpecError::Network(format!(
+                    "the description hashes to {}, not the {} sent with it",
+                    model.sha256(),
+                    wire.sha256
+                ))
+            })
+        }
+    }
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -307,3 +307,39 @@ async fn a_synchronous_round_goes_on_without_a_silent_worker() -> Result<()> {
     server.stop().await?;
     Ok(())
 }
+
+/// A welcome whose network this side cannot build (here: a layer kind it does not
+/// know, as a newer server might send) is a typed error naming the layer, not a
+/// malformed frame; the server's real welcome decodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_welcome_with_an_unbuildable_network_names_the_layer() -> Result<()> {
+    let server = TestServer::start(config(
+        "unbuildable",
+        RunSettings::defaults(Algorithm::Easgd),
+    )?)
+    .await?;
+    let mut client = RawClient::connect(&server.ws_url()).await?;
+    client.send(&Message::Hello(hello()), &[]).await?;
+    let mut frame = client.recv_raw().await?;
+    assert!(matches!(
+        protocol::decode(&frame)?.message,
+        Message::Welcome(_)
+    ));
+    // The same frame with the description's first "relu" spelt "gelx" (same length).
+    let at = frame
+        .windows(4)
+        .position(|w| w == b"relu")
+        .expect("the small network's description holds a relu");
+    frame[at..at + 4].copy_from_slice(b"gelx");
+    match protocol::decode(&frame) {
+        Err(protocol::DecodeError::Network(why)) => {
+            let text = why.to_string();
+            assert!(
+                text.contains("unknown layer `gelx`") && text.contains("layers["),
+                "{text}"
+            );
+        }
+        other => panic!("expected a network error, got {other:?}"),
+    }
+    Ok(())
+}

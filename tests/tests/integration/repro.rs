@@ -255,7 +255,7 @@ fn momentum_downpour_trains_at_its_default_learning_rate() -> Result<()> {
         "--tau",
         "4",
         "--budget",
-        "0.25",
+        "0.5",
         "--evaluations",
         "1",
         "--eval-limit",
@@ -274,7 +274,9 @@ fn momentum_downpour_trains_at_its_default_learning_rate() -> Result<()> {
     let error = points[points.len() - 1]["error"]
         .as_f64()
         .context("error")?;
-    // Measured: 56.4 % at the default η 0.0025, 88.8 % at the old η 0.1 (chance 90 %).
-    assert!(error < 0.75, "final error {error}");
+    // Half an epoch at the default η 0.0025, seeds 0–3: 26.8–38.6 % error (a quarter
+    // epoch is the steep start, where one seed's 58 % is another's 76 %); at the old
+    // η 0.1 it sat at chance (88.8 %; chance is 90 %).
+    assert!(error < 0.6, "final error {error}");
     Ok(())
 }

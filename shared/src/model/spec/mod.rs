@@ -40,7 +40,7 @@ const MAX_DEPTH: usize = 8;
 const MAX_REPEAT: usize = 64;
 
 /// A description that cannot be built, with where and why.
-#[derive(Debug, Error, Clone, PartialEq)]
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum SpecError {
     /// The text is not TOML/JSON of the description's form (unknown keys included).
     #[error("{0}")]
