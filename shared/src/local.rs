@@ -62,6 +62,18 @@ pub enum LocalError {
         /// channels×rows×cols of the data.
         found: String,
     },
+    /// A label the run's network has no class for.
+    #[error(
+        "this worker's data holds label {label}, but the {model} model scores {classes} classes"
+    )]
+    WrongLabel {
+        /// The model's name.
+        model: String,
+        /// Classes the model scores.
+        classes: usize,
+        /// The label found.
+        label: u8,
+    },
     /// The run's normalisation has not one entry per channel of the model's input.
     #[error("the run normalises {found} channels but the {model} model takes {expected}")]
     WrongNormalization {
@@ -210,10 +222,10 @@ impl LocalWorker {
         }
         let classes = spec.model.classes();
         if let Some(&label) = data.set.labels.iter().find(|&&l| usize::from(l) >= classes) {
-            return Err(LocalError::WrongImages {
+            return Err(LocalError::WrongLabel {
                 model: spec.model.name().to_owned(),
-                expected: format!("labels below {classes}"),
-                found: format!("label {label}"),
+                classes,
+                label,
             });
         }
         if spec.normalization.channels.len() != shape[0] {
@@ -424,5 +436,95 @@ pub fn apply_reply(
         }
         (Apply::Replace, _) => x.copy_from_slice(payload),
         (Apply::PullToward, _) => leader_pull(x, payload, lambda),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::algorithms::Algorithm;
+    use crate::data::Normalization;
+    use crate::protocol::Hyper;
+
+    fn spec(model: Model, batch: u32, set: &ImageSet) -> RunSpec {
+        RunSpec {
+            run_id: "t".into(),
+            algorithm: Algorithm::Easgd,
+            model,
+            hyper: Hyper {
+                tau: 1,
+                alpha: 0.1,
+                lr: 0.01,
+            },
+            momentum: 0.0,
+            nesterov: false,
+            weight_decay: 0.0,
+            batch,
+            leader_pull: 0.0,
+            normalization: Normalization::of(set),
+            train_items: set.len() as u64,
+        }
+    }
+
+    fn start(spec: &RunSpec, set: ImageSet) -> Result<(), LocalError> {
+        let n = set.len();
+        let data = ShardData {
+            set: Arc::new(set),
+            indices: (0..n).collect(),
+        };
+        let shard = Shard {
+            index: 0,
+            count: 1,
+            seed: 0,
+        };
+        let center = spec.model.seeded_params(0);
+        LocalWorker::new(Device::flex()).start(spec, shard, data, n as u64, center, false)
+    }
+
+    fn images(labels: Vec<u8>) -> ImageSet {
+        ImageSet {
+            source: "t".into(),
+            channels: 1,
+            rows: 28,
+            cols: 28,
+            pixels: vec![7; labels.len() * 784],
+            labels,
+        }
+    }
+
+    #[test]
+    fn a_session_refuses_what_a_described_network_cannot_take() {
+        let small = Model::small();
+        assert!(
+            start(
+                &spec(small.clone(), 4, &images(vec![1, 9])),
+                images(vec![1, 9])
+            )
+            .is_ok()
+        );
+        // A label past the network's classes.
+        let err = start(
+            &spec(small.clone(), 4, &images(vec![1, 12])),
+            images(vec![1, 12]),
+        );
+        assert!(
+            matches!(
+                err,
+                Err(LocalError::WrongLabel {
+                    label: 12,
+                    classes: 10,
+                    ..
+                })
+            ),
+            "{err:?}"
+        );
+        // A batch whose activations pass what one step may hold.
+        let per_image = small.spec().tally.activations;
+        let batch = (MAX_STEP_VALUES / per_image + 1) as u32;
+        let err = start(&spec(small, batch, &images(vec![1])), images(vec![1]));
+        assert!(
+            matches!(err, Err(LocalError::StepTooLarge { .. })),
+            "{err:?}"
+        );
     }
 }

@@ -8,7 +8,8 @@
 //! beside it and picks up a τ changed from the operator controls. And a volunteer
 //! of a root with a relay below it: Join on the root's page lands the tab on the
 //! relay's page, where it trains. And a tab training the paper's CIFAR network on
-//! 3-channel images (a generated CIFAR-format set) on the CPU path.
+//! 3-channel images (a generated CIFAR-format set) on the CPU path, and another a
+//! residual network with batch norm that the server read from a description.
 //!
 //! Skipped when Node, playwright-core or Chromium are missing, unless
 //! `TETHER_REQUIRE_BROWSER` is set (the README's test command installs them and
@@ -55,18 +56,20 @@ fn missing() -> Option<String> {
 static ONE_BROWSER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// A run on the shipped data, or on the data set in `data` with the network for its
-/// images.
+/// images (or `model`, when given).
 async fn dashboard_run(
     backend: &str,
     https: bool,
     extra: &[&str],
     data: Option<&Path>,
+    model: Option<Model>,
 ) -> Result<()> {
     let _one = ONE_BROWSER.lock().await;
-    let label = match (https, data) {
-        (true, _) => format!("{backend}-https"),
-        (false, Some(_)) => format!("{backend}-data"),
-        (false, None) => backend.to_string(),
+    let label = match (https, data, &model) {
+        (true, ..) => format!("{backend}-https"),
+        (false, _, Some(m)) => format!("{backend}-{}", m.name()),
+        (false, Some(_), None) => format!("{backend}-data"),
+        (false, None, None) => backend.to_string(),
     };
     if let Some(why) = missing() {
         if std::env::var_os("TETHER_REQUIRE_BROWSER").is_some() {
@@ -83,6 +86,9 @@ async fn dashboard_run(
     run.alpha = 0.3;
     if let Some(dir) = data {
         run.model = Model::default_for(tether_dataset::format(dir).input_shape());
+    }
+    if let Some(model) = model {
+        run.model = model;
     }
     let mut config = ServerConfig::new(run);
     config.data = data.map(Path::to_path_buf);
@@ -193,7 +199,7 @@ async fn dashboard_run(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn browser_worker_trains_on_webgpu_from_the_dashboard() -> Result<()> {
-    dashboard_run("webgpu", false, &[], None).await
+    dashboard_run("webgpu", false, &[], None, None).await
 }
 
 /// A software WebGPU adapter trains ~100× slower than the CPU path: `auto` must
@@ -216,7 +222,7 @@ async fn browser_workers_train_on_the_cpu_fallback_from_the_dashboard() -> Resul
         "--workers",
         "2",
     ];
-    dashboard_run("cpu", false, &auto, None).await
+    dashboard_run("cpu", false, &auto, None, None).await
 }
 
 /// The paper's CIFAR network in a tab: a 3-channel shard downloaded, normalised per
@@ -226,12 +232,39 @@ async fn browser_workers_train_on_the_cpu_fallback_from_the_dashboard() -> Resul
 async fn a_browser_worker_trains_the_cifar_network_on_three_channel_images() -> Result<()> {
     let data = scratch("browser-cifar-data")?;
     tether_tests::write_cifar_like(&data, 400, 100)?;
-    dashboard_run("cpu", false, &["--choice", "cpu"], Some(&data)).await
+    dashboard_run("cpu", false, &["--choice", "cpu"], Some(&data), None).await
+}
+
+/// A network the server read from a description, with batch norm, a residual block
+/// with a strided projection shortcut, random crops and flips, built by the tab from
+/// the welcome alone and trained on the CPU path beside a native worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_worker_trains_a_described_residual_network() -> Result<()> {
+    let data = scratch("browser-resnet-data")?;
+    tether_tests::write_cifar_like(&data, 400, 100)?;
+    let model = Model::parse(
+        r#"
+        input = [3, 32, 32]
+        classes = 10
+        layers = [
+          "conv 8 kernel=3 pad=1 bias=false", "batchnorm", "relu", "maxpool 2",
+          { residual = ["conv 16 kernel=3 stride=2 pad=1 bias=false", "batchnorm", "relu",
+                        "conv 16 kernel=3 pad=1 bias=false", "batchnorm"],
+            shortcut = ["conv 16 kernel=1 stride=2 bias=false", "batchnorm"] },
+          "relu", "globalavgpool", "linear 10",
+        ]
+        [augment]
+        crop = 28
+        flip = true
+        "#,
+        "tabresnet",
+    )?;
+    dashboard_run("cpu", false, &["--choice", "cpu"], Some(&data), Some(model)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn browser_worker_trains_on_webgpu_over_https() -> Result<()> {
-    dashboard_run("webgpu", true, &[], None).await
+    dashboard_run("webgpu", true, &[], None, None).await
 }
 
 /// The root hands a joining browser its relay: a `tether serve` with a relay token,
