@@ -340,7 +340,9 @@ fn run_bench_train(args: BenchTrainArgs) -> Result<()> {
     let selected =
         tether_worker::backend::select(args.backend.into(), args.threads.map(|t| t as usize))?;
     let threads = rayon_threads();
-    let (_, data) = tether_dataset::load(args.data.as_deref())?;
+    // An image folder is decoded for the first network named.
+    let shape = args.model.first().map(|m| m.data_shape());
+    let (_, data) = tether_dataset::load_for(args.data.as_deref(), shape)?;
     let train = std::sync::Arc::new(data.train);
     println!("device: {}", selected.description);
     let sgemm = bench::sgemm_gflops(&selected.device, 1024, 5);

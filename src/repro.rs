@@ -165,8 +165,8 @@ pub fn run(command: ReproCommand) -> Result<()> {
         bail!("--lr: every learning rate must be in (0, 10]");
     }
     let model = crate::model_or_default(args.model, args.data.as_deref());
-    let (_, data) =
-        tether_dataset::load(args.data.as_deref()).context("loading the training data (--data)")?;
+    let (_, data) = tether_dataset::load_for(args.data.as_deref(), Some(model.data_shape()))
+        .context("loading the training data (--data)")?;
     data.train
         .expect_network(&model)
         .context("--data and --model disagree")?;

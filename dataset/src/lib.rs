@@ -5,6 +5,10 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+mod folder;
+
+pub use folder::{Folder, is_image_folder, load_folder};
+
 use sha2::{Digest, Sha256};
 use tether_shared::data::{DataError, Dataset, ImageSet, cifar, idx};
 use thiserror::Error;
@@ -33,6 +37,14 @@ pub enum LoadError {
     /// A file is malformed.
     #[error(transparent)]
     Data(#[from] DataError),
+    /// An image folder that cannot make a data set.
+    #[error("{dir}: {why}")]
+    Folder {
+        /// The folder.
+        dir: PathBuf,
+        /// Why not.
+        why: String,
+    },
     /// No `--data` was given and the shipped data set was not found.
     #[error(
         "the built-in Fashion-MNIST was not found (looked in {looked}); pass --data DIR or set TETHER_DATA"
@@ -108,16 +120,48 @@ fn read_pair(
     )?)
 }
 
-/// Reads the data set in `dir` (IDX or CIFAR-10, see [`format`]), or the shipped
-/// Fashion-MNIST when `dir` is `None`; returns the directory used with the data.
+/// Reads the data set in `dir` (IDX, CIFAR-10 or an image folder, see [`format`]),
+/// or the shipped Fashion-MNIST when `dir` is `None`; returns the directory used
+/// with the data. A folder's images are resized to the format's default, 3×32×32.
 pub fn load(dir: Option<&Path>) -> Result<(PathBuf, Dataset), LoadError> {
+    load_for(dir, None)
+}
+
+/// [`load`], a folder's images resized to `shape` (the network's images) when given.
+pub fn load_for(
+    dir: Option<&Path>,
+    shape: Option<[usize; 3]>,
+) -> Result<(PathBuf, Dataset), LoadError> {
     let dir = match dir {
         Some(d) => d.to_path_buf(),
         None => default_data_dir()?,
     };
-    let data = match format(&dir) {
+    let format = format(&dir);
+    let data = match &format {
         Format::Idx => load_idx_dir(&dir)?,
-        Format::Cifar10(batches) => load_cifar_dir(&batches)?,
+        Format::Cifar10(batches) => load_cifar_dir(batches)?,
+        Format::Folder => {
+            let cache = cache_dir().map(|c| c.join("folders"));
+            let folder = load_folder(
+                &dir,
+                shape.unwrap_or(format.input_shape()),
+                cache.as_deref(),
+            )?;
+            if folder.skipped.0 > 0 {
+                eprintln!(
+                    "warning: {}: skipped {} file(s) that did not decode as images{}",
+                    dir.display(),
+                    folder.skipped.0,
+                    folder
+                        .skipped
+                        .1
+                        .iter()
+                        .map(|s| format!("\n  {s}"))
+                        .collect::<String>()
+                );
+            }
+            folder.data
+        }
     };
     Ok((dir, data))
 }
@@ -131,6 +175,9 @@ pub enum Format {
     /// CIFAR-10 binary batches (3×32×32) in this folder: the one given, or the
     /// `cifar-10-batches-bin` the official archive unpacks to.
     Cifar10(PathBuf),
+    /// An image folder (`train/<class>/*`, or class folders alone), decoded to the
+    /// network's images.
+    Folder,
 }
 
 impl Format {
@@ -139,6 +186,7 @@ impl Format {
         match self {
             Self::Idx => [1, 28, 28],
             Self::Cifar10(_) => cifar::SHAPE,
+            Self::Folder => [3, 32, 32],
         }
     }
 }
@@ -149,6 +197,9 @@ pub fn format(dir: &Path) -> Format {
         if candidate.join("data_batch_1.bin").is_file() {
             return Format::Cifar10(candidate);
         }
+    }
+    if is_image_folder(dir) {
+        return Format::Folder;
     }
     Format::Idx
 }

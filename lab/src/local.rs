@@ -118,7 +118,8 @@ pub async fn run_local(local: Local, stop: watch::Receiver<bool>) -> Result<Outc
         Some(shape) => throttle::proxy(addr, shape).await?.0,
         None => addr,
     };
-    let (_, data) = tether_dataset::load(data_dir.as_deref())?;
+    let shape = Some(settings.model.data_shape());
+    let (_, data) = tether_dataset::load_for(data_dir.as_deref(), shape)?;
     let train = Arc::new(data.train);
     let per_worker = (local.epochs * train.len() as f64 / f64::from(local.workers)).ceil();
     let steps = (per_worker / f64::from(settings.batch)).ceil().max(1.0) as u64;

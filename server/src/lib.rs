@@ -398,7 +398,8 @@ impl Server {
 /// The training and test sets (`--data` or the shipped ones), checked against the
 /// run's network's input shape; the test set cut to `--eval-limit`.
 pub fn load_data(config: &ServerConfig) -> Result<(PathBuf, ImageSet, ImageSet), ServerError> {
-    let (data_dir, data) = dataset::load(config.data.as_deref())?;
+    let shape = Some(config.run.model.data_shape());
+    let (data_dir, data) = dataset::load_for(config.data.as_deref(), shape)?;
     for set in [&data.train, &data.test] {
         set.expect_network(&config.run.model)
             .map_err(LoadError::from)?;

@@ -164,7 +164,8 @@ pub fn run(config: &TrainConfig) -> Result<TrainReport, TrainError> {
     config.validate()?;
     let started = Instant::now();
     let selected = backend::select(config.backend, config.threads)?;
-    let (data_dir, mut data) = dataset::load(config.data.as_deref())?;
+    let shape = Some(config.model.data_shape());
+    let (data_dir, mut data) = dataset::load_for(config.data.as_deref(), shape)?;
     for set in [&data.train, &data.test] {
         set.expect_network(&config.model).map_err(LoadError::from)?;
     }

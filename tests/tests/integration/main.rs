@@ -5,6 +5,7 @@ mod bench;
 mod browser;
 mod cifar;
 mod cli;
+mod folders;
 mod guard;
 mod hardening;
 mod internet;
