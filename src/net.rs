@@ -406,28 +406,36 @@ fn shown_addr(local: SocketAddr) -> String {
     }
 }
 
-/// Resolves on Ctrl-C or SIGTERM.
-pub async fn interrupted() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Ctrl-C or SIGTERM. The handlers are installed when this is called, not when
+/// it is first awaited: a signal that arrives while a server is still starting
+/// (its start-up measure, a resume) would otherwise kill the process outright,
+/// without its final checkpoint. Call it inside the runtime.
+pub fn interrupted() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("install a SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("install a SIGTERM handler");
+        let mut int = signal(SignalKind::interrupt()).expect("install a SIGINT handler");
+        async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
         }
     }
     #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 /// A stop signal that turns true on Ctrl-C or SIGTERM, saying what happens next
 /// (call inside a runtime: it spawns the waiting task).
 pub fn stop_on_signal() -> tokio::sync::watch::Receiver<bool> {
     let (tx, rx) = tokio::sync::watch::channel(false);
+    let interrupt = interrupted();
     tokio::spawn(async move {
-        interrupted().await;
+        interrupt.await;
         eprintln!("stopping: workers finish their steps, sync once more and leave");
         let _ = tx.send(true);
     });
@@ -446,6 +454,7 @@ pub fn run_serve(args: ServeArgs) -> Result<()> {
     let certificate = args.serving.certificate().context("setting up TLS")?;
     config.tls = certificate.as_ref().map(|c| c.config.clone());
     runtime()?.block_on(async move {
+        let interrupt = interrupted();
         // The port first: a serve that cannot listen must not leave a run behind.
         let listener = args.serving.listen().await?;
         let server = tether_server::Server::new(config).context("preparing the run")?;
@@ -497,7 +506,7 @@ pub fn run_serve(args: ServeArgs) -> Result<()> {
         println!("  run dir:   {}", s.run_dir.display());
         let summary = server
             .serve(listener, async {
-                interrupted().await;
+                interrupt.await;
                 StopReason::ShuttingDown
             })
             .await
@@ -597,8 +606,9 @@ pub fn run_relay(args: RelayArgs) -> Result<()> {
         println!("  workers:   tether work --server {ws}://{shown}");
         println!("  (serving starts once the upstream has welcomed this relay)");
         let (stop_tx, stop_rx) = watch::channel(false);
+        let interrupt = interrupted();
         tokio::spawn(async move {
-            interrupted().await;
+            interrupt.await;
             eprintln!("stopping: a last exchange with the upstream, then telling the workers");
             let _ = stop_tx.send(true);
         });
@@ -691,8 +701,9 @@ pub fn run_work(args: WorkArgs) -> Result<()> {
     config.endpoint()?;
     runtime()?.block_on(async move {
         let (stop_tx, stop_rx) = watch::channel(false);
+        let interrupt = interrupted();
         tokio::spawn(async move {
-            interrupted().await;
+            interrupt.await;
             eprintln!("stopping: finishing the current steps, a last sync, then leaving");
             let _ = stop_tx.send(true);
         });
