@@ -109,7 +109,7 @@ pub fn load_folder(
     let train_set = decode_all(
         &train,
         shape,
-        &format!("{}", train_dir.display()),
+        &train_dir.display().to_string(),
         &mut skipped,
     );
     let test_set = decode_all(
@@ -265,8 +265,8 @@ fn store(cache: &Path, key: &str, data: &Dataset, skipped: &(usize, Vec<String>)
         .and_then(|()| write(format!("{key}-test.tsim"), &encode_images(&data.test)))
         .and_then(|()| write(format!("{key}.skipped"), skipped.0.to_string().as_bytes()));
     if let Err(e) = done {
-        eprintln!(
-            "warning: could not cache the decoded folder in {}: {e}",
+        tracing::warn!(
+            "could not cache the decoded folder in {}: {e}",
             cache.display()
         );
     }

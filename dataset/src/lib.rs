@@ -148,8 +148,8 @@ pub fn load_for(
                 cache.as_deref(),
             )?;
             if folder.skipped.0 > 0 {
-                eprintln!(
-                    "warning: {}: skipped {} file(s) that did not decode as images{}",
+                tracing::warn!(
+                    "{}: skipped {} file(s) that did not decode as images{}",
                     dir.display(),
                     folder.skipped.0,
                     folder
