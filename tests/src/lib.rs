@@ -486,6 +486,7 @@ pub mod serve {
     use std::net::SocketAddr;
     use std::path::Path;
     use std::process::{Child, Command, Stdio};
+    use std::time::Duration;
 
     use anyhow::{Context, Result, bail};
 
@@ -506,6 +507,41 @@ pub mod serve {
     }
 
     impl Serve {
+        /// `tether work` on one CPU thread against this server, its shards cached in
+        /// `cache`; `extra` flags after the URL (`--data DIR` to read the set itself).
+        pub fn worker(&self, cache: &Path, extra: &[&str]) -> Result<Child> {
+            Ok(Command::new(tether_bin()?)
+                .env("TETHER_CACHE", cache)
+                .args(["work", "--backend", "cpu", "--threads", "1", "--server"])
+                .arg(format!("ws://{}", self.addr))
+                .args(extra)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()?)
+        }
+
+        /// Waits (at most `within`) for a run with an end (`--max-samples`) to exit
+        /// by itself, and returns the `report.json` it wrote in `run_dir`.
+        pub fn finished_report(
+            &mut self,
+            run_dir: &Path,
+            within: Duration,
+        ) -> Result<serde_json::Value> {
+            let t0 = std::time::Instant::now();
+            while self.child.try_wait()?.is_none() {
+                if t0.elapsed() > within {
+                    bail!("the server did not exit after the run finished");
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let report = std::fs::read_dir(run_dir)?
+                .filter_map(|e| e.ok())
+                .map(|e| e.path().join("report.json"))
+                .find(|p| p.exists())
+                .unwrap_or_else(|| run_dir.join("report.json"));
+            crate::read_json(&report)
+        }
+
         /// Serves `run_dir` on a free port with `extra` flags.
         pub fn start(run_dir: &Path, extra: &[&str]) -> Result<Self> {
             Self::start_on(0, run_dir, extra)

@@ -4,12 +4,11 @@
 //! work` reads the batches itself, another downloads its 3-channel shard; the
 //! center learns the colours. A network for other images is refused by name.
 
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use tether_tests::serve::Serve;
-use tether_tests::{read_json, scratch, tether, tether_bin, tether_report, write_cifar_like};
+use tether_tests::{scratch, tether, tether_report, write_cifar_like};
 
 #[test]
 fn tether_train_picks_the_cifar_network_for_cifar_batches() -> Result<()> {
@@ -86,17 +85,11 @@ async fn served_cifar_trains_native_workers_with_and_without_the_data() -> Resul
     )?;
     let status = serve.status().await?;
     assert_eq!(status["network"]["name"], "cifar", "{status}");
-    let work = |with_data: bool| -> Result<std::process::Child> {
-        let mut cmd = Command::new(tether_bin()?);
-        cmd.env("TETHER_CACHE", root.join("cache"))
-            .args(["work", "--backend", "cpu", "--threads", "1", "--server"])
-            .arg(format!("ws://{}", serve.addr));
-        if with_data {
-            cmd.args(["--data", &data_arg]);
-        }
-        Ok(cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?)
-    };
-    let workers = [work(true)?, work(false)?];
+    let cache = root.join("cache");
+    let workers = [
+        serve.worker(&cache, &["--data", &data_arg])?,
+        serve.worker(&cache, &[])?,
+    ];
     for w in workers {
         let out = w.wait_with_output()?;
         assert!(
@@ -105,19 +98,7 @@ async fn served_cifar_trains_native_workers_with_and_without_the_data() -> Resul
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let t0 = Instant::now();
-    while serve.child.try_wait()?.is_none() {
-        if t0.elapsed() > Duration::from_secs(60) {
-            bail!("the server did not exit after the run finished");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let report_path = std::fs::read_dir(&run)?
-        .filter_map(|e| e.ok())
-        .map(|e| e.path().join("report.json"))
-        .find(|p| p.exists())
-        .unwrap_or_else(|| run.join("report.json"));
-    let report = read_json(&report_path)?;
+    let report = serve.finished_report(&run, Duration::from_secs(60))?;
     assert_eq!(report["model"], "cifar", "{report}");
     assert!(report["samples"].as_u64() >= Some(1600), "{report}");
     let acc = report["evaluation"]["accuracy"]

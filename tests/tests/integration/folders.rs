@@ -5,12 +5,11 @@
 //! of packed pixels); the center learns the classes.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
+use tether_tests::scratch;
 use tether_tests::serve::Serve;
-use tether_tests::{read_json, scratch, tether_bin};
 
 /// Three classes told apart by colour and by a stripe's direction.
 fn write_photos(root: &Path, per_class: usize) -> Result<()> {
@@ -91,33 +90,14 @@ async fn an_image_folder_trains_a_described_network_through_serve() -> Result<()
     )?;
     let status = serve.status().await?;
     assert_eq!(status["network"]["name"], "photonet", "{status}");
-    let mut worker = Command::new(tether_bin()?)
-        .env("TETHER_CACHE", root.join("cache"))
-        .args(["work", "--backend", "cpu", "--threads", "1", "--server"])
-        .arg(format!("ws://{}", serve.addr))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let t0 = Instant::now();
-    while serve.child.try_wait()?.is_none() {
-        if t0.elapsed() > Duration::from_secs(240) {
-            let _ = worker.kill();
-            bail!("the run did not finish");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let worker = serve.worker(&root.join("cache"), &[])?;
+    let report = serve.finished_report(&run, Duration::from_secs(240))?;
     let out = worker.wait_with_output()?;
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let report_path = std::fs::read_dir(&run)?
-        .filter_map(|e| e.ok())
-        .map(|e| e.path().join("report.json"))
-        .find(|p| p.exists())
-        .unwrap_or_else(|| run.join("report.json"));
-    let report = read_json(&report_path)?;
     let acc = report["evaluation"]["accuracy"]
         .as_f64()
         .context("an evaluation")?;
