@@ -587,11 +587,7 @@ pub fn run_relay(args: RelayArgs) -> Result<()> {
     let certificate = args.serving.certificate().context("setting up TLS")?;
     config.tls = certificate.as_ref().map(|c| c.config.clone());
     let (data_dir, data) = tether_dataset::load(args.serving.data.as_deref())?;
-    let (train, test) = (std::sync::Arc::new(data.train), data.test);
-    let test = match config.eval_limit {
-        Some(n) => test.subset(&(0..n.min(test.len())).collect::<Vec<_>>()),
-        None => test,
-    };
+    let data = tether_server::RunData::new(data, config.eval_limit);
     runtime()?.block_on(async move {
         let listener = args.serving.listen().await?;
         let local: SocketAddr = listener.local_addr()?;
@@ -621,8 +617,7 @@ pub fn run_relay(args: RelayArgs) -> Result<()> {
                 max_wait: Duration::from_secs(args.max_wait),
                 alpha: args.alpha,
                 public_url: args.public_url.clone(),
-                train,
-                test,
+                data,
             },
             stop_rx,
         )

@@ -230,10 +230,42 @@ function renderStatus(s) {
     const input = $(id);
     if (document.activeElement !== input && !input.dataset.touched) input.value = v;
   }
+  refreshClasses(s);
   if (!state.volunteerMounted) {
     state.volunteerMounted = true;
     mountVolunteer($('volunteer-panel'), { needsToken: s.needs_token });
   }
+}
+
+// ---------- classes ----------
+// Names come from the data (folders, classes.txt); accuracy per class from the
+// latest evaluation. Few classes are listed in label order, many by weakest first.
+const CLASSES_SHOWN = 24;
+async function refreshClasses(s) {
+  const version = s.evaluation ? s.evaluation.version : -1;
+  if (state.classesVersion === version) return;
+  state.classesVersion = version;
+  const many = s.network && s.network.classes > CLASSES_SHOWN;
+  const query = many ? `order=worst&limit=${CLASSES_SHOWN}` : `limit=${CLASSES_SHOWN}`;
+  let page;
+  try {
+    page = await (await fetch(`/api/classes?${query}`)).json();
+  } catch {
+    state.classesVersion = undefined; // try again with the next status
+    return;
+  }
+  $('classes-count').textContent = `(${page.count})`;
+  $('classes').innerHTML = page.classes.map((c) => {
+    const pct = c.accuracy === null ? null : c.accuracy * 100;
+    return `<li title="label ${c.label}${c.test_images ? ` · ${c.test_images} test images` : ''}">
+      <span class="name">${esc(c.name)}</span>
+      <span class="bar"><span style="width:${pct === null ? 0 : pct.toFixed(1)}%"></span></span>
+      <span class="pct">${pct === null ? '–' : `${fmt(pct, 1)} %`}</span></li>`;
+  }).join('');
+  $('classes-note').textContent = page.version === null
+    ? 'accuracy per class appears after the first evaluation'
+    : `test accuracy per class, center v${page.version}` +
+      (many ? ` · the ${CLASSES_SHOWN} weakest of ${page.count}; all at /api/classes` : '');
 }
 
 // ---------- the live feed ----------

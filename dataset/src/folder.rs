@@ -57,8 +57,6 @@ struct Item {
 pub struct Folder {
     /// The images.
     pub data: Dataset,
-    /// Class names, from the folders, in label order.
-    pub classes: Vec<String>,
     /// Files that did not decode, and the first few of them.
     pub skipped: (usize, Vec<String>),
     /// Whether the packed pixels came from the cache.
@@ -103,7 +101,11 @@ pub fn load_folder(
     }
     let key = cache_key(&train, &test, shape);
     if let Some(folder) = cache.and_then(|c| from_cache(c, &key, dir)) {
-        return Ok(Folder { classes, ..folder });
+        let data = Dataset {
+            classes,
+            ..folder.data
+        };
+        return Ok(Folder { data, ..folder });
     }
     let mut skipped = (0, Vec::new());
     let train_set = decode_all(
@@ -127,13 +129,13 @@ pub fn load_folder(
     let data = Dataset {
         train: train_set,
         test: test_set,
+        classes,
     };
     if let Some(c) = cache {
         store(c, &key, &data, &skipped);
     }
     Ok(Folder {
         data,
-        classes,
         skipped,
         cached: false,
     })
@@ -245,8 +247,11 @@ fn from_cache(cache: &Path, key: &str, dir: &Path) -> Option<Folder> {
         .parse()
         .ok()?;
     Some(Folder {
-        data: Dataset { train, test },
-        classes: Vec::new(),
+        data: Dataset {
+            train,
+            test,
+            classes: Vec::new(),
+        },
         skipped: (skipped, Vec::new()),
         cached: true,
     })
@@ -395,7 +400,7 @@ mod tests {
         assert!(is_image_folder(&root));
         let cache = root.join("cache");
         let f = load_folder(&root, [3, 8, 8], Some(&cache)).unwrap();
-        assert_eq!(f.classes, ["apple", "leaf", "sky"]);
+        assert_eq!(f.data.classes, ["apple", "leaf", "sky"]);
         // 36 + the 1×1 image; the text file and the cut JPEG skipped, the link not followed.
         assert_eq!(f.data.train.len(), 37);
         assert_eq!(f.data.test.len(), 12);
@@ -421,7 +426,7 @@ mod tests {
         let again = load_folder(&root, [3, 8, 8], Some(&cache)).unwrap();
         assert!(again.cached && !f.cached);
         assert_eq!(again.data.train.pixels, f.data.train.pixels);
-        assert_eq!(again.classes, f.classes);
+        assert_eq!(again.data.classes, f.data.classes);
         // Grey, another size: decoded anew.
         let grey = load_folder(&root, [1, 5, 7], Some(&cache)).unwrap();
         assert!(!grey.cached);

@@ -234,7 +234,11 @@ pub fn load_cifar_dir(dir: &Path) -> Result<Dataset, LoadError> {
     }
     train.source = dir.join("data_batch_*.bin").display().to_string();
     let test = read("test_batch.bin")?.ok_or_else(|| missing("test_batch.bin"))?;
-    Ok(Dataset { train, test })
+    Ok(Dataset {
+        train,
+        test,
+        classes: class_file(dir, &["classes.txt", "batches.meta.txt"]),
+    })
 }
 
 /// Reads an IDX data set (MNIST / Fashion-MNIST layout, gzipped or not) from `dir`.
@@ -242,7 +246,44 @@ pub fn load_idx_dir(dir: &Path) -> Result<Dataset, LoadError> {
     Ok(Dataset {
         train: read_pair(dir, "train-images-idx3-ubyte", "train-labels-idx1-ubyte")?,
         test: read_pair(dir, "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")?,
+        classes: class_file(dir, &["classes.txt"]),
     })
+}
+
+/// Largest class-name file read, in bytes.
+const MAX_CLASS_FILE: u64 = 1 << 20;
+
+/// Class names, one per line, from the first of `files` in `dir` (CIFAR-10 ships
+/// `batches.meta.txt`); none when there is no such file or it is not text of at
+/// most 1 MiB (then labels are shown as numbers).
+fn class_file(dir: &Path, files: &[&str]) -> Vec<String> {
+    for file in files {
+        let path = dir.join(file);
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        if meta.len() > MAX_CLASS_FILE {
+            tracing::warn!(
+                "{}: over 1 MiB; classes are shown as numbers",
+                path.display()
+            );
+            return Vec::new();
+        }
+        return match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let mut names: Vec<String> = text.lines().map(str::to_string).collect();
+                while names.last().is_some_and(|n| n.trim().is_empty()) {
+                    names.pop();
+                }
+                names
+            }
+            Err(e) => {
+                tracing::warn!("{}: {e}; classes are shown as numbers", path.display());
+                Vec::new()
+            }
+        };
+    }
+    Vec::new()
 }
 
 /// The folder downloaded shards are cached in: `$TETHER_CACHE`, else
@@ -446,6 +487,10 @@ mod tests {
         assert_eq!(data.train.labels, [1, 2, 9]);
         assert_eq!(data.train.image(2)[0], 30);
         assert_eq!((data.test.len(), data.test.channels), (1, 3));
+        assert!(data.classes.is_empty(), "no names without a names file");
+        std::fs::write(inner.join("batches.meta.txt"), "airplane\nautomobile\n\n").unwrap();
+        let (_, data) = load(Some(&dir)).unwrap();
+        assert_eq!(data.classes, ["airplane", "automobile"]);
         // A damaged batch is an error naming the file, not a shorter set.
         std::fs::write(inner.join("data_batch_2.bin"), [1u8; 100]).unwrap();
         let err = load(Some(&dir)).unwrap_err().to_string();
@@ -454,6 +499,16 @@ mod tests {
             "{err}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_shipped_data_names_its_classes() {
+        let (_, data) = load(None).unwrap();
+        assert_eq!(data.classes.len(), 10);
+        assert_eq!(
+            (&*data.classes[0], &*data.classes[9]),
+            ("T-shirt/top", "Ankle boot")
+        );
     }
 
     #[test]

@@ -17,8 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tether_server::config::{DEFAULT_BETA, has_elastic_force};
-use tether_server::{AppState, RelayRole, Server, ServerConfig, ServerError};
-use tether_shared::data::ImageSet;
+use tether_server::{AppState, RelayRole, RunData, Server, ServerConfig, ServerError};
 use tether_shared::local::{ShardData, Trained};
 use tether_shared::protocol::{Apply, Hyper, RunSpec, Shard, StopReason, WorkerKind};
 use tether_worker::client::{self, WorkConfig, WorkError, WorkReport};
@@ -49,10 +48,9 @@ pub struct RelayConfig {
     pub alpha: Option<f32>,
     /// Its own page, given to the upstream so volunteers can be sent here.
     pub public_url: Option<String>,
-    /// The training set (shared with the server: one copy in memory).
-    pub train: Arc<ImageSet>,
-    /// The test set its dashboard scores its center on.
-    pub test: ImageSet,
+    /// The run's data on this machine (its training set is shared with the
+    /// upstream session: one copy in memory).
+    pub data: RunData,
 }
 
 /// Why a relay stopped with an error.
@@ -86,8 +84,7 @@ struct Mark {
 struct Unstarted {
     config: ServerConfig,
     listener: TcpListener,
-    train: Arc<ImageSet>,
-    test: ImageSet,
+    data: RunData,
 }
 
 /// The relay as the session loop's engine: its own server's center in place of a
@@ -121,8 +118,7 @@ impl RelayEngine {
         let Unstarted {
             mut config,
             listener,
-            train,
-            test,
+            data,
         } = lock(&self.pending)
             .take()
             .ok_or_else(|| "the relay's server could not start before".to_string())?;
@@ -146,7 +142,7 @@ impl RelayEngine {
         });
         let mut spec = spec;
         spec.hyper.alpha = config.run.alpha;
-        let server = Server::relay(config, spec, center, train, test).map_err(|e| e.to_string())?;
+        let server = Server::relay(config, spec, center, data).map_err(|e| e.to_string())?;
         let state = server.state().clone();
         let mut stop = self.stop_server.subscribe();
         let task = tokio::spawn(server.serve(listener, async move {
@@ -304,12 +300,12 @@ pub async fn run(
     stop: watch::Receiver<bool>,
 ) -> Result<RelaySummary, RelayError> {
     let (stop_server, _) = watch::channel(None);
+    let train = config.data.train.clone();
     let engine = RelayEngine {
         pending: Mutex::new(Some(Unstarted {
             config: config.server,
             listener,
-            train: config.train.clone(),
-            test: config.test,
+            data: config.data,
         })),
         state: Mutex::new(None),
         serving: Mutex::new(None),
@@ -328,7 +324,7 @@ pub async fn run(
         url: config.public_url.clone(),
     };
     let mut upstream = config.upstream;
-    upstream.preloaded = Some(config.train);
+    upstream.preloaded = Some(train);
     let outcome = client::run_with(upstream, &engine, identity, stop).await;
     // The relay's own workers follow the upstream: told the run finished when it
     // did, else that this relay is going away (they reconnect, here or elsewhere).

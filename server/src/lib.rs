@@ -10,7 +10,9 @@ pub mod admin;
 pub mod calibrate;
 pub mod center;
 pub mod checkpoint;
+pub mod classes;
 pub mod config;
+mod data;
 pub mod events;
 mod guard;
 pub mod listen;
@@ -25,13 +27,13 @@ pub mod web;
 pub mod workers;
 pub mod ws;
 
+pub use data::{RunData, load_data};
 use run_id::age;
 pub use run_id::new_run_id;
 use watch::{spawn_evaluator, watch_finish};
 
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use axum::Router;
@@ -41,7 +43,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
 use serde::Serialize;
-use tether_shared::data::{ImageSet, Normalization};
+use tether_shared::data::Normalization;
 use tether_shared::protocol::{self, RunSpec, StopReason};
 use thiserror::Error;
 use tokio::net::TcpListener;
@@ -50,7 +52,7 @@ use crate::center::Center;
 use crate::checkpoint::{CheckpointError, History};
 pub use crate::config::{ConfigError, Finish, RelayRole, RunSettings, ServerConfig};
 pub use crate::state::{AppState, EvalPoint, Status};
-use tether_dataset::{self as dataset, LoadError};
+use tether_dataset::LoadError;
 
 /// Why a server could not start or stopped badly.
 #[derive(Debug, Error)]
@@ -94,6 +96,7 @@ pub fn app(state: AppState) -> Router {
         .route("/ws", get(ws_upgrade))
         .route("/api/events", get(events::feed))
         .route("/api/status", get(status))
+        .route("/api/classes", get(web::classes))
         .route("/api/join", post(web::join))
         .route("/api/relay", get(web::relay))
         .route("/api/shard", get(web::shard))
@@ -187,8 +190,8 @@ impl Server {
     /// Loads the data, creates or resumes the run, and saves its settings.
     pub fn new(config: ServerConfig) -> Result<Self, ServerError> {
         config.validate()?;
-        let (data_dir, train, test) = load_data(&config)?;
-        let normalization = Normalization::of(&train);
+        let (data_dir, data) = load_data(&config)?;
+        let normalization = Normalization::of(&data.train);
         let run = &config.run;
         let (run_id, run_dir, params, velocity, version, samples, history) = if config.resume {
             let dir = config
@@ -242,7 +245,7 @@ impl Server {
         };
         checkpoint::save_settings(&run_dir, run)?;
         let hyper = run.hyper();
-        let spec = run.spec(run_id, normalization, train.len() as u64);
+        let spec = run.spec(run_id, normalization, data.train.len() as u64);
         let center = Center::new(
             run.algorithm,
             params,
@@ -254,15 +257,7 @@ impl Server {
             config.max_update_ratio,
         );
         tracing::info!(run = %spec.run_id, data = %data_dir.display(), dir = %run_dir.display(), "run ready");
-        let state = AppState::new(
-            config,
-            spec,
-            run_dir,
-            Arc::new(train),
-            test,
-            center,
-            history,
-        );
+        let state = AppState::new(config, spec, run_dir, data, center, history);
         state.metrics.samples.store(samples, Ordering::Relaxed);
         if version > 0 {
             *state.last_checkpoint.lock().expect("fresh lock") =
@@ -272,29 +267,27 @@ impl Server {
     }
 
     /// A relay's server: serves `spec` (its upstream's run) from `center`, on this
-    /// machine's copy of the run's data (`train`, `test`, as [`load_data`] gives
-    /// them), keeping no checkpoints (`config.relay` must be set; the root keeps
-    /// the run).
+    /// machine's copy of the run's data (as [`load_data`] gives it), keeping no
+    /// checkpoints (`config.relay` must be set; the root keeps the run).
     pub fn relay(
         config: ServerConfig,
         spec: RunSpec,
         center: Vec<f32>,
-        train: Arc<ImageSet>,
-        test: ImageSet,
+        data: RunData,
     ) -> Result<Self, ServerError> {
         config.validate()?;
         let Some(role) = &config.relay else {
             return Err(ConfigError("a relay's server needs its place in the tree".into()).into());
         };
-        if train.len() as u64 != spec.train_items {
+        if data.train.len() as u64 != spec.train_items {
             return Err(ConfigError(format!(
                 "the upstream's run trains on {} images, this relay's data has {}: give the relay the run's data with --data",
                 spec.train_items,
-                train.len()
+                data.train.len()
             ))
             .into());
         }
-        for set in [&*train, &test] {
+        for set in [&*data.train, &data.test] {
             set.expect_network(&spec.model).map_err(LoadError::from)?;
         }
         if center.len() != spec.model.param_count() {
@@ -318,15 +311,7 @@ impl Server {
         );
         let run_dir = PathBuf::from("runs").join(format!("relay-{}", spec.run_id));
         tracing::info!(run = %spec.run_id, upstream = %role.upstream, "relay ready");
-        let state = AppState::new(
-            config,
-            spec,
-            run_dir,
-            train,
-            test,
-            center,
-            History::default(),
-        );
+        let state = AppState::new(config, spec, run_dir, data, center, History::default());
         Ok(Self { state })
     }
 
@@ -395,22 +380,6 @@ impl Server {
     }
 }
 
-/// The training and test sets (`--data` or the shipped ones), checked against the
-/// run's network's input shape; the test set cut to `--eval-limit`.
-pub fn load_data(config: &ServerConfig) -> Result<(PathBuf, ImageSet, ImageSet), ServerError> {
-    let shape = Some(config.run.model.data_shape());
-    let (data_dir, data) = dataset::load_for(config.data.as_deref(), shape)?;
-    for set in [&data.train, &data.test] {
-        set.expect_network(&config.run.model)
-            .map_err(LoadError::from)?;
-    }
-    let mut test = data.test;
-    if let Some(n) = config.eval_limit {
-        test = test.subset(&(0..n.min(test.len())).collect::<Vec<_>>());
-    }
-    Ok((data_dir, data.train, test))
-}
-
 /// Prepares the run in `config` and serves it on `listener` until `shutdown`.
 pub async fn run(
     listener: TcpListener,
@@ -452,6 +421,7 @@ async fn write_report(
         "held": m.held.load(Ordering::Relaxed),
         "rejects": m.rejects(),
         "evaluation": eval,
+        "classes": state.classes.all().1,
         "checkpoint": checkpoint,
     });
     let path = state.run_dir.join("report.json");

@@ -13,13 +13,15 @@ use sha2::{Digest, Sha256};
 use tether_shared::data::{ImageSet, encode_images, shard_indices};
 use tether_shared::model::load_flat;
 use tether_shared::protocol::{Hyper, RunSpec, Shard, ShardDownload, StopReason, WorkerKind};
-use tether_shared::train::{Evaluation, evaluate, ready_to_score};
+use tether_shared::train::{Evaluation, evaluate_by_class, ready_to_score};
 use tokio::sync::watch;
 
 use crate::calibrate::Calibration;
 use crate::center::Center;
 use crate::checkpoint::{History, Resumed, Snapshot};
+use crate::classes::Classes;
 use crate::config::{NetworkSummary, RunSettings, ServerConfig};
+use crate::data::RunData;
 use crate::events::Timeline;
 use crate::metrics::Metrics;
 use crate::screen::Screen;
@@ -91,6 +93,8 @@ pub struct Shared {
     pub data_id: String,
     /// The test set the evaluator scores the center on.
     pub test: ImageSet,
+    /// The classes' names and the center's latest score on each.
+    pub classes: Classes,
     /// The center: the single writer of x̃.
     pub center: Mutex<Center>,
     /// The loss screen, unless `--screen-batch 0`.
@@ -161,11 +165,16 @@ impl AppState {
         config: ServerConfig,
         spec: RunSpec,
         run_dir: PathBuf,
-        train: Arc<ImageSet>,
-        test: ImageSet,
+        data: RunData,
         center: Center,
         history: History,
     ) -> Self {
+        let RunData {
+            train,
+            test,
+            classes,
+        } = data;
+        let classes = Classes::new(&classes, spec.model.classes());
         let (stop, _) = watch::channel(None);
         let (connections, _) = watch::channel(0);
         let (paused, _) = watch::channel(false);
@@ -186,6 +195,7 @@ impl AppState {
             data_id: data_id(&train),
             train,
             test,
+            classes,
             run_time_before_s: history.run_time_s,
             changes: Mutex::new(history.changes),
             resumes: Mutex::new(history.resumes),
@@ -431,7 +441,9 @@ impl Shared {
         let net = load_flat(self.spec.model.init(&device), &params)
             .expect("the center has the model's length");
         let net = ready_to_score(net, &self.train, &self.spec.normalization, &device);
-        let Evaluation { accuracy, loss } = evaluate(&net, set, &self.spec.normalization, &device);
+        let (Evaluation { accuracy, loss }, scores) =
+            evaluate_by_class(&net, set, &self.spec.normalization, &device);
+        self.classes.record(version, scores);
         let point = EvalPoint {
             time_s: self.now_s(),
             samples,

@@ -17,6 +17,7 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::classes::{ClassPage, ClassQuery, MAX_PAGE};
 use crate::state::{AppState, TICKET_LIFETIME};
 
 /// One embedded file: its path under `web/`, content type, bytes, and whether
@@ -346,4 +347,14 @@ pub async fn shard(
         file.bytes.clone(),
     )
         .into_response()
+}
+
+/// `GET /api/classes?offset=&limit=&order=label|worst`: the classes' names and the
+/// center's latest accuracy on each (a page of at most 1 000).
+pub async fn classes(
+    State(state): State<AppState>,
+    Query(q): Query<ClassQuery>,
+) -> Json<ClassPage> {
+    let limit = q.limit.unwrap_or(MAX_PAGE);
+    Json(state.classes.page(q.offset, limit, q.order))
 }

@@ -203,11 +203,46 @@ pub fn ready_to_score(net: Net, train: &ImageSet, norm: &Normalization, device: 
 
 /// Evaluates `net` (a validation copy on `device`, ready to score) on all of `set`, 1000 images at a time.
 pub fn evaluate(net: &Net, set: &ImageSet, norm: &Normalization, device: &Device) -> Evaluation {
+    evaluate_by_class(net, set, norm, device).0
+}
+
+/// Test images and correct answers per class (label order, the network's classes).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClassScores {
+    /// Images of each class classified correctly.
+    pub correct: Vec<u32>,
+    /// Images of each class in the set scored.
+    pub total: Vec<u32>,
+}
+
+impl ClassScores {
+    /// Accuracy per class, 0..1; `None` for a class with no test image.
+    pub fn accuracy(&self) -> Vec<Option<f64>> {
+        self.correct
+            .iter()
+            .zip(&self.total)
+            .map(|(&c, &t)| (t > 0).then(|| f64::from(c) / f64::from(t)))
+            .collect()
+    }
+}
+
+/// [`evaluate`], with the hits per class.
+pub fn evaluate_by_class(
+    net: &Net,
+    set: &ImageSet,
+    norm: &Normalization,
+    device: &Device,
+) -> (Evaluation, ClassScores) {
     const CHUNK: usize = 1000;
     let tables = norm.tables();
     let loss_fn = CrossEntropyLoss::new(None, device);
     let (mut images, mut labels) = (Vec::new(), Vec::new());
-    let (mut correct, mut loss_sum) = (0i64, 0.0f64);
+    let classes = net.model().classes();
+    let mut scores = ClassScores {
+        correct: vec![0; classes],
+        total: vec![0; classes],
+    };
+    let mut loss_sum = 0.0f64;
     let all: Vec<usize> = (0..set.len()).collect();
     let [c, h, w] = net.model().input_shape();
     // The centre of images larger than the network's input (the paper's CIFAR test).
@@ -218,22 +253,24 @@ pub fn evaluate(net: &Net, set: &ImageSet, norm: &Normalization, device: &Device
         let x = Tensor::<4>::from_data(TensorData::new(images.clone(), [n, c, h, w]), device);
         let y = Tensor::<1, Int>::from_data(TensorData::new(labels.clone(), [n]), device);
         let logits = net.forward(x);
-        let loss: f32 = loss_fn.forward(logits.clone(), y.clone()).into_scalar();
-        let hits: i64 = logits
-            .argmax(1)
-            .flatten::<1>(0, 1)
-            .equal(y)
-            .int()
-            .sum()
-            .into_scalar();
-        correct += hits;
+        let loss: f32 = loss_fn.forward(logits.clone(), y).into_scalar();
+        let guesses = logits.argmax(1).flatten::<1>(0, 1).into_data();
+        let guesses = guesses.iter::<i64>();
+        for (&label, guess) in labels.iter().zip(guesses) {
+            // Labels were checked against the network's classes on loading.
+            let class = usize::try_from(label).unwrap_or(0).min(classes - 1);
+            scores.total[class] += 1;
+            scores.correct[class] += u32::from(guess == label);
+        }
         loss_sum += f64::from(loss) * n as f64;
     }
     let n = set.len().max(1) as f64;
-    Evaluation {
-        accuracy: correct as f64 / n,
+    let correct: u32 = scores.correct.iter().sum();
+    let evaluation = Evaluation {
+        accuracy: f64::from(correct) / n,
         loss: loss_sum / n,
-    }
+    };
+    (evaluation, scores)
 }
 
 #[cfg(test)]
@@ -290,6 +327,25 @@ mod tests {
         let (before, after) = train_on(&Model::small(), 0.05, &toy_set(200), 3);
         assert!(after.loss < before.loss, "{before:?} → {after:?}");
         assert!(after.accuracy > 0.9, "{after:?}");
+    }
+
+    #[test]
+    fn scores_per_class_add_up_to_the_accuracy() {
+        let set = toy_set(95);
+        let device = Device::flex();
+        let norm = Normalization::of(&set);
+        let net = Model::small().init(&device);
+        let (whole, classes) = evaluate_by_class(&net, &set, &norm, &device);
+        assert_eq!(classes.total, [10, 10, 10, 10, 10, 9, 9, 9, 9, 9]);
+        let correct: u32 = classes.correct.iter().sum();
+        assert!((f64::from(correct) / 95.0 - whole.accuracy).abs() < 1e-12);
+        assert_eq!(evaluate(&net, &set, &norm, &device), whole);
+        let per_class = ClassScores {
+            correct: vec![1, 0],
+            total: vec![2, 0],
+        }
+        .accuracy();
+        assert_eq!(per_class, [Some(0.5), None]);
     }
 
     /// Class k: a 3×32×32 image whose colour is k's own mix of red, green and blue.

@@ -161,6 +161,22 @@ try {
     if ((await status()).hyper.tau !== tau) throw new Error('the run card τ did not change');
   }
 
+  if (args['expect-classes']) {
+    // The classes card names the data's classes and, once scored, their accuracy.
+    const want = args['expect-classes'].split(',');
+    const names = await until(`the classes card to name ${want.join(', ')} with scores`, async () => {
+      const rows = await page.locator('#classes li').evaluateAll((lis) => lis.map((li) => [
+        li.querySelector('.name')?.textContent, li.querySelector('.pct')?.textContent]));
+      const scored = rows.length === want.length && rows.every(([, pct]) => pct && pct.endsWith('%'));
+      return scored ? rows : null;
+    }, 60000);
+    if (JSON.stringify(names.map(([n]) => n)) !== JSON.stringify(want)) {
+      throw new Error(`the classes card reads ${JSON.stringify(names)}`);
+    }
+    report.classes_shown = names;
+    log(`the classes card: ${names.map(([n, p]) => `${n} ${p}`).join(' · ')}`);
+  }
+
   await page.screenshot({ path: join(out, `dashboard-${label}.png`), fullPage: true });
   await page.setViewportSize({ width: 390, height: 844 });
   await sleep(500);

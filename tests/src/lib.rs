@@ -92,65 +92,15 @@ pub fn tether_report(name: &str, args: &[&str]) -> Result<serde_json::Value> {
     read_json(&report)
 }
 
-/// Writes a small CIFAR-10-format data set into `dir` (the real one is the user's
-/// download): `train` images split over `data_batch_1.bin` and `data_batch_2.bin`,
-/// `test` in `test_batch.bin`. Class k is a colour of its own, each pixel jittered,
-/// so a network that reads all three channels tells them apart in a few hundred
-/// steps and one that reads a single channel cannot (classes share channel values).
-pub fn write_cifar_like(dir: &std::path::Path, train: usize, test: usize) -> Result<()> {
-    use tether_shared::data::{ImageSet, cifar};
-    use tether_shared::rng::SplitMix64;
-    // Each channel takes one of three levels; no two classes share all three.
-    const PALETTE: [[u8; 3]; 10] = [
-        [40, 40, 215],
-        [40, 215, 40],
-        [215, 40, 40],
-        [215, 215, 40],
-        [40, 215, 215],
-        [215, 40, 215],
-        [128, 128, 128],
-        [215, 128, 40],
-        [40, 128, 215],
-        [128, 215, 40],
-    ];
-    let mut rng = SplitMix64::new(2015);
-    let mut set = |n: usize| {
-        let labels: Vec<u8> = (0..n).map(|i| (i % 10) as u8).collect();
-        let mut pixels = Vec::with_capacity(n * 3 * 1024);
-        for &label in &labels {
-            for level in PALETTE[usize::from(label)] {
-                pixels.extend((0..1024).map(|_| {
-                    let jitter = rng.below(61) as i32 - 30;
-                    (i32::from(level) + jitter).clamp(0, 255) as u8
-                }));
-            }
-        }
-        ImageSet {
-            source: String::new(),
-            channels: 3,
-            rows: 32,
-            cols: 32,
-            pixels,
-            labels,
-        }
-    };
-    std::fs::create_dir_all(dir)?;
-    let all = set(train);
-    let half = train / 2;
-    let first = all.subset(&(0..half).collect::<Vec<_>>());
-    let second = all.subset(&(half..train).collect::<Vec<_>>());
-    std::fs::write(dir.join("data_batch_1.bin"), cifar::encode(&first))?;
-    std::fs::write(dir.join("data_batch_2.bin"), cifar::encode(&second))?;
-    std::fs::write(dir.join("test_batch.bin"), cifar::encode(&set(test)))?;
-    Ok(())
-}
-
 /// Reads a JSON report.
 pub fn read_json(path: &std::path::Path) -> Result<serde_json::Value> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
+
+pub mod data;
+pub use data::{PHOTO_CLASSES, write_cifar_like, write_photo_folder};
 
 pub mod net {
     //! Real servers on port 0 and raw protocol clients over real sockets.
@@ -624,9 +574,13 @@ pub mod serve {
 
         /// `GET /api/status` as JSON.
         pub async fn status(&self) -> Result<serde_json::Value> {
-            Ok(serde_json::from_str(
-                &http_get(self.addr, "/api/status").await?,
-            )?)
+            self.get_json("/api/status").await
+        }
+
+        /// `GET path` as JSON.
+        pub async fn get_json(&self, path: &str) -> Result<serde_json::Value> {
+            let body = http_get(self.addr, path).await?;
+            serde_json::from_str(&body).with_context(|| format!("{path}: {body}"))
         }
 
         /// SIGTERM, then wait for a clean exit.

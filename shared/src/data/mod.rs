@@ -203,6 +203,36 @@ pub struct Dataset {
     pub train: ImageSet,
     /// Held-out test images.
     pub test: ImageSet,
+    /// Class names in label order, as the data names them (folders, a
+    /// `classes.txt`); may be shorter than the network's classes, see [`class_names`].
+    pub classes: Vec<String>,
+}
+
+/// Longest class name kept, in characters (longer ones are cut with `…`).
+pub const MAX_CLASS_NAME: usize = 64;
+
+/// `names` cleaned for display and padded to `count`: control characters become
+/// spaces, blanks are trimmed, long names are cut to [`MAX_CLASS_NAME`], names past
+/// `count` dropped, and missing or empty ones are the label's number.
+pub fn class_names(names: &[String], count: usize) -> Vec<String> {
+    (0..count)
+        .map(|label| {
+            let raw = names.get(label).map_or("", String::as_str);
+            let clean: String = raw
+                .chars()
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .collect();
+            let clean = clean.trim();
+            match clean.chars().count() {
+                0 => label.to_string(),
+                n if n > MAX_CLASS_NAME => {
+                    let cut: String = clean.chars().take(MAX_CLASS_NAME - 1).collect();
+                    format!("{cut}…")
+                }
+                _ => clean.to_string(),
+            }
+        })
+        .collect()
 }
 
 /// Decompresses `bytes` if they start with the gzip magic; otherwise returns them as they are.
@@ -222,5 +252,26 @@ pub fn maybe_gunzip<'a>(
         Ok(std::borrow::Cow::Owned(out))
     } else {
         Ok(std::borrow::Cow::Borrowed(bytes))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn class_names_are_cleaned_bounded_and_padded() {
+        let long = "x".repeat(200);
+        let names: Vec<String> = ["cat", " dog\n", "", &long, "bell\u{7}", "extra"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let clean = class_names(&names, 6);
+        assert_eq!(clean[..3], ["cat", "dog", "2"]);
+        assert_eq!(clean[3].chars().count(), MAX_CLASS_NAME);
+        assert!(clean[3].ends_with('…'));
+        assert_eq!(clean[4], "bell");
+        assert_eq!(class_names(&names, 2), ["cat", "dog"]);
+        assert_eq!(class_names(&[], 3), ["0", "1", "2"]);
     }
 }

@@ -235,23 +235,26 @@ async fn a_browser_worker_trains_the_cifar_network_on_three_channel_images() -> 
     dashboard_run("cpu", false, &["--choice", "cpu"], Some(&data), None).await
 }
 
-/// A network the server read from a description, with batch norm, a residual block
-/// with a strided projection shortcut, random crops and flips, built by the tab from
-/// the welcome alone and trained on the CPU path beside a native worker.
+/// A generated image folder (PNG and JPEG, mixed sizes, grey and colour, 3
+/// classes) and a network the server read from a description, with batch norm, a
+/// residual block with a strided projection shortcut, random crops and flips: the
+/// tab builds the network from the welcome alone, downloads packed pixels, and
+/// trains on the CPU path beside a native worker; the dashboard names the classes
+/// with the center's accuracy on each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_browser_worker_trains_a_described_residual_network() -> Result<()> {
-    let data = scratch("browser-resnet-data")?;
-    tether_tests::write_cifar_like(&data, 400, 100)?;
+async fn a_browser_worker_trains_a_described_residual_network_on_an_image_folder() -> Result<()> {
+    let data = scratch("browser-photos")?;
+    tether_tests::write_photo_folder(&data, 120)?;
     let model = Model::parse(
         r#"
         input = [3, 32, 32]
-        classes = 10
+        classes = 3
         layers = [
           "conv 8 kernel=3 pad=1 bias=false", "batchnorm", "relu", "maxpool 2",
           { residual = ["conv 16 kernel=3 stride=2 pad=1 bias=false", "batchnorm", "relu",
                         "conv 16 kernel=3 pad=1 bias=false", "batchnorm"],
             shortcut = ["conv 16 kernel=1 stride=2 bias=false", "batchnorm"] },
-          "relu", "globalavgpool", "linear 10",
+          "relu", "globalavgpool", "linear 3",
         ]
         [augment]
         crop = 28
@@ -259,7 +262,9 @@ async fn a_browser_worker_trains_a_described_residual_network() -> Result<()> {
         "#,
         "tabresnet",
     )?;
-    dashboard_run("cpu", false, &["--choice", "cpu"], Some(&data), Some(model)).await
+    let classes = tether_tests::PHOTO_CLASSES.join(",");
+    let extra = ["--choice", "cpu", "--expect-classes", &classes];
+    dashboard_run("cpu", false, &extra, Some(&data), Some(model)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

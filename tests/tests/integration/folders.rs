@@ -4,45 +4,11 @@
 //! serve` and a native worker that has nothing but the URL (it downloads its shard
 //! of packed pixels); the center learns the classes.
 
-use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use tether_tests::scratch;
 use tether_tests::serve::Serve;
-
-/// Three classes told apart by colour and by a stripe's direction.
-fn write_photos(root: &Path, per_class: usize) -> Result<()> {
-    for (split, n) in [("train", per_class), ("test", per_class / 4)] {
-        for (c, name) in ["red-rows", "green-cols", "grey-dots"].iter().enumerate() {
-            let dir = root.join(split).join(name);
-            std::fs::create_dir_all(&dir)?;
-            for i in 0..n {
-                let (w, h) = (24 + (i % 5) as u32 * 9, 20 + (i % 3) as u32 * 11);
-                let jitter = (i * 37 % 40) as u8;
-                let path = dir.join(format!("{i:04}.{}", if i % 2 == 0 { "png" } else { "jpg" }));
-                match c {
-                    0 => image::RgbImage::from_fn(w, h, |_, y| {
-                        let on = (y / 3) % 2 == 0;
-                        image::Rgb([if on { 230 } else { 120 }, jitter, 30])
-                    })
-                    .save(path)?,
-                    1 => image::RgbImage::from_fn(w, h, |x, _| {
-                        let on = (x / 3) % 2 == 0;
-                        image::Rgb([30, if on { 230 } else { 110 }, jitter])
-                    })
-                    .save(path)?,
-                    _ => image::GrayImage::from_fn(w, h, |x, y| {
-                        image::Luma([if (x + y) % 4 == 0 { 240 } else { 60 + jitter }])
-                    })
-                    .save(path)?,
-                }
-            }
-        }
-    }
-    std::fs::write(root.join("train/red-rows/readme.png"), "not an image")?;
-    Ok(())
-}
+use tether_tests::{PHOTO_CLASSES, scratch, write_photo_folder};
 
 const NET: &str = r#"
 name = "photonet"
@@ -63,7 +29,7 @@ flip = true
 async fn an_image_folder_trains_a_described_network_through_serve() -> Result<()> {
     let root = scratch("folders-serve")?;
     let photos = root.join("photos");
-    write_photos(&photos, 160)?;
+    write_photo_folder(&photos, 160)?;
     let net = root.join("photonet.toml");
     std::fs::write(&net, NET)?;
     let run = root.join("run");
@@ -90,6 +56,17 @@ async fn an_image_folder_trains_a_described_network_through_serve() -> Result<()
     )?;
     let status = serve.status().await?;
     assert_eq!(status["network"]["name"], "photonet", "{status}");
+    let classes = serve.get_json("/api/classes").await?;
+    let names: Vec<&str> = classes["classes"]
+        .as_array()
+        .context("a list of classes")?
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert_eq!(
+        names, PHOTO_CLASSES,
+        "the folders name the classes: {classes}"
+    );
     let worker = serve.worker(&root.join("cache"), &[])?;
     let report = serve.finished_report(&run, Duration::from_secs(240))?;
     let out = worker.wait_with_output()?;
@@ -104,6 +81,31 @@ async fn an_image_folder_trains_a_described_network_through_serve() -> Result<()
     assert!(
         acc > 0.6,
         "three classes after 2 400 samples: {acc} (chance is 1/3)"
+    );
+    // The report names every class with the center's accuracy on its test images
+    // (40 each; the odd file in train/ was skipped).
+    let classes = report["classes"]
+        .as_array()
+        .context("classes in the report")?;
+    let scored: Vec<(&str, u64)> = classes
+        .iter()
+        .map(|c| {
+            (
+                c["name"].as_str().unwrap_or(""),
+                c["test_images"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert_eq!(
+        scored,
+        PHOTO_CLASSES.map(|n| (n, 40)),
+        "{}",
+        report["classes"]
+    );
+    assert!(
+        classes.iter().all(|c| c["accuracy"].as_f64().is_some()),
+        "{}",
+        report["classes"]
     );
     Ok(())
 }
