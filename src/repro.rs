@@ -41,7 +41,8 @@ pub struct ReproArgs {
     pub model: Option<ModelArg>,
     /// Training per experiment, in epochs of the training set over all workers;
     /// for `workers`, per worker, so every p gets the same parallel time
-    /// [default: 0.5; workers: 0.125].
+    /// [default: 0.5; workers: 0.125; raised where the largest τ would leave a
+    /// worker fewer than 4 exchanges with the center (a small data set)].
     #[arg(long)]
     pub budget: Option<f64>,
     /// Seeds per experiment (0, 1, …): curves are the first seed's, tables the mean.
@@ -147,15 +148,10 @@ pub fn run(command: ReproCommand) -> Result<()> {
         }
     };
     let per_worker = name == "workers";
-    let budget = args.budget.unwrap_or(if per_worker { 0.125 } else { 0.5 });
-    if !(budget.is_finite() && budget > 0.0) {
+    if let Some(b) = args.budget
+        && !(b.is_finite() && b > 0.0)
+    {
         bail!("--budget must be a positive number of epochs");
-    }
-    let baseline = args
-        .baseline
-        .unwrap_or(if per_worker { budget } else { 0.0 });
-    if !(baseline.is_finite() && baseline >= 0.0) {
-        bail!("--baseline must be a number of epochs, 0 for none");
     }
     if args
         .lr
@@ -193,6 +189,17 @@ pub fn run(command: ReproCommand) -> Result<()> {
         args.algorithm.clone()
     };
     let epochs = |e: f64| (e * train.len() as f64).round().max(1.0) as u64;
+    let (taus, workers) = (pick(&args.tau, taus), pick(&args.workers, workers));
+    let budget = match args.budget {
+        Some(b) => b,
+        None => default_budget(per_worker, args.batch, &taus, &workers, train.len()),
+    };
+    let baseline = args
+        .baseline
+        .unwrap_or(if per_worker { budget } else { 0.0 });
+    if !(baseline.is_finite() && baseline >= 0.0) {
+        bail!("--baseline must be a number of epochs, 0 for none");
+    }
     let grid = Grid {
         name: name.into(),
         title: title.into(),
@@ -201,8 +208,8 @@ pub fn run(command: ReproCommand) -> Result<()> {
             budget_samples: epochs(baseline),
         }),
         algorithms,
-        taus: pick(&args.tau, taus),
-        workers: pick(&args.workers, workers),
+        taus,
+        workers,
         lrs: args.lr.clone(),
         seeds: (0..args.seeds).collect(),
         model: model.clone(),
@@ -221,6 +228,9 @@ pub fn run(command: ReproCommand) -> Result<()> {
         panel_by,
         target_error: args.target.map(|t| t / 100.0),
     };
+    if let Some(line) = tether_lab::exchanges::warning(&grid.thin_cells()) {
+        eprintln!("warning: {line}");
+    }
     let experiments = grid.experiments();
     let runs = experiments.len();
     let total = experiments.iter().map(|(e, _)| e.budget_samples).sum();
@@ -239,4 +249,32 @@ pub fn run(command: ReproCommand) -> Result<()> {
         eprintln!("wrote {}", path.display());
     }
     Ok(())
+}
+
+/// The default budget in epochs: half an epoch (an eighth per worker for the
+/// `workers` grid), or more where that would leave a worker at the grid's largest τ
+/// fewer than [`MIN_EXCHANGES`] exchanges (a small data set); said when raised.
+///
+/// [`MIN_EXCHANGES`]: tether_lab::exchanges::MIN_EXCHANGES
+fn default_budget(
+    per_worker: bool,
+    batch: u32,
+    taus: &[u32],
+    workers: &[u32],
+    images: usize,
+) -> f64 {
+    let usual = if per_worker { 0.125 } else { 0.5 };
+    let enough = tether_lab::exchanges::budget_for_enough(per_worker, batch, taus, workers);
+    let needed = enough as f64 / images.max(1) as f64;
+    if needed <= usual {
+        return usual;
+    }
+    eprintln!(
+        "budget: {needed:.2} epochs of these {images} images{} (not {usual}), so that τ = {} \
+         still gives each worker {} exchanges with the center (--budget to choose)",
+        if per_worker { " per worker" } else { "" },
+        taus.iter().max().copied().unwrap_or(1),
+        tether_lab::exchanges::MIN_EXCHANGES,
+    );
+    needed
 }

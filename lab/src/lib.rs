@@ -2,7 +2,8 @@
 //! `bench` but the command line: a deterministic simulator that runs
 //! p workers of any algorithm in virtual time ([`simulate`]), reusing the workers'
 //! own training code (`tether_shared::local`) and the server's [`Center`]; the
-//! paper's experiment grids over it ([`repro`]), with their figures ([`plot`]); the
+//! paper's experiment grids over it ([`repro`]), with their figures ([`plot`]) and
+//! the check that every cell exchanges often enough ([`exchanges`]); the
 //! stability maps of the paper's round-robin analysis ([`stability`]); a whole run
 //! in one process, a server and its workers on loopback ([`local`], the demo's and
 //! the benchmarks'); the emulated network link they can run over ([`throttle`]); and
@@ -11,6 +12,7 @@
 //!
 //! [`Center`]: tether_server::center::Center
 
+pub mod exchanges;
 pub mod local;
 pub mod plot;
 pub mod repro;

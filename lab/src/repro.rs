@@ -486,6 +486,9 @@ impl Report {
             self.test_images(),
             self.wall_s,
         );
+        if let Some(line) = crate::exchanges::warning(&g.thin_cells()) {
+            md.push_str(&format!("**Note.** {line}\n\n"));
+        }
         let baseline = self.best.iter().find(|b| b.sequential);
         if let Some(b) = baseline {
             md.push_str(&format!(

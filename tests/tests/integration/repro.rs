@@ -280,3 +280,59 @@ fn momentum_downpour_trains_at_its_default_learning_rate() -> Result<()> {
     assert!(error < 0.6, "final error {error}");
     Ok(())
 }
+
+/// On a small data set the default budget (half an epoch) would leave a worker at
+/// τ = 64 less than one exchange with the center; `repro` raises it so every cell
+/// gets four, and says so. A budget given that is too short is kept, with a
+/// warning on stderr and a note in the table.
+#[test]
+fn the_default_budget_gives_the_largest_tau_enough_exchanges() -> Result<()> {
+    let base = scratch("repro-small-data")?;
+    let data = base.join("data");
+    write_cifar_like(&data, 400, 50)?;
+    let data = data.to_str().context("utf-8 path")?;
+    let grid = |out: &Path, budget: Option<&str>| -> Result<(Value, String)> {
+        let out_s = out.to_str().context("utf-8 path")?;
+        let mut args = vec![
+            "repro",
+            "tau",
+            "--data",
+            data,
+            "--algorithm",
+            "easgd",
+            "--tau",
+            "64",
+            "--workers",
+            "2",
+            "--batch",
+            "4",
+            "--evaluations",
+            "1",
+            "--step-ms",
+            "10",
+            "--out",
+            out_s,
+        ];
+        if let Some(b) = budget {
+            args.extend(["--budget", b]);
+        }
+        let run = tether(&args)?;
+        let err = String::from_utf8_lossy(&run.stderr).into_owned();
+        anyhow::ensure!(run.status.success(), "tether {args:?} failed:\n{err}");
+        Ok((read_json(&out.join("tau.json"))?, err))
+    };
+    let (json, err) = grid(&base.join("default"), None)?;
+    // 4 exchanges × batch 4 × τ 64 × 2 workers, not 200 (half of 400 images).
+    assert_eq!(json["grid"]["budget_samples"], 2048, "{err}");
+    assert!(err.contains("budget: 5.12 epochs"), "{err}");
+    assert!(!err.contains("warning"), "{err}");
+    let (json, err) = grid(&base.join("given"), Some("0.5"))?;
+    assert_eq!(json["grid"]["budget_samples"], 200);
+    assert!(
+        err.contains("warning: Too few exchanges") && err.contains("τ = 64, p = 2: 0.4"),
+        "{err}"
+    );
+    let md = std::fs::read_to_string(base.join("given").join("tau.md"))?;
+    assert!(md.contains("**Note.** Too few exchanges"), "{md}");
+    Ok(())
+}
