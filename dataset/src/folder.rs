@@ -14,8 +14,8 @@ use tether_shared::data::{Dataset, ImageSet, decode_images, encode_images};
 
 use crate::LoadError;
 
-/// Most classes a folder may have (labels are one byte).
-pub const MAX_CLASSES: usize = 256;
+/// Most classes a folder may have (labels are two bytes).
+pub const MAX_CLASSES: usize = tether_shared::data::MAX_LABELS;
 /// Largest image side decoded; larger images are skipped.
 const MAX_SIDE: u32 = 16_384;
 /// Most bytes one decoded image may take.
@@ -47,7 +47,7 @@ pub fn is_image_folder(dir: &Path) -> bool {
 /// One image file and its class.
 struct Item {
     path: PathBuf,
-    class: u8,
+    class: u16,
     size: u64,
     modified: u128,
 }
@@ -194,7 +194,7 @@ fn list(dir: &Path, classes: &[String]) -> Result<Vec<Item>, LoadError> {
                 let m = std::fs::metadata(e.path()).ok().filter(|m| m.is_file())?;
                 Some(Item {
                     path: e.path(),
-                    class: label as u8,
+                    class: label as u16, // below MAX_CLASSES
                     size: m.len(),
                     modified: m
                         .modified()
@@ -220,7 +220,7 @@ fn cache_key(train: &[Item], test: &[Item], shape: [usize; 3]) -> String {
         h.update(part);
         for i in items {
             h.update(i.path.as_os_str().as_encoded_bytes());
-            h.update([i.class]);
+            h.update(i.class.to_le_bytes());
             h.update(i.size.to_le_bytes());
             h.update(i.modified.to_le_bytes());
         }
@@ -455,10 +455,85 @@ mod tests {
             std::fs::create_dir_all(many.join(format!("train/c{i}"))).unwrap();
         }
         let err = load_folder(&many, [3, 8, 8], None).unwrap_err().to_string();
-        assert!(err.contains("at most 256"), "{err}");
+        assert!(err.contains("at most 65536"), "{err}");
         for d in [root, one, many] {
             let _ = std::fs::remove_dir_all(d);
         }
+    }
+
+    /// A PNG that says it is `side`×`side` grey pixels: a valid header, no pixels.
+    fn png_header(side: u32) -> Vec<u8> {
+        fn crc32(bytes: &[u8]) -> u32 {
+            let mut crc = !0u32;
+            for &b in bytes {
+                crc ^= u32::from(b);
+                for _ in 0..8 {
+                    crc = if crc & 1 == 1 {
+                        (crc >> 1) ^ 0xEDB8_8320
+                    } else {
+                        crc >> 1
+                    };
+                }
+            }
+            !crc
+        }
+        let mut ihdr = b"IHDR".to_vec();
+        ihdr.extend_from_slice(&side.to_be_bytes());
+        ihdr.extend_from_slice(&side.to_be_bytes());
+        ihdr.extend_from_slice(&[8, 0, 0, 0, 0]); // 8-bit grey, no interlace
+        let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+        png.extend_from_slice(&13u32.to_be_bytes());
+        png.extend_from_slice(&ihdr);
+        png.extend_from_slice(&crc32(&ihdr).to_be_bytes());
+        png.extend_from_slice(&0u32.to_be_bytes());
+        png.extend_from_slice(b"IEND");
+        png.extend_from_slice(&crc32(b"IEND").to_be_bytes());
+        png
+    }
+
+    #[test]
+    fn a_huge_image_is_skipped_before_its_pixels_are_allocated() {
+        let root = scratch("huge");
+        write_folder(&root);
+        let huge = root.join("train/sky/huge.png");
+        std::fs::write(&huge, png_header(20_000)).unwrap();
+        let f = load_folder(&root, [3, 8, 8], None).unwrap();
+        assert_eq!(
+            f.data.train.len(),
+            37,
+            "the 20 000 × 20 000 image is not one of them"
+        );
+        assert!(
+            f.skipped.1.iter().any(|s| s.contains("huge.png")),
+            "{:?}",
+            f.skipped.1
+        );
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn ten_thousand_classes_get_their_own_labels() {
+        let root = scratch("ten-thousand");
+        let dot = {
+            let mut bytes = std::io::Cursor::new(Vec::new());
+            image::GrayImage::from_pixel(2, 2, image::Luma([9]))
+                .write_to(&mut bytes, image::ImageFormat::Png)
+                .unwrap();
+            bytes.into_inner()
+        };
+        for split in ["train", "test"] {
+            for c in 0..10_000 {
+                let dir = root.join(format!("{split}/c{c:05}"));
+                std::fs::create_dir_all(&dir).unwrap();
+                std::fs::write(dir.join("a.png"), &dot).unwrap();
+            }
+        }
+        let f = load_folder(&root, [1, 2, 2], None).unwrap();
+        assert_eq!(f.data.classes.len(), 10_000);
+        assert_eq!(f.data.classes[9_999], "c09999");
+        assert_eq!(f.data.train.labels[9_999], 9_999);
+        assert_eq!(f.data.test.labels[300], 300);
+        let _ = std::fs::remove_dir_all(&root);
     }
 
     #[test]

@@ -450,7 +450,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("tether-cifar-{}", std::process::id()));
         let inner = dir.join("cifar-10-batches-bin");
         std::fs::create_dir_all(&inner).unwrap();
-        let set = |labels: &[u8], shade: u8| ImageSet {
+        let set = |labels: &[u16], shade: u8| ImageSet {
             source: String::new(),
             channels: 3,
             rows: 32,

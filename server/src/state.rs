@@ -223,7 +223,8 @@ impl AppState {
 /// A short fingerprint of a training set (FNV-1a over labels and pixels).
 fn data_id(set: &ImageSet) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in set.labels.iter().chain(&set.pixels) {
+    let labels = set.labels.iter().flat_map(|l| l.to_le_bytes());
+    for b in labels.chain(set.pixels.iter().copied()) {
         h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
     }
     format!("{:016x}", h ^ set.len() as u64)

@@ -72,7 +72,7 @@ pub enum LocalError {
         /// Classes the model scores.
         classes: usize,
         /// The label found.
-        label: u8,
+        label: u16,
     },
     /// The run's normalisation has not one entry per channel of the model's input.
     #[error("the run normalises {found} channels but the {model} model takes {expected}")]
@@ -481,7 +481,7 @@ mod tests {
         LocalWorker::new(Device::flex()).start(spec, shard, data, n as u64, center, false)
     }
 
-    fn images(labels: Vec<u8>) -> ImageSet {
+    fn images(labels: Vec<u16>) -> ImageSet {
         ImageSet {
             source: "t".into(),
             channels: 1,

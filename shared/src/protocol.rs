@@ -24,8 +24,10 @@ use crate::data::Normalization;
 use crate::model::Model;
 
 /// Version of this protocol. A hello with another version is rejected. 7: the
-/// `cifar` network takes 28×28 crops (its parameters changed).
-pub const PROTOCOL_VERSION: u32 = 7;
+/// `cifar` network takes 28×28 crops (its parameters changed). 8: the welcome
+/// describes the network (a description and its hash, not a compiled-in name), and
+/// shards are `TSI2` (two-byte labels).
+pub const PROTOCOL_VERSION: u32 = 8;
 
 /// Bytes before the header: its length and the payload's length.
 pub const PREFIX_BYTES: usize = 8;

@@ -281,7 +281,7 @@ mod tests {
     /// A tiny separable problem: class k images are bright in row band k.
     fn toy_set(n: usize) -> ImageSet {
         let mut pixels = vec![0u8; n * 784];
-        let labels: Vec<u8> = (0..n).map(|i| (i % 10) as u8).collect();
+        let labels: Vec<u16> = (0..n).map(|i| (i % 10) as u16).collect();
         for (i, &l) in labels.iter().enumerate() {
             let row0 = usize::from(l) * 2 + 4;
             for r in row0..row0 + 2 {
@@ -350,10 +350,10 @@ mod tests {
 
     /// Class k: a 3×32×32 image whose colour is k's own mix of red, green and blue.
     fn toy_colour_set(n: usize) -> ImageSet {
-        let labels: Vec<u8> = (0..n).map(|i| (i % 10) as u8).collect();
+        let labels: Vec<u16> = (0..n).map(|i| (i % 10) as u16).collect();
         let mut pixels = Vec::with_capacity(n * 3 * 1024);
         for (i, &l) in labels.iter().enumerate() {
-            let level = |bit: u8| {
+            let level = |bit: u16| {
                 if l & bit != 0 {
                     200
                 } else {

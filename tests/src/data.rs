@@ -28,7 +28,7 @@ pub fn write_cifar_like(dir: &Path, train: usize, test: usize) -> Result<()> {
     ];
     let mut rng = SplitMix64::new(2015);
     let mut set = |n: usize| {
-        let labels: Vec<u8> = (0..n).map(|i| (i % 10) as u8).collect();
+        let labels: Vec<u16> = (0..n).map(|i| (i % 10) as u16).collect();
         let mut pixels = Vec::with_capacity(n * 3 * 1024);
         for &label in &labels {
             for level in PALETTE[usize::from(label)] {

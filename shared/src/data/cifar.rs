@@ -34,11 +34,11 @@ pub fn parse(file: &str, bytes: &[u8]) -> Result<ImageSet, DataError> {
             return Err(DataError::BadLabel {
                 file: file.to_string(),
                 index,
-                label,
+                label: label.into(),
                 classes: CLASSES,
             });
         }
-        labels.push(label);
+        labels.push(u16::from(label));
         pixels.extend_from_slice(&record[1..]);
     }
     let [channels, rows, cols] = SHAPE;
@@ -56,12 +56,12 @@ pub fn parse(file: &str, bytes: &[u8]) -> Result<ImageSet, DataError> {
 /// for tests and tools that write CIFAR-format files.
 ///
 /// # Panics
-/// If the images are not 3×32×32.
+/// If the images are not 3×32×32 or a label is not one byte.
 pub fn encode(set: &ImageSet) -> Vec<u8> {
     assert_eq!(set.shape(), SHAPE, "CIFAR-10 images are 3×32×32");
     let mut out = Vec::with_capacity(set.len() * RECORD);
     for (i, &label) in set.labels.iter().enumerate() {
-        out.push(label);
+        out.push(u8::try_from(label).expect("CIFAR-10 labels are one byte"));
         out.extend_from_slice(set.image(i));
     }
     out

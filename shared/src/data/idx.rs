@@ -2,7 +2,7 @@
 //! (magic 0x00000803 for images, 0x00000801 for labels, then one u32 per dimension)
 //! followed by unsigned bytes.
 
-use super::{CLASSES, DataError, ImageSet, maybe_gunzip};
+use super::{DataError, ImageSet, maybe_gunzip};
 
 const IMAGES_MAGIC: u32 = 0x0000_0803;
 const LABELS_MAGIC: u32 = 0x0000_0801;
@@ -80,8 +80,9 @@ pub fn parse_images(file: &str, bytes: &[u8]) -> Result<(usize, usize, Vec<u8>),
     Ok((dims[1], dims[2], payload.to_vec()))
 }
 
-/// Parses a labels file, checking every label is a class.
-pub fn parse_labels(file: &str, bytes: &[u8]) -> Result<Vec<u8>, DataError> {
+/// Parses a labels file. Any byte is a label (EMNIST has 47 classes, MNIST 10):
+/// the network that trains on the set checks them ([`ImageSet::expect_network`]).
+pub fn parse_labels(file: &str, bytes: &[u8]) -> Result<Vec<u16>, DataError> {
     let bytes = maybe_gunzip(file, bytes)?;
     let (_, payload) = parse(
         file,
@@ -89,19 +90,7 @@ pub fn parse_labels(file: &str, bytes: &[u8]) -> Result<Vec<u8>, DataError> {
         LABELS_MAGIC,
         "0x00000801, IDX unsigned-byte labels",
     )?;
-    if let Some((index, &label)) = payload
-        .iter()
-        .enumerate()
-        .find(|(_, l)| usize::from(**l) >= CLASSES)
-    {
-        return Err(DataError::BadLabel {
-            file: file.to_string(),
-            index,
-            label,
-            classes: CLASSES,
-        });
-    }
-    Ok(payload.to_vec())
+    Ok(payload.iter().map(|&l| u16::from(l)).collect())
 }
 
 /// Parses a pair of images and labels files into one [`ImageSet`].
@@ -251,15 +240,8 @@ mod tests {
     }
 
     #[test]
-    fn labels_out_of_range_and_empty_files_are_errors() {
-        assert!(matches!(
-            parse_labels("f", &labels(&[1, 10])),
-            Err(DataError::BadLabel {
-                index: 1,
-                label: 10,
-                ..
-            })
-        ));
+    fn any_byte_is_a_label_and_empty_files_are_errors() {
+        assert_eq!(parse_labels("f", &labels(&[1, 46])), Ok(vec![1, 46]));
         assert!(matches!(
             parse_labels("f", &labels(&[])),
             Err(DataError::Empty { .. })

@@ -85,7 +85,7 @@ pub enum DataError {
         /// Which item.
         index: usize,
         /// The label found.
-        label: u8,
+        label: u16,
         /// Number of classes.
         classes: usize,
     },
@@ -97,8 +97,11 @@ pub enum DataError {
     },
 }
 
-/// Number of classes in Fashion-MNIST, MNIST and CIFAR-10.
+/// Number of classes in CIFAR-10 (its format's labels must be below).
 pub const CLASSES: usize = 10;
+
+/// Most classes a data set may have: labels are two bytes.
+pub const MAX_LABELS: usize = 1 << 16;
 
 /// A labelled image set in memory: `count` images of `channels × rows × cols` bytes,
 /// stored contiguously (channel-major within an image), and one label per image.
@@ -114,8 +117,9 @@ pub struct ImageSet {
     pub cols: usize,
     /// Pixel bytes, `len() == count · channels · rows · cols`.
     pub pixels: Vec<u8>,
-    /// Labels in 0..10.
-    pub labels: Vec<u8>,
+    /// One label per image (a network takes the set when every label is below its
+    /// classes: [`ImageSet::expect_network`]).
+    pub labels: Vec<u16>,
 }
 
 impl ImageSet {

@@ -1,28 +1,35 @@
 //! Disjoint shards of a training set: a seeded permutation cut into p near-equal
 //! parts, and the binary form a browser worker downloads its shard in.
 
-use super::{CLASSES, DataError, ImageSet};
+use super::{DataError, ImageSet};
 use crate::rng::SplitMix64;
 
-/// First bytes of an encoded image set.
-pub const IMAGES_MAGIC: &[u8; 4] = b"TSIM";
+/// First bytes of an encoded image set (version 2: two-byte labels; version 1,
+/// `"TSIM"`, had one-byte labels and is refused by its magic).
+pub const IMAGES_MAGIC: &[u8; 4] = b"TSI2";
 const IMAGES_HEADER: usize = 4 + 4 * 4;
+/// Bytes per label.
+const LABEL_BYTES: usize = 2;
 
-/// Encodes `set` for the wire: `"TSIM"`, then count, channels, rows, cols as u32
-/// little-endian, then the labels (one byte each), then the pixels.
+/// Encodes `set` for the wire: `"TSI2"`, then count, channels, rows, cols as u32
+/// little-endian, then the labels (u16 little-endian), then the pixels.
 pub fn encode_images(set: &ImageSet) -> Vec<u8> {
-    let mut out = Vec::with_capacity(IMAGES_HEADER + set.labels.len() + set.pixels.len());
+    let mut out =
+        Vec::with_capacity(IMAGES_HEADER + LABEL_BYTES * set.labels.len() + set.pixels.len());
     out.extend_from_slice(IMAGES_MAGIC);
     for v in [set.len(), set.channels, set.rows, set.cols] {
         out.extend_from_slice(&(v as u32).to_le_bytes());
     }
-    out.extend_from_slice(&set.labels);
+    for label in &set.labels {
+        out.extend_from_slice(&label.to_le_bytes());
+    }
     out.extend_from_slice(&set.pixels);
     out
 }
 
-/// Decodes [`encode_images`]' output, checking every length and label; `file`
-/// names the source in errors.
+/// Decodes [`encode_images`]' output, checking every length; `file` names the
+/// source in errors. Labels are checked against the network that trains on the
+/// set, by [`ImageSet::expect_network`] and the worker's shard check.
 pub fn decode_images(file: &str, bytes: &[u8]) -> Result<ImageSet, DataError> {
     let truncated = |expected| DataError::Truncated {
         file: file.into(),
@@ -36,7 +43,7 @@ pub fn decode_images(file: &str, bytes: &[u8]) -> Result<ImageSet, DataError> {
         return Err(DataError::BadMagic {
             file: file.into(),
             found: u32::from_be_bytes(bytes[..4].try_into().expect("4 bytes")),
-            expected: "\"TSIM\" (a tether image set)",
+            expected: "\"TSI2\" (a tether image set)",
         });
     }
     let field = |i: usize| {
@@ -57,7 +64,7 @@ pub fn decode_images(file: &str, bytes: &[u8]) -> Result<ImageSet, DataError> {
             expected: "a non-empty image".into(),
         })?;
     let expected = count
-        .checked_mul(image + 1)
+        .checked_mul(image + LABEL_BYTES)
         .and_then(|v| v.checked_add(IMAGES_HEADER))
         .ok_or_else(|| truncated(usize::MAX))?;
     if bytes.len() < expected {
@@ -70,25 +77,17 @@ pub fn decode_images(file: &str, bytes: &[u8]) -> Result<ImageSet, DataError> {
             extra: bytes.len() - expected,
         });
     }
-    let labels = bytes[IMAGES_HEADER..IMAGES_HEADER + count].to_vec();
-    if let Some((index, &label)) = labels
-        .iter()
-        .enumerate()
-        .find(|(_, l)| usize::from(**l) >= CLASSES)
-    {
-        return Err(DataError::BadLabel {
-            file: file.into(),
-            index,
-            label,
-            classes: CLASSES,
-        });
-    }
+    let pixels_at = IMAGES_HEADER + LABEL_BYTES * count;
+    let labels = bytes[IMAGES_HEADER..pixels_at]
+        .chunks_exact(LABEL_BYTES)
+        .map(|b| u16::from_le_bytes([b[0], b[1]]))
+        .collect();
     Ok(ImageSet {
         source: file.into(),
         channels,
         rows,
         cols,
-        pixels: bytes[IMAGES_HEADER + count..].to_vec(),
+        pixels: bytes[pixels_at..].to_vec(),
         labels,
     })
 }
@@ -121,7 +120,7 @@ mod tests {
             rows: 2,
             cols: 3,
             pixels: (0..18).collect(),
-            labels: vec![0, 9, 4],
+            labels: vec![0, 9, 40_000],
         }
     }
 
@@ -156,12 +155,10 @@ mod tests {
             decode_images("x", &magic),
             Err(DataError::BadMagic { .. })
         ));
-        let mut label = bytes.clone();
-        label[IMAGES_HEADER + 1] = 10;
-        assert!(matches!(
-            decode_images("x", &label),
-            Err(DataError::BadLabel { index: 1, .. })
-        ));
+        let mut old = bytes.clone();
+        old[..4].copy_from_slice(b"TSIM");
+        let err = decode_images("x", &old).unwrap_err().to_string();
+        assert!(err.contains("TSI2"), "version 1's one-byte labels: {err}");
         let mut huge = bytes;
         huge[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
         huge[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
