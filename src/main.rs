@@ -2,6 +2,7 @@
 //! calls the libraries. Every subcommand that produces results takes `--report PATH`
 //! and writes them there as JSON.
 
+mod bench_data;
 mod bench_net;
 mod bench_tree;
 mod demo;
@@ -179,6 +180,9 @@ enum BenchCommand {
     /// The same workers straight to a root and behind relays (real processes): the
     /// root's updates/s, bytes and CPU per worker sync, and accuracy at equal samples.
     Tree(bench_tree::BenchTreeArgs),
+    /// A packed data set several times the server's --data-memory, served from disk
+    /// (every shard downloaded and checked): peak RSS against the set in memory.
+    Data(bench_data::BenchDataArgs),
 }
 
 #[derive(Args, Debug)]
@@ -271,6 +275,7 @@ fn main() -> Result<()> {
         Command::Bench(BenchCommand::Stats(args)) => bench_net::run_bench_stats(args),
         Command::Bench(BenchCommand::Link(args)) => bench_net::run_bench_link(args),
         Command::Bench(BenchCommand::Tree(args)) => bench_tree::run_bench_tree(args),
+        Command::Bench(BenchCommand::Data(args)) => bench_data::run_bench_data(args),
         Command::Repro(command) => repro::run(command),
         Command::Models(args) => models::run(&args),
     }

@@ -167,6 +167,11 @@ pub struct ServeArgs {
     /// Checkpoints kept on disk.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
     pub keep_checkpoints: u64,
+    /// A packed data set (`train.tsi`, `test.tsi`) whose training file is larger
+    /// than this many MiB stays on disk: shards are streamed from it and the server
+    /// holds only a sample of its images.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
+    pub data_memory: u64,
     /// End the run once workers have reported this many training images in all
     /// (then: final checkpoint, `report.json`, workers told the run finished).
     #[arg(long)]
@@ -193,7 +198,9 @@ pub struct ServingFlags {
     /// Port to listen on (0: any free port).
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
-    /// IDX data directory [default: the shipped Fashion-MNIST].
+    /// The data: a folder of IDX files, CIFAR-10 binary batches, or images in
+    /// class folders (`train/<class>/*`, `test/<class>/*`) [default: the shipped
+    /// Fashion-MNIST].
     #[arg(long)]
     pub data: Option<PathBuf>,
     /// Token for operator actions (sent as a header by the dashboard).
@@ -335,6 +342,7 @@ impl ServeArgs {
         config.resume = resume;
         config.checkpoint_every = secs(self.checkpoint_every);
         config.keep_checkpoints = self.keep_checkpoints as usize;
+        config.data_memory = self.data_memory << 20;
         config.finish = tether_server::Finish {
             max_samples: self.max_samples,
             max_time: self.max_time.map(Duration::from_secs),
@@ -652,7 +660,8 @@ pub struct WorkArgs {
     /// The run's worker token.
     #[arg(long, env = "TETHER_WORKER_TOKEN")]
     pub token: Option<String>,
-    /// IDX data directory; must be the run's data [default: download this
+    /// The run's data on this machine (IDX, CIFAR-10 or an image folder, which is
+    /// decoded for the network the server describes) [default: download this
     /// worker's shard from the server, verified, and cached in the user's cache
     /// directory ($TETHER_CACHE to move it)].
     #[arg(long)]

@@ -6,8 +6,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 mod folder;
+pub mod packed;
 
 pub use folder::{Folder, is_image_folder, load_folder};
+pub use packed::PackedSet;
 
 use sha2::{Digest, Sha256};
 use tether_shared::data::{DataError, Dataset, ImageSet, cifar, idx};
@@ -140,6 +142,7 @@ pub fn load_for(
     let data = match &format {
         Format::Idx => load_idx_dir(&dir)?,
         Format::Cifar10(batches) => load_cifar_dir(batches)?,
+        Format::Packed(_) => load_packed_dir(&dir)?,
         Format::Folder => {
             let cache = cache_dir().map(|c| c.join("folders"));
             let folder = load_folder(
@@ -178,6 +181,9 @@ pub enum Format {
     /// An image folder (`train/<class>/*`, or class folders alone), decoded to the
     /// network's images.
     Folder,
+    /// Packed sets, `train.tsi` and `test.tsi` (a decoded folder, or a generated
+    /// set), of the shape their header gives.
+    Packed([usize; 3]),
 }
 
 impl Format {
@@ -187,6 +193,7 @@ impl Format {
             Self::Idx => [1, 28, 28],
             Self::Cifar10(_) => cifar::SHAPE,
             Self::Folder => [3, 32, 32],
+            Self::Packed(shape) => *shape,
         }
     }
 }
@@ -198,10 +205,36 @@ pub fn format(dir: &Path) -> Format {
             return Format::Cifar10(candidate);
         }
     }
+    let packed = dir.join(packed::TRAIN_FILE);
+    if packed.is_file() {
+        // An unreadable header is reported when the set is read.
+        let shape = packed::shape_of(&packed).unwrap_or([3, 32, 32]);
+        return Format::Packed(shape);
+    }
     if is_image_folder(dir) {
         return Format::Folder;
     }
     Format::Idx
+}
+
+/// Reads a packed data set (`train.tsi`, `test.tsi`) into memory.
+pub fn load_packed_dir(dir: &Path) -> Result<Dataset, LoadError> {
+    let read = |file: &str| -> Result<ImageSet, LoadError> {
+        let path = dir.join(file);
+        let bytes = std::fs::read(&path).map_err(|source| LoadError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(tether_shared::data::decode_images(
+            &path.display().to_string(),
+            &bytes,
+        )?)
+    };
+    Ok(Dataset {
+        train: read(packed::TRAIN_FILE)?,
+        test: read(packed::TEST_FILE)?,
+        classes: class_file(dir, &["classes.txt"]),
+    })
 }
 
 /// Reads CIFAR-10 binary batches from `dir`: training from `data_batch_1.bin`
@@ -248,6 +281,11 @@ pub fn load_idx_dir(dir: &Path) -> Result<Dataset, LoadError> {
         test: read_pair(dir, "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")?,
         classes: class_file(dir, &["classes.txt"]),
     })
+}
+
+/// Class names from a `classes.txt` in `dir` (one per line); none without one.
+pub fn load_class_names(dir: &Path) -> Vec<String> {
+    class_file(dir, &["classes.txt"])
 }
 
 /// Largest class-name file read, in bytes.

@@ -8,10 +8,12 @@
 //! in one process, a server and its workers on loopback ([`local`], the demo's and
 //! the benchmarks'); the emulated network link they can run over ([`throttle`]); and
 //! the benchmarks that run real processes: a server against a bare WebSocket echo
-//! ([`server_bench`]), and a relay tree against a flat run ([`tree_bench`]).
+//! ([`server_bench`]), a relay tree against a flat run ([`tree_bench`]), and a data
+//! set larger than the server's memory budget served from disk ([`data_bench`]).
 //!
 //! [`Center`]: tether_server::center::Center
 
+pub mod data_bench;
 pub mod exchanges;
 pub mod local;
 pub mod plot;

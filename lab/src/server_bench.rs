@@ -112,10 +112,10 @@ async fn total_rate(
     Ok(total as f64 / t0.elapsed().as_secs_f64())
 }
 
-type Socket =
+pub(crate) type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-fn ws_config() -> WebSocketConfig {
+pub(crate) fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default()
         .max_message_size(None)
         .max_frame_size(None)
@@ -180,10 +180,19 @@ pub fn spawn_server(
 
 /// Resident memory of process `pid` in MB (Linux), if it can be read.
 pub fn rss_mb(pid: u32) -> Option<f64> {
+    memory_mb(pid, "VmRSS:")
+}
+
+/// The most resident memory process `pid` has had, in MB (Linux).
+pub fn peak_rss_mb(pid: u32) -> Option<f64> {
+    memory_mb(pid, "VmHWM:")
+}
+
+fn memory_mb(pid: u32, field: &str) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kb: f64 = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .find_map(|l| l.strip_prefix(field))?
         .trim()
         .trim_end_matches("kB")
         .trim()
@@ -253,7 +262,7 @@ async fn sync_client(url: String, until: Instant, at_least: u64) -> Result<u64, 
     Ok(n)
 }
 
-async fn next(ws: &mut Socket) -> Result<Frame, ServerBenchError> {
+pub(crate) async fn next(ws: &mut Socket) -> Result<Frame, ServerBenchError> {
     loop {
         match ws
             .next()

@@ -100,7 +100,7 @@ struct Mark {
     cpu_s: f64,
 }
 
-fn free_port() -> Result<u16, TreeBenchError> {
+pub(crate) fn free_port() -> Result<u16, TreeBenchError> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
@@ -116,7 +116,7 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
     Some(ticks / 100.0) // USER_HZ is 100 on Linux
 }
 
-async fn status(addr: SocketAddr) -> Option<Value> {
+pub(crate) async fn status(addr: SocketAddr) -> Option<Value> {
     let get = async {
         let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
         let req = format!("GET /api/status HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
@@ -131,7 +131,12 @@ async fn status(addr: SocketAddr) -> Option<Value> {
         .ok()?
 }
 
-fn spawn(exe: &Path, args: &[String], cwd: &Path, log: &str) -> Result<Child, TreeBenchError> {
+pub(crate) fn spawn(
+    exe: &Path,
+    args: &[String],
+    cwd: &Path,
+    log: &str,
+) -> Result<Child, TreeBenchError> {
     let out = std::fs::File::create(cwd.join(log))?;
     Ok(Command::new(exe)
         .current_dir(cwd)

@@ -300,7 +300,12 @@ pub async fn run(
     stop: watch::Receiver<bool>,
 ) -> Result<RelaySummary, RelayError> {
     let (stop_server, _) = watch::channel(None);
-    let train = config.data.train.clone();
+    // The relay's own upstream session trains on its share of the same images.
+    let train = config.data.train.whole().ok_or_else(|| {
+        ServerError::Config(tether_server::config::ConfigError(
+            "a relay holds its data in memory".into(),
+        ))
+    })?;
     let engine = RelayEngine {
         pending: Mutex::new(Some(Unstarted {
             config: config.server,

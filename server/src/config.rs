@@ -276,13 +276,19 @@ impl NetworkSummary {
 #[error("invalid setting: {0}")]
 pub struct ConfigError(pub String);
 
+/// Bytes of packed training images a server holds in memory by default (4 GiB).
+pub const DEFAULT_DATA_MEMORY: u64 = 4 << 30;
+
 /// Everything `tether serve` needs.
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
     /// The run's hyper-parameters.
     pub run: RunSettings,
-    /// IDX data directory (`None`: the shipped Fashion-MNIST).
+    /// The data set's folder (IDX, CIFAR-10, an image folder or a packed set;
+    /// `None`: the shipped Fashion-MNIST).
     pub data: Option<PathBuf>,
+    /// A packed training set larger than this many bytes is served from disk.
+    pub data_memory: u64,
     /// Where checkpoints go (`None`: `./runs/<run-id>`).
     pub run_dir: Option<PathBuf>,
     /// Load the newest valid checkpoint of `run_dir` and continue from it.
@@ -398,6 +404,7 @@ impl ServerConfig {
             screen_batch: 64,
             eval_every: Some(Duration::from_secs(15)),
             eval_limit: None,
+            data_memory: DEFAULT_DATA_MEMORY,
             drain_timeout: Duration::from_secs(5),
             encoding: None,
             tls: None,

@@ -20,6 +20,7 @@ pub mod metrics;
 mod run_id;
 pub mod screen;
 pub mod state;
+mod stream;
 pub mod tls;
 mod untrusted;
 mod watch;
@@ -27,7 +28,7 @@ pub mod web;
 pub mod workers;
 pub mod ws;
 
-pub use data::{RunData, load_data};
+pub use data::{RunData, TrainSet, load_data};
 use run_id::age;
 pub use run_id::new_run_id;
 use watch::{spawn_evaluator, watch_finish};
@@ -43,7 +44,6 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
 use serde::Serialize;
-use tether_shared::data::Normalization;
 use tether_shared::protocol::{self, RunSpec, StopReason};
 use thiserror::Error;
 use tokio::net::TcpListener;
@@ -191,7 +191,7 @@ impl Server {
     pub fn new(config: ServerConfig) -> Result<Self, ServerError> {
         config.validate()?;
         let (data_dir, data) = load_data(&config)?;
-        let normalization = Normalization::of(&data.train);
+        let normalization = data.normalization.clone();
         let run = &config.run;
         let (run_id, run_dir, params, velocity, version, samples, history) = if config.resume {
             let dir = config
@@ -287,7 +287,7 @@ impl Server {
             ))
             .into());
         }
-        for set in [&*data.train, &data.test] {
+        for set in [&*data.train.in_memory(), &data.test] {
             set.expect_network(&spec.model).map_err(LoadError::from)?;
         }
         if center.len() != spec.model.param_count() {

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use tether_dataset::LoadError;
 use tether_shared::data::{ImageSet, encode_images, shard_indices};
 use tether_shared::model::load_flat;
 use tether_shared::protocol::{Hyper, RunSpec, Shard, ShardDownload, StopReason, WorkerKind};
@@ -21,7 +22,7 @@ use crate::center::Center;
 use crate::checkpoint::{History, Resumed, Snapshot};
 use crate::classes::Classes;
 use crate::config::{NetworkSummary, RunSettings, ServerConfig};
-use crate::data::RunData;
+use crate::data::{RunData, TrainSet};
 use crate::events::Timeline;
 use crate::metrics::Metrics;
 use crate::screen::Screen;
@@ -87,8 +88,8 @@ pub struct Shared {
     pub spec: RunSpec,
     /// Where checkpoints go.
     pub run_dir: PathBuf,
-    /// The training set (browser workers download their shards of it).
-    pub train: Arc<ImageSet>,
+    /// The training set (workers without data download their shards of it).
+    pub train: TrainSet,
     /// Identifies the training data in shard URLs, so browsers cache per data set.
     pub data_id: String,
     /// The test set the evaluator scores the center on.
@@ -136,11 +137,13 @@ pub struct Shared {
 
 /// A shard of the training set as workers download it (`GET /api/shard`).
 pub struct ShardFile {
-    /// The bytes ([`encode_images`]), shared by every download: a response holds
-    /// a reference, never a copy.
-    pub bytes: axum::body::Bytes,
+    /// Its length in bytes ([`encode_images`]' encoding).
+    pub len: u64,
     /// Their SHA-256, announced in the welcome.
     pub sha256: [u8; 32],
+    /// The bytes, shared by every download (a response holds a reference, never a
+    /// copy); `None` for a set on disk, whose shards are streamed from the file.
+    pub bytes: Option<axum::body::Bytes>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -173,17 +176,19 @@ impl AppState {
             train,
             test,
             classes,
+            data_id,
+            ..
         } = data;
         let classes = Classes::new(&classes, spec.model.classes());
         let (stop, _) = watch::channel(None);
         let (connections, _) = watch::channel(0);
         let (paused, _) = watch::channel(false);
-        let calibration = Calibration::new(spec.clone(), train.clone());
+        let calibration = Calibration::new(spec.clone(), train.in_memory());
         let screen = (config.screen_batch > 0).then(|| {
             Arc::new(Screen::new(
                 spec.model.clone(),
                 &spec.normalization,
-                train.clone(),
+                train.in_memory(),
                 config.screen_batch,
             ))
         });
@@ -192,7 +197,7 @@ impl AppState {
             config,
             spec,
             run_dir,
-            data_id: data_id(&train),
+            data_id,
             train,
             test,
             classes,
@@ -218,16 +223,6 @@ impl AppState {
             calibration,
         }))
     }
-}
-
-/// A short fingerprint of a training set (FNV-1a over labels and pixels).
-fn data_id(set: &ImageSet) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let labels = set.labels.iter().flat_map(|l| l.to_le_bytes());
-    for b in labels.chain(set.pixels.iter().copied()) {
-        h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    format!("{:016x}", h ^ set.len() as u64)
 }
 
 impl Shared {
@@ -256,26 +251,50 @@ impl Shared {
     }
 
     /// Shard `shard` of the training set as a file, built once per shard (on a
-    /// blocking thread: it copies a share of the images and hashes them).
+    /// blocking thread: it copies a share of the images, or reads them from disk,
+    /// and hashes them).
     pub async fn shard_file(&self, shard: Shard) -> Arc<ShardFile> {
         let key = (shard.count, shard.index);
         if let Some(file) = lock(&self.shards).get(&key) {
             return file.clone();
         }
-        let train = self.train.clone();
+        let (whole, packed) = (self.train.whole(), self.train.packed());
+        let n = self.train.len();
         let file = tokio::task::spawn_blocking(move || {
-            let items = shard_indices(
-                train.len(),
-                shard.count as usize,
-                shard.index as usize,
-                shard.seed,
-            );
-            let bytes = axum::body::Bytes::from(encode_images(&train.subset(&items)));
-            let sha256 = Sha256::digest(&bytes).into();
-            Arc::new(ShardFile { bytes, sha256 })
+            let items = shard_indices(n, shard.count as usize, shard.index as usize, shard.seed);
+            if let Some(train) = whole {
+                let bytes = axum::body::Bytes::from(encode_images(&train.subset(&items)));
+                let sha256 = Sha256::digest(&bytes).into();
+                return Ok(ShardFile {
+                    len: bytes.len() as u64,
+                    sha256,
+                    bytes: Some(bytes),
+                });
+            }
+            let packed = packed.expect("a training set is in memory or on disk");
+            let mut hasher = Sha256::new();
+            let len = packed.write_subset(&items, &mut hasher)?;
+            Ok::<_, LoadError>(ShardFile {
+                len,
+                sha256: hasher.finalize().into(),
+                bytes: None,
+            })
         })
         .await
         .expect("building a shard does not panic");
+        let file = match file {
+            Ok(f) => Arc::new(f),
+            // The file was readable at start; a disk failure now is the operator's
+            // to see, and the worker's download fails its checksum and retries.
+            Err(e) => {
+                tracing::error!("shard {}/{}: {e}", shard.index, shard.count);
+                return Arc::new(ShardFile {
+                    len: 0,
+                    sha256: [0; 32],
+                    bytes: Some(axum::body::Bytes::new()),
+                });
+            }
+        };
         lock(&self.shards).entry(key).or_insert(file).clone()
     }
 
@@ -284,7 +303,7 @@ impl Shared {
         let file = self.shard_file(shard).await;
         ShardDownload {
             data: self.data_id.clone(),
-            bytes: file.bytes.len() as u64,
+            bytes: file.len,
             sha256: file.sha256,
         }
     }
@@ -441,7 +460,8 @@ impl Shared {
         let device = burn::tensor::Device::flex();
         let net = load_flat(self.spec.model.init(&device), &params)
             .expect("the center has the model's length");
-        let net = ready_to_score(net, &self.train, &self.spec.normalization, &device);
+        let train = self.train.in_memory();
+        let net = ready_to_score(net, &train, &self.spec.normalization, &device);
         let (Evaluation { accuracy, loss }, scores) =
             evaluate_by_class(&net, set, &self.spec.normalization, &device);
         self.classes.record(version, scores);

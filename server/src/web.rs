@@ -17,6 +17,8 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use tether_shared::data::shard_indices;
+
 use crate::classes::{ClassPage, ClassQuery, MAX_PAGE};
 use crate::state::{AppState, TICKET_LIFETIME};
 
@@ -336,17 +338,24 @@ pub async fn shard(
         );
     }
     let file = state.shard_file(shard).await;
-    (
-        [
-            (header::CONTENT_TYPE, "application/octet-stream"),
-            (
-                header::CACHE_CONTROL,
-                "private, max-age=31536000, immutable",
-            ),
-        ],
-        file.bytes.clone(),
-    )
-        .into_response()
+    let headers = [
+        (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+        (
+            header::CACHE_CONTROL,
+            "private, max-age=31536000, immutable".to_string(),
+        ),
+        (header::CONTENT_LENGTH, file.len.to_string()),
+    ];
+    let body = match (&file.bytes, state.train.packed()) {
+        (Some(bytes), _) => axum::body::Body::from(bytes.clone()),
+        (None, Some(packed)) => {
+            let n = state.train.len();
+            let items = shard_indices(n, shard.count as usize, shard.index as usize, shard.seed);
+            crate::stream::packed_body(packed, items)
+        }
+        (None, None) => return error(StatusCode::INTERNAL_SERVER_ERROR, "no shard bytes"),
+    };
+    (headers, body).into_response()
 }
 
 /// `GET /api/classes?offset=&limit=&order=label|worst`: the classes' names and the

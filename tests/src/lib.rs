@@ -583,6 +583,12 @@ pub mod serve {
             serde_json::from_str(&body).with_context(|| format!("{path}: {body}"))
         }
 
+        /// What the server has logged so far (stderr).
+        pub fn log(&self) -> String {
+            let log: Vec<String> = self.stderr.try_iter().collect();
+            log.join("\n")
+        }
+
         /// SIGTERM, then wait for a clean exit.
         pub fn terminate(mut self) -> Result<String> {
             let ok = Command::new("kill")

@@ -43,7 +43,8 @@ pub struct WorkConfig {
     pub threads: Option<usize>,
     /// The run's worker token, if it has one.
     pub token: Option<String>,
-    /// IDX data directory (`None`: download this worker's shard from the server).
+    /// The run's data here (IDX, CIFAR-10 or an image folder, decoded for the
+    /// network the welcome describes); `None`: download this worker's shard.
     pub data: Option<PathBuf>,
     /// A training set already in memory (in-process workers share one copy).
     pub preloaded: Option<Arc<ImageSet>>,
@@ -184,6 +185,9 @@ enum End {
 enum Source {
     /// The whole training set is here; the shard is cut from it.
     Whole(Arc<ImageSet>),
+    /// An image folder here, decoded for the run's network at the first welcome
+    /// (its images take the network's shape), then `Whole`.
+    Folder(PathBuf),
     /// Downloaded from the server; the last shard is kept for a rejoin.
     Download(Option<(ShardKey, Arc<ImageSet>)>),
 }
@@ -240,6 +244,9 @@ pub async fn run_with<E: Engine>(
     }
     let mut source = match (&config.preloaded, &config.data) {
         (Some(set), _) => Source::Whole(set.clone()),
+        (None, Some(dir)) if dataset::format(dir) == dataset::Format::Folder => {
+            Source::Folder(dir.clone())
+        }
         (None, Some(dir)) => Source::Whole(Arc::new(dataset::load(Some(dir))?.1.train)),
         (None, None) => Source::Download(None),
     };
@@ -403,6 +410,7 @@ async fn shard_data<E>(
             });
         }
         Source::Download(memo) => memo,
+        Source::Folder(_) => unreachable!("decoded at the welcome"),
     };
     let Some(download) = &welcome.download else {
         return Err(End::Lost("the server announced no shard download".into()));
@@ -560,6 +568,14 @@ async fn session<E: Engine>(
         }
     };
     let (welcome, center) = welcome;
+    if let Source::Folder(dir) = source {
+        let (dir, shape) = (dir.clone(), welcome.run.model.data_shape());
+        let decoded =
+            tokio::task::spawn_blocking(move || dataset::load_for(Some(&dir), Some(shape)))
+                .await
+                .map_err(|e| WorkError::Config(format!("decoding the image folder: {e}")))?;
+        *source = Source::Whole(Arc::new(decoded?.1.train));
+    }
     let run_id = Some(welcome.run.run_id.clone());
     let spec = welcome.run.clone();
     let data = match shard_data(ctx, source, &welcome, report).await {

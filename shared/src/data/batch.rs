@@ -29,20 +29,9 @@ pub struct ChannelStats {
 impl Normalization {
     /// Mean and standard deviation of each channel of `set`, scaled to [0, 1].
     pub fn of(set: &ImageSet) -> Self {
-        let plane = set.rows * set.cols;
-        let mut hist = vec![[0u64; 256]; set.channels];
-        if plane > 0 {
-            for image in set.pixels.chunks_exact(set.image_len()) {
-                for (c, pixels) in image.chunks_exact(plane).enumerate() {
-                    for &p in pixels {
-                        hist[c][usize::from(p)] += 1;
-                    }
-                }
-            }
-        }
-        Self {
-            channels: hist.iter().map(ChannelStats::of_histogram).collect(),
-        }
+        let mut hist = PixelHistogram::new(set.shape());
+        hist.add(&set.pixels);
+        hist.finish()
     }
 
     /// For each channel, the normalised value of every possible byte.
@@ -51,6 +40,46 @@ impl Normalization {
             .iter()
             .map(|c| std::array::from_fn(|v| (v as f32 / 255.0 - c.mean) / c.std))
             .collect()
+    }
+}
+
+/// Per-channel pixel counts, fed whole images a chunk at a time (a set on disk
+/// is normalised without holding it).
+#[derive(Clone, Debug)]
+pub struct PixelHistogram {
+    plane: usize,
+    hist: Vec<[u64; 256]>,
+}
+
+impl PixelHistogram {
+    /// Empty counts for images of `[channels, rows, cols]`.
+    pub fn new([channels, rows, cols]: [usize; 3]) -> Self {
+        Self {
+            plane: rows * cols,
+            hist: vec![[0u64; 256]; channels],
+        }
+    }
+
+    /// Counts `pixels`: whole images, channel-major.
+    pub fn add(&mut self, pixels: &[u8]) {
+        let image = self.plane * self.hist.len();
+        if image == 0 {
+            return;
+        }
+        for image in pixels.chunks_exact(image) {
+            for (c, plane) in image.chunks_exact(self.plane).enumerate() {
+                for &p in plane {
+                    self.hist[c][usize::from(p)] += 1;
+                }
+            }
+        }
+    }
+
+    /// The statistics of what was counted.
+    pub fn finish(&self) -> Normalization {
+        Normalization {
+            channels: self.hist.iter().map(ChannelStats::of_histogram).collect(),
+        }
     }
 }
 

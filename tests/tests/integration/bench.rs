@@ -90,3 +90,38 @@ fn bench_sync_measures_the_wait_per_tau() -> Result<()> {
     }
     Ok(())
 }
+
+/// A packed set of 16 MiB against a 2 MiB budget: served from disk, every shard
+/// downloaded and checked by the benchmark itself, the server's peak below the
+/// same set's in memory.
+#[test]
+fn bench_data_serves_a_set_larger_than_the_budget_from_disk() -> Result<()> {
+    let r = tether_report(
+        "bench-data",
+        &[
+            "bench",
+            "data",
+            "--size-mib",
+            "16",
+            "--memory-mib",
+            "2",
+            "--workers",
+            "2",
+        ],
+    )?;
+    let rows = r.as_array().context("rows")?;
+    assert_eq!(rows.len(), 2, "{r}");
+    assert_eq!(
+        (rows[0]["mode"].as_str(), rows[1]["mode"].as_str()),
+        (Some("disk"), Some("memory"))
+    );
+    let peak = |i: usize| rows[i]["peak_mib"].as_f64().unwrap_or(f64::NAN);
+    assert!(
+        peak(0) < peak(1),
+        "disk {} MiB vs memory {} MiB",
+        peak(0),
+        peak(1)
+    );
+    assert!(rows[0]["download_mib_s"].as_f64() > Some(0.0), "{r}");
+    Ok(())
+}

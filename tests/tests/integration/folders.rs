@@ -1,8 +1,9 @@
 //! A folder of images as a data set: a generated folder (PNG and JPEG, mixed sizes,
 //! grey and colour, 3 classes, and a file that is not an image) trains a network
 //! described in a file, with a residual block and batch norm, through `tether
-//! serve` and a native worker that has nothing but the URL (it downloads its shard
-//! of packed pixels); the center learns the classes.
+//! serve`, a native worker that has nothing but the URL (it downloads its shard of
+//! packed pixels) and one that decodes the folder on its own disk; the center
+//! learns the classes, and the report names them.
 
 use std::time::Duration;
 
@@ -41,7 +42,7 @@ async fn an_image_folder_trains_a_described_network_through_serve() -> Result<()
             "--model",
             &net.display().to_string(),
             "--expected-workers",
-            "1",
+            "2",
             "--tau",
             "4",
             "--batch",
@@ -67,13 +68,24 @@ async fn an_image_folder_trains_a_described_network_through_serve() -> Result<()
         names, PHOTO_CLASSES,
         "the folders name the classes: {classes}"
     );
+    // One worker with nothing but the URL, one with the folder on its own disk
+    // (decoded for the network the welcome describes, not the default 3×32×32).
     let worker = serve.worker(&root.join("cache"), &[])?;
+    let local_cache = root.join("local-cache");
+    let photos_arg = photos.display().to_string();
+    let local = serve.worker(&local_cache, &["--data", &photos_arg])?;
     let report = serve.finished_report(&run, Duration::from_secs(240))?;
-    let out = worker.wait_with_output()?;
+    for w in [worker, local] {
+        let out = w.wait_with_output()?;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        local_cache.join("folders").is_dir() && !local_cache.join("shards").exists(),
+        "the local worker decoded its folder and downloaded nothing"
     );
     let acc = report["evaluation"]["accuracy"]
         .as_f64()

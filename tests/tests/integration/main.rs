@@ -11,6 +11,7 @@ mod hardening;
 mod internet;
 mod lifecycle;
 mod models;
+mod packed;
 mod protocol;
 mod reliability;
 mod repro;
