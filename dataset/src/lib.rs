@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 mod folder;
 pub mod packed;
 
-pub use folder::{Folder, is_image_folder, load_folder};
+pub use folder::{Folder, PackedFolder, is_image_folder, load_folder, pack_folder};
 pub use packed::PackedSet;
 
 use sha2::{Digest, Sha256};

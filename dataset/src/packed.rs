@@ -10,7 +10,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-use tether_shared::data::{DataError, ImageSet, Normalization, encode_images};
+use tether_shared::data::{DataError, ImageSet, Normalization, encode_head, encode_images};
 use tether_shared::data::{IMAGES_MAGIC, PixelHistogram};
 
 use crate::LoadError;
@@ -158,14 +158,8 @@ impl PackedSet {
             path: self.path.clone(),
             source,
         };
-        let [c, h, w] = self.shape;
-        let mut head = IMAGES_MAGIC.to_vec();
-        for v in [indices.len(), c, h, w] {
-            head.extend_from_slice(&(v as u32).to_le_bytes());
-        }
-        for &i in indices {
-            head.extend_from_slice(&self.labels[i].to_le_bytes());
-        }
+        let labels: Vec<u16> = indices.iter().map(|&i| self.labels[i]).collect();
+        let head = encode_head(self.shape, &labels);
         out.write_all(&head).map_err(io)?;
         let mut written = head.len() as u64;
         let image = self.image_len();

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use futures_util::SinkExt;
 use sha2::{Digest, Sha256};
 use tether_shared::codec::Encoding;
-use tether_shared::data::{IMAGES_MAGIC, ImageSet, encode_images};
+use tether_shared::data::{ImageSet, encode_head, encode_images};
 use tether_shared::protocol::{self, Frame, Hello, Message, PROTOCOL_VERSION, WorkerKind};
 use tether_shared::rng::SplitMix64;
 use thiserror::Error;
@@ -105,13 +105,8 @@ fn generate(dir: &Path, count: usize) -> Result<(), DataBenchError> {
     };
     let path = dir.join("train.tsi");
     let mut out = BufWriter::new(std::fs::File::create(&path)?);
-    out.write_all(IMAGES_MAGIC)?;
-    for v in [count, SHAPE[0], SHAPE[1], SHAPE[2]] {
-        out.write_all(&(v as u32).to_le_bytes())?;
-    }
-    for i in 0..count {
-        out.write_all(&label(i).to_le_bytes())?;
-    }
+    let labels: Vec<u16> = (0..count).map(label).collect();
+    out.write_all(&encode_head(SHAPE, &labels))?;
     let mut batch = Vec::with_capacity(1024 * image);
     for start in (0..count).step_by(1024) {
         batch.clear();

@@ -166,38 +166,69 @@ impl DataId {
 
 /// The run's data (`--data` or the shipped set), decoded for the run's network and
 /// checked against its input shape and classes; the test set cut to `--eval-limit`.
-/// A packed set whose training file is larger than `--data-memory` stays on disk.
+/// A packed set, or an image folder once packed, whose training file is larger than
+/// `--data-memory` stays on disk.
 pub fn load_data(config: &ServerConfig) -> Result<(PathBuf, RunData), LoadError> {
     if let Some(dir) = &config.data
-        && let Format::Packed(_) = dataset::format(dir)
+        && let Some((train, test, classes)) = large_packed(config, dir)?
     {
-        let train = PackedSet::open(&dir.join(packed::TRAIN_FILE))?;
-        if train.file_len() > config.data_memory {
-            let test_path = dir.join(packed::TEST_FILE);
-            let bytes = std::fs::read(&test_path).map_err(|source| LoadError::Io {
-                path: test_path.clone(),
-                source,
-            })?;
-            let test = decode_images(&test_path.display().to_string(), &bytes)?;
-            check(config, [&train.read(&[0])?, &test])?;
-            let classes = dataset::load_class_names(dir);
-            tracing::info!(
-                "{}: {} MiB of training images, more than --data-memory: served from disk",
-                train.path().display(),
-                train.file_len() >> 20
-            );
-            let data =
-                RunData::on_disk(train, test, classes, config.eval_limit, config.data_memory)?;
-            if let TrainSet::Disk { packed, .. } = &data.train {
-                expect_labels(config, packed.labels(), packed.path())?;
-            }
-            return Ok((dir.clone(), data));
-        }
+        let train = PackedSet::open(&train)?;
+        let bytes = std::fs::read(&test).map_err(|source| LoadError::Io {
+            path: test.clone(),
+            source,
+        })?;
+        let test = decode_images(&test.display().to_string(), &bytes)?;
+        check(config, [&train.read(&[0])?, &test])?;
+        expect_labels(config, train.labels(), train.path())?;
+        tracing::info!(
+            "{}: {} MiB of training images, more than --data-memory: served from disk",
+            train.path().display(),
+            train.file_len() >> 20
+        );
+        let data = RunData::on_disk(train, test, classes, config.eval_limit, config.data_memory)?;
+        return Ok((dir.clone(), data));
     }
     let shape = Some(config.run.model.data_shape());
     let (data_dir, data) = dataset::load_for(config.data.as_deref(), shape)?;
     check(config, [&data.train, &data.test])?;
     Ok((data_dir, RunData::new(data, config.eval_limit)))
+}
+
+/// The training and test files and the class names of `dir` when it is packed (a
+/// packed set, or an image folder packed for the network here) and its training
+/// file is larger than `--data-memory`.
+fn large_packed(
+    config: &ServerConfig,
+    dir: &std::path::Path,
+) -> Result<Option<(PathBuf, PathBuf, Vec<String>)>, LoadError> {
+    let files = match dataset::format(dir) {
+        Format::Packed(_) => Some((
+            dir.join(packed::TRAIN_FILE),
+            dir.join(packed::TEST_FILE),
+            dataset::load_class_names(dir),
+        )),
+        Format::Folder => match dataset::cache_dir() {
+            Some(cache) => {
+                let shape = config.run.model.data_shape();
+                let folder = dataset::pack_folder(dir, shape, &cache.join("folders"))?;
+                let large =
+                    std::fs::metadata(&folder.train).map_or(0, |m| m.len()) > config.data_memory;
+                // A small folder is read by `load_for`, which says the same.
+                if large && folder.skipped.0 > 0 {
+                    tracing::warn!(
+                        "{}: skipped {} file(s) that did not decode as images",
+                        dir.display(),
+                        folder.skipped.0
+                    );
+                }
+                Some((folder.train, folder.test, folder.classes))
+            }
+            None => None,
+        },
+        _ => None,
+    };
+    Ok(files
+        .filter(|(train, ..)| std::fs::metadata(train).is_ok_and(|m| m.len() > config.data_memory)))
 }
 
 fn check(config: &ServerConfig, sets: [&ImageSet; 2]) -> Result<(), LoadError> {

@@ -499,16 +499,32 @@ pub mod serve {
 
         /// Serves on `port` (0: any free one).
         pub fn start_on(port: u16, run_dir: &Path, extra: &[&str]) -> Result<Self> {
-            Self::launch(None, port, run_dir, extra)
+            Self::launch(None, port, run_dir, extra, &[])
+        }
+
+        /// Serves with `env` set (e.g. its own `TETHER_CACHE`).
+        pub fn start_with_env(
+            run_dir: &Path,
+            env: &[(&str, &std::ffi::OsStr)],
+            extra: &[&str],
+        ) -> Result<Self> {
+            Self::launch(None, 0, run_dir, extra, env)
         }
 
         /// Serves from the working directory `cwd` (where `--tls-self-signed` keeps its files).
         pub fn start_in(cwd: &Path, run_dir: &Path, extra: &[&str]) -> Result<Self> {
-            Self::launch(Some(cwd), 0, run_dir, extra)
+            Self::launch(Some(cwd), 0, run_dir, extra, &[])
         }
 
-        fn launch(cwd: Option<&Path>, port: u16, run_dir: &Path, extra: &[&str]) -> Result<Self> {
+        fn launch(
+            cwd: Option<&Path>,
+            port: u16,
+            run_dir: &Path,
+            extra: &[&str],
+            env: &[(&str, &std::ffi::OsStr)],
+        ) -> Result<Self> {
             let mut cmd = Command::new(tether_bin()?);
+            cmd.envs(env.iter().copied());
             if let Some(dir) = cwd {
                 cmd.current_dir(dir);
             }

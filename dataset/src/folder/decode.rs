@@ -1,11 +1,14 @@
 //! Turning image files into the network's pixels: each file decoded within size
-//! and allocation limits and resized, a list of files decoded on every core.
+//! and allocation limits and resized, a list of files decoded on every core, and a
+//! list of any length decoded straight into a packed file, a chunk at a time.
 
+use std::fs::File;
+use std::io::{BufWriter, Write};
 use std::path::Path;
 
 use image::imageops::FilterType;
 use image::{ImageReader, Limits};
-use tether_shared::data::ImageSet;
+use tether_shared::data::{ImageSet, encode_head};
 
 use super::{Item, MAX_DECODED, MAX_SIDE, SHOWN};
 
@@ -60,6 +63,38 @@ pub(super) fn decode_all(
         }
     }
     set
+}
+
+/// Files decoded at once when packing: the most pixels held in memory.
+const PACK_CHUNK: usize = 2048;
+
+/// Decodes `items` into a packed file at `path` (temp files, then rename), never
+/// holding more than a chunk of images; returns how many decoded.
+pub(super) fn pack(
+    items: &[Item],
+    shape: [usize; 3],
+    source: &str,
+    skipped: &mut (usize, Vec<String>),
+    path: &Path,
+) -> std::io::Result<usize> {
+    let pixels_path = path.with_extension("pixels.tmp");
+    let mut pixels = BufWriter::new(File::create(&pixels_path)?);
+    let mut labels = Vec::with_capacity(items.len());
+    for chunk in items.chunks(PACK_CHUNK) {
+        let set = decode_all(chunk, shape, source, skipped);
+        pixels.write_all(&set.pixels)?;
+        labels.extend_from_slice(&set.labels);
+    }
+    pixels.flush()?;
+    drop(pixels);
+    let tmp = path.with_extension("tmp");
+    let mut out = BufWriter::new(File::create(&tmp)?);
+    out.write_all(&encode_head(shape, &labels))?;
+    std::io::copy(&mut File::open(&pixels_path)?, &mut out)?;
+    out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    std::fs::remove_file(&pixels_path)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(labels.len())
 }
 
 /// One file's pixels at `shape`, channel-major.

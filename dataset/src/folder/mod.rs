@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::UNIX_EPOCH;
 
 use sha2::{Digest, Sha256};
-use tether_shared::data::{Dataset, decode_images, encode_images};
+use tether_shared::data::{Dataset, decode_images};
 
 use crate::LoadError;
 
@@ -65,13 +65,76 @@ pub struct Folder {
     pub cached: bool,
 }
 
+/// An image folder decoded into packed files (or found there, decoded before).
+#[derive(Debug)]
+pub struct PackedFolder {
+    /// The training images (`TSI2`, see [`crate::packed`]).
+    pub train: PathBuf,
+    /// The test images.
+    pub test: PathBuf,
+    /// Class names, from the folders, in label order.
+    pub classes: Vec<String>,
+    /// Files that did not decode, and the first few of them (the count only,
+    /// when the files were decoded before).
+    pub skipped: (usize, Vec<String>),
+    /// Whether the packed files came from the cache.
+    pub cached: bool,
+}
+
+/// The files of a folder, listed and split, and the name of their packed form.
+struct Plan {
+    classes: Vec<String>,
+    train: Vec<Item>,
+    test: Vec<Item>,
+    train_source: String,
+    test_source: String,
+    key: String,
+}
+
 /// Reads the image folder `dir`, every image resized to `shape` (channels 1 or 3,
-/// rows, cols); `cache`: where packed sets are kept (`None`: decode every time).
+/// rows, cols); `cache`: where packed sets are kept (`None`, or a cache that
+/// cannot be written: decode every time).
 pub fn load_folder(
     dir: &Path,
     shape: [usize; 3],
     cache: Option<&Path>,
 ) -> Result<Folder, LoadError> {
+    let plan = plan(dir, shape)?;
+    if let Some(cache) = cache {
+        match pack_planned(dir, &plan, shape, cache) {
+            Ok(packed) => return read_packed(dir, packed),
+            Err(LoadError::Io { path, source }) => tracing::warn!(
+                "could not cache the decoded folder in {}: {source}; decoding in memory",
+                path.display()
+            ),
+            Err(e) => return Err(e),
+        }
+    }
+    let mut skipped = (0, Vec::new());
+    let train = decode_all(&plan.train, shape, &plan.train_source, &mut skipped);
+    let test = decode_all(&plan.test, shape, &plan.test_source, &mut skipped);
+    if train.is_empty() || test.is_empty() {
+        return Err(nothing_decoded(dir, skipped.0));
+    }
+    Ok(Folder {
+        data: Dataset {
+            train,
+            test,
+            classes: plan.classes,
+        },
+        skipped,
+        cached: false,
+    })
+}
+
+/// Decodes the image folder `dir` into packed files in `cache` (a chunk of images
+/// in memory at a time, so a folder larger than memory packs), or finds them there
+/// while the folder's files stay the same.
+pub fn pack_folder(dir: &Path, shape: [usize; 3], cache: &Path) -> Result<PackedFolder, LoadError> {
+    pack_planned(dir, &plan(dir, shape)?, shape, cache)
+}
+
+fn plan(dir: &Path, shape: [usize; 3]) -> Result<Plan, LoadError> {
     let channels = shape[0];
     if !matches!(channels, 1 | 3) {
         return Err(folder_error(
@@ -101,46 +164,87 @@ pub fn load_folder(
     if train.is_empty() || test.is_empty() {
         return Err(folder_error(dir, "no training or no test images".into()));
     }
-    let key = cache_key(&train, &test, shape);
-    if let Some(folder) = cache.and_then(|c| from_cache(c, &key, dir)) {
-        let data = Dataset {
-            classes,
-            ..folder.data
-        };
-        return Ok(Folder { data, ..folder });
-    }
-    let mut skipped = (0, Vec::new());
-    let train_set = decode_all(
-        &train,
-        shape,
-        &train_dir.display().to_string(),
-        &mut skipped,
-    );
-    let test_set = decode_all(
-        &test,
-        shape,
-        &format!("{}/test", dir.display()),
-        &mut skipped,
-    );
-    if train_set.is_empty() || test_set.is_empty() {
-        return Err(folder_error(
-            dir,
-            format!("no image decoded ({} skipped)", skipped.0),
-        ));
-    }
-    let data = Dataset {
-        train: train_set,
-        test: test_set,
+    Ok(Plan {
+        key: cache_key(&train, &test, shape),
         classes,
-    };
-    if let Some(c) = cache {
-        store(c, &key, &data, &skipped);
-    }
-    Ok(Folder {
-        data,
-        skipped,
-        cached: false,
+        train,
+        test,
+        train_source: train_dir.display().to_string(),
+        test_source: format!("{}/test", dir.display()),
     })
+}
+
+fn pack_planned(
+    dir: &Path,
+    plan: &Plan,
+    shape: [usize; 3],
+    cache: &Path,
+) -> Result<PackedFolder, LoadError> {
+    let key = &plan.key;
+    let (train, test) = (
+        cache.join(format!("{key}-train.tsim")),
+        cache.join(format!("{key}-test.tsim")),
+    );
+    let counted = cache.join(format!("{key}.skipped"));
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| LoadError::Io { path, source }
+    };
+    let done = |skipped, cached| PackedFolder {
+        train: train.clone(),
+        test: test.clone(),
+        classes: plan.classes.clone(),
+        skipped,
+        cached,
+    };
+    if let Some(n) = std::fs::read_to_string(&counted)
+        .ok()
+        .and_then(|t| t.trim().parse::<usize>().ok())
+        .filter(|_| train.is_file() && test.is_file())
+    {
+        return Ok(done((n, Vec::new()), true));
+    }
+    std::fs::create_dir_all(cache).map_err(io(cache))?;
+    let mut skipped = (0, Vec::new());
+    let decoded = [
+        decode::pack(&plan.train, shape, &plan.train_source, &mut skipped, &train)
+            .map_err(io(&train))?,
+        decode::pack(&plan.test, shape, &plan.test_source, &mut skipped, &test)
+            .map_err(io(&test))?,
+    ];
+    if decoded.contains(&0) {
+        let _ = (std::fs::remove_file(&train), std::fs::remove_file(&test));
+        return Err(nothing_decoded(dir, skipped.0));
+    }
+    // Written last: the packed files count as cached only once it is there.
+    std::fs::write(&counted, skipped.0.to_string()).map_err(io(&counted))?;
+    Ok(done(skipped, false))
+}
+
+/// A packed folder read into memory.
+fn read_packed(dir: &Path, packed: PackedFolder) -> Result<Folder, LoadError> {
+    let read = |path: &Path| -> Result<_, LoadError> {
+        let bytes = std::fs::read(path).map_err(|source| LoadError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut set = decode_images(&path.display().to_string(), &bytes)?;
+        set.source = dir.display().to_string();
+        Ok(set)
+    };
+    Ok(Folder {
+        data: Dataset {
+            train: read(&packed.train)?,
+            test: read(&packed.test)?,
+            classes: packed.classes,
+        },
+        skipped: packed.skipped,
+        cached: packed.cached,
+    })
+}
+
+fn nothing_decoded(dir: &Path, skipped: usize) -> LoadError {
+    folder_error(dir, format!("no image decoded ({skipped} skipped)"))
 }
 
 fn folder_error(dir: &Path, why: String) -> LoadError {
@@ -232,51 +336,6 @@ fn cache_key(train: &[Item], test: &[Item], shape: [usize; 3]) -> String {
         .take(12)
         .map(|b| format!("{b:02x}"))
         .collect()
-}
-
-fn from_cache(cache: &Path, key: &str, dir: &Path) -> Option<Folder> {
-    let read = |part: &str| {
-        let path = cache.join(format!("{key}-{part}.tsim"));
-        decode_images(&path.display().to_string(), &std::fs::read(&path).ok()?).ok()
-    };
-    let (mut train, mut test) = (read("train")?, read("test")?);
-    let source = dir.display().to_string();
-    train.source.clone_from(&source);
-    test.source = source;
-    let skipped: usize = std::fs::read_to_string(cache.join(format!("{key}.skipped")))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    Some(Folder {
-        data: Dataset {
-            train,
-            test,
-            classes: Vec::new(),
-        },
-        skipped: (skipped, Vec::new()),
-        cached: true,
-    })
-}
-
-/// Writes the packed sets (temp file, then rename); a cache that cannot be written
-/// only costs the next start a decode.
-fn store(cache: &Path, key: &str, data: &Dataset, skipped: &(usize, Vec<String>)) {
-    let write = |name: String, bytes: &[u8]| -> std::io::Result<()> {
-        std::fs::create_dir_all(cache)?;
-        let tmp = cache.join(format!("{name}.tmp"));
-        std::fs::write(&tmp, bytes)?;
-        std::fs::rename(&tmp, cache.join(name))
-    };
-    let done = write(format!("{key}-train.tsim"), &encode_images(&data.train))
-        .and_then(|()| write(format!("{key}-test.tsim"), &encode_images(&data.test)))
-        .and_then(|()| write(format!("{key}.skipped"), skipped.0.to_string().as_bytes()));
-    if let Err(e) = done {
-        tracing::warn!(
-            "could not cache the decoded folder in {}: {e}",
-            cache.display()
-        );
-    }
 }
 
 #[cfg(test)]

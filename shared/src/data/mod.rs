@@ -14,7 +14,7 @@ use thiserror::Error;
 pub use batch::{
     Batch, BatchSource, BatchStream, Batcher, ChannelStats, Normalization, PixelHistogram,
 };
-pub use shard::{IMAGES_MAGIC, decode_images, encode_images, shard_indices};
+pub use shard::{IMAGES_MAGIC, decode_images, encode_head, encode_images, shard_indices};
 
 /// A malformed or unsuitable data file. Every variant names the file.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]

@@ -14,16 +14,23 @@ const LABEL_BYTES: usize = 2;
 /// Encodes `set` for the wire: `"TSI2"`, then count, channels, rows, cols as u32
 /// little-endian, then the labels (u16 little-endian), then the pixels.
 pub fn encode_images(set: &ImageSet) -> Vec<u8> {
-    let mut out =
-        Vec::with_capacity(IMAGES_HEADER + LABEL_BYTES * set.labels.len() + set.pixels.len());
+    let mut out = encode_head(set.shape(), &set.labels);
+    out.reserve_exact(set.pixels.len());
+    out.extend_from_slice(&set.pixels);
+    out
+}
+
+/// What [`encode_images`] writes before the pixels, for sets written a piece at a
+/// time: magic, count and shape, then `labels`.
+pub fn encode_head(shape: [usize; 3], labels: &[u16]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(IMAGES_HEADER + LABEL_BYTES * labels.len());
     out.extend_from_slice(IMAGES_MAGIC);
-    for v in [set.len(), set.channels, set.rows, set.cols] {
+    for v in [labels.len(), shape[0], shape[1], shape[2]] {
         out.extend_from_slice(&(v as u32).to_le_bytes());
     }
-    for label in &set.labels {
+    for label in labels {
         out.extend_from_slice(&label.to_le_bytes());
     }
-    out.extend_from_slice(&set.pixels);
     out
 }
 
