@@ -172,6 +172,9 @@ pub fn load_data(config: &ServerConfig) -> Result<(PathBuf, RunData), LoadError>
     if let Some(dir) = &config.data
         && let Some((train, test, classes)) = large_packed(config, dir)?
     {
+        if dataset::format(dir) == Format::Folder {
+            folder_classes(config, dir, classes.len())?;
+        }
         let train = PackedSet::open(&train)?;
         let bytes = std::fs::read(&test).map_err(|source| LoadError::Io {
             path: test.clone(),
@@ -190,6 +193,9 @@ pub fn load_data(config: &ServerConfig) -> Result<(PathBuf, RunData), LoadError>
     }
     let shape = Some(config.run.model.data_shape());
     let (data_dir, data) = dataset::load_for(config.data.as_deref(), shape)?;
+    if dataset::format(&data_dir) == Format::Folder {
+        folder_classes(config, &data_dir, data.classes.len())?;
+    }
     check(config, [&data.train, &data.test])?;
     Ok((data_dir, RunData::new(data, config.eval_limit)))
 }
@@ -229,6 +235,35 @@ fn large_packed(
     };
     Ok(files
         .filter(|(train, ..)| std::fs::metadata(train).is_ok_and(|m| m.len() > config.data_memory)))
+}
+
+/// An image folder's class folders against the network's classes: more folders
+/// than outputs cannot train; fewer leave outputs no image teaches (said, allowed).
+fn folder_classes(
+    config: &ServerConfig,
+    dir: &std::path::Path,
+    found: usize,
+) -> Result<(), LoadError> {
+    let model = &config.run.model;
+    if found > model.classes() {
+        return Err(LoadError::Folder {
+            dir: dir.to_path_buf(),
+            why: format!(
+                "{found} class folders, but the {} network scores {} classes: set `classes = {found}` (and its last linear layer to {found})",
+                model.name(),
+                model.classes()
+            ),
+        });
+    }
+    if found < model.classes() {
+        tracing::warn!(
+            "{}: {found} class folders; the {} network scores {} classes (the others get no image)",
+            dir.display(),
+            model.name(),
+            model.classes()
+        );
+    }
+    Ok(())
 }
 
 fn check(config: &ServerConfig, sets: [&ImageSet; 2]) -> Result<(), LoadError> {

@@ -121,3 +121,36 @@ async fn an_image_folder_trains_a_described_network_through_serve() -> Result<()
     );
     Ok(())
 }
+
+/// More class folders than the network has outputs: refused before anything
+/// starts, saying what to change.
+#[test]
+fn a_folder_with_more_classes_than_the_network_is_refused() -> Result<()> {
+    let root = scratch("folders-classes")?;
+    let photos = root.join("photos");
+    write_photo_folder(&photos, 8)?;
+    let net = root.join("two.toml");
+    std::fs::write(
+        &net,
+        NET.replace("classes = 3", "classes = 2")
+            .replace("linear 3", "linear 2"),
+    )?;
+    let out = tether_tests::tether(&[
+        "serve",
+        "--data",
+        &photos.display().to_string(),
+        "--model",
+        &net.display().to_string(),
+        "--port",
+        "0",
+        "--run-dir",
+        &root.join("run").display().to_string(),
+    ])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("3 class folders") && err.contains("classes = 3"),
+        "{err}"
+    );
+    Ok(())
+}
