@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use clap::builder::TypedValueParser;
+use tether_relay::{RelayConfig, RelayData};
 use tether_server::checkpoint;
 use tether_server::config::{DEFAULT_BETA, has_elastic_force};
 use tether_server::tls;
@@ -594,8 +595,21 @@ pub fn run_relay(args: RelayArgs) -> Result<()> {
     config.checkpoint_every = None;
     let certificate = args.serving.certificate().context("setting up TLS")?;
     config.tls = certificate.as_ref().map(|c| c.config.clone());
-    let (data_dir, data) = tether_dataset::load(args.serving.data.as_deref())?;
-    let data = tether_server::RunData::new(data, config.eval_limit);
+    // An image folder is decoded once the upstream describes the network.
+    let (data_dir, data) = match args.serving.data.as_deref() {
+        Some(dir) if tether_dataset::format(dir) == tether_dataset::Format::Folder => (
+            dir.to_path_buf(),
+            RelayData::Folder {
+                dir: dir.to_path_buf(),
+                eval_limit: config.eval_limit,
+            },
+        ),
+        dir => {
+            let (data_dir, data) = tether_dataset::load(dir)?;
+            let data = tether_server::RunData::new(data, config.eval_limit);
+            (data_dir, RelayData::Loaded(data))
+        }
+    };
     runtime()?.block_on(async move {
         let listener = args.serving.listen().await?;
         let local: SocketAddr = listener.local_addr()?;
@@ -618,7 +632,7 @@ pub fn run_relay(args: RelayArgs) -> Result<()> {
         });
         let summary = tether_relay::run(
             listener,
-            tether_relay::RelayConfig {
+            RelayConfig {
                 server: config,
                 upstream,
                 tau_up: args.tau_up,

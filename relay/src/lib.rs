@@ -12,6 +12,7 @@
 //! run's settings and center); when the upstream goes away it keeps serving and
 //! rejoins with its own center (a rejoin keeps it, as any elastic worker's).
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -48,9 +49,23 @@ pub struct RelayConfig {
     pub alpha: Option<f32>,
     /// Its own page, given to the upstream so volunteers can be sent here.
     pub public_url: Option<String>,
-    /// The run's data on this machine (its training set is shared with the
-    /// upstream session: one copy in memory).
-    pub data: RunData,
+    /// The run's data on this machine.
+    pub data: RelayData,
+}
+
+/// The run's data on a relay's machine.
+pub enum RelayData {
+    /// Read already (IDX, CIFAR-10, a packed set): the upstream session and the
+    /// relay's server share its training set, one copy in memory.
+    Loaded(RunData),
+    /// An image folder, decoded (or found packed in the cache) for the network the
+    /// upstream's welcome describes, by the upstream session and by the server.
+    Folder {
+        /// The folder.
+        dir: PathBuf,
+        /// Test images the relay's dashboard scores on.
+        eval_limit: Option<usize>,
+    },
 }
 
 /// Why a relay stopped with an error.
@@ -84,7 +99,7 @@ struct Mark {
 struct Unstarted {
     config: ServerConfig,
     listener: TcpListener,
-    data: RunData,
+    data: RelayData,
 }
 
 /// The relay as the session loop's engine: its own server's center in place of a
@@ -142,6 +157,15 @@ impl RelayEngine {
         });
         let mut spec = spec;
         spec.hyper.alpha = config.run.alpha;
+        let data = match data {
+            RelayData::Loaded(d) => d,
+            RelayData::Folder { dir, eval_limit } => {
+                let shape = Some(spec.model.data_shape());
+                let (_, d) =
+                    tether_dataset::load_for(Some(&dir), shape).map_err(|e| e.to_string())?;
+                RunData::new(d, eval_limit)
+            }
+        };
         let server = Server::relay(config, spec, center, data).map_err(|e| e.to_string())?;
         let state = server.state().clone();
         let mut stop = self.stop_server.subscribe();
@@ -300,12 +324,18 @@ pub async fn run(
     stop: watch::Receiver<bool>,
 ) -> Result<RelaySummary, RelayError> {
     let (stop_server, _) = watch::channel(None);
-    // The relay's own upstream session trains on its share of the same images.
-    let train = config.data.train.whole().ok_or_else(|| {
-        ServerError::Config(tether_server::config::ConfigError(
-            "a relay holds its data in memory".into(),
-        ))
-    })?;
+    let mut upstream = config.upstream;
+    // The upstream session is handed its share of the same images, never downloads.
+    match &config.data {
+        RelayData::Loaded(d) => {
+            upstream.preloaded = Some(d.train.whole().ok_or_else(|| {
+                ServerError::Config(tether_server::config::ConfigError(
+                    "a relay holds its data in memory".into(),
+                ))
+            })?);
+        }
+        RelayData::Folder { dir, .. } => upstream.data = Some(dir.clone()),
+    }
     let engine = RelayEngine {
         pending: Mutex::new(Some(Unstarted {
             config: config.server,
@@ -315,7 +345,7 @@ pub async fn run(
         state: Mutex::new(None),
         serving: Mutex::new(None),
         stop_server,
-        upstream: config.upstream.server.clone(),
+        upstream: upstream.server.clone(),
         tau_up: config.tau_up.max(1),
         max_wait: config.max_wait,
         alpha: config.alpha,
@@ -328,8 +358,6 @@ pub async fn run(
         threads: 0,
         url: config.public_url.clone(),
     };
-    let mut upstream = config.upstream;
-    upstream.preloaded = Some(train);
     let outcome = client::run_with(upstream, &engine, identity, stop).await;
     // The relay's own workers follow the upstream: told the run finished when it
     // did, else that this relay is going away (they reconnect, here or elsewhere).

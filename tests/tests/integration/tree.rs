@@ -374,3 +374,77 @@ async fn relays_of_one_worker_each_train_the_root_at_the_defaults() -> Result<()
     root.terminate()?;
     Ok(())
 }
+
+/// A relay on an image folder decodes it for the network the root describes (3×24×24
+/// images here, not a folder's default 3×32×32), serves its own worker from it, and
+/// the root's center moves through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_decodes_its_image_folder_for_the_roots_network() -> Result<()> {
+    let base = scratch("tree-folder")?;
+    let photos = base.join("photos");
+    tether_tests::write_photo_folder(&photos, 60)?;
+    let photos = photos.display().to_string();
+    let net = base.join("net.toml");
+    std::fs::write(
+        &net,
+        r#"
+        input = [3, 24, 24]
+        classes = 3
+        layers = ["conv 8 kernel=3 pad=1", "relu", "maxpool 2", "globalavgpool", "linear 3"]
+        "#,
+    )?;
+    let net = net.display().to_string();
+    let root = Serve::start_on(
+        free_port()?,
+        &base.join("run"),
+        &[
+            "--data",
+            &photos,
+            "--model",
+            &net,
+            "--relay-token",
+            "rt",
+            "--expected-workers",
+            "1",
+            "--tau",
+            "2",
+            "--batch",
+            "16",
+        ],
+    )?;
+    let relay = Serve::relay(
+        &base,
+        0,
+        root.addr,
+        &[
+            "--data",
+            &photos,
+            "--upstream-token",
+            "rt",
+            "--expected-workers",
+            "1",
+            "--tau-up",
+            "2",
+            "--max-wait",
+            "2",
+        ],
+    )?;
+    let worker = work(&base.join("cache"), relay.addr)?;
+    wait_for(
+        "the relay's worker syncing and the relay moving the root's center",
+        Duration::from_secs(180),
+        root.addr,
+        |s| relays(s).iter().any(|r| r.1 == 1) && s["center_version"].as_u64() >= Some(3),
+    )
+    .await?;
+    let at_relay = status(relay.addr).await.context("the relay's status")?;
+    assert_eq!(
+        at_relay["network"]["input"],
+        serde_json::json!([3, 24, 24]),
+        "{at_relay}"
+    );
+    drop(worker);
+    relay.terminate()?;
+    root.terminate()?;
+    Ok(())
+}
