@@ -680,6 +680,10 @@ pub struct WorkArgs {
     /// directory ($TETHER_CACHE to move it)].
     #[arg(long)]
     pub data: Option<PathBuf>,
+    /// A downloaded shard larger than this many MiB stays in the cache on disk
+    /// and batches are read from it (only its labels are held in memory).
+    #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u64).range(1..))]
+    pub shard_memory: u64,
     /// Payload encodings to offer the server, comma-separated (it picks one).
     #[arg(long, value_delimiter = ',', default_value = "f32,f16,bf16,q8")]
     pub encodings: Vec<Encoding>,
@@ -714,6 +718,7 @@ pub fn run_work(args: WorkArgs) -> Result<()> {
     config.threads = args.threads.map(|t| t as usize);
     config.token = args.token.clone();
     config.data = args.data.clone();
+    config.shard_memory = args.shard_memory << 20;
     config.max_steps = args.steps;
     config.give_up_after = Duration::from_secs(args.give_up_after);
     config.endpoint()?;

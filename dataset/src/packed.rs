@@ -11,7 +11,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use tether_shared::data::{DataError, ImageSet, Normalization, encode_head, encode_images};
-use tether_shared::data::{IMAGES_MAGIC, PixelHistogram};
+use tether_shared::data::{IMAGES_MAGIC, Images, PixelHistogram};
 
 use crate::LoadError;
 
@@ -204,6 +204,29 @@ impl PackedSet {
     }
 }
 
+impl Images for PackedSet {
+    fn count(&self) -> usize {
+        self.len()
+    }
+
+    fn dims(&self) -> [usize; 3] {
+        self.shape
+    }
+
+    fn label(&self, index: usize) -> u16 {
+        self.labels[index]
+    }
+
+    fn pixels<'a>(&'a self, index: usize, scratch: &'a mut Vec<u8>) -> &'a [u8] {
+        scratch.resize(self.image_len(), 0);
+        if let Err(e) = self.read_at(scratch, self.pixels_at(index)) {
+            // A worker cannot train on a shard it can no longer read.
+            panic!("reading image {index}: {e}");
+        }
+        scratch
+    }
+}
+
 /// The image shape in `path`'s header, without reading further.
 pub fn shape_of(path: &Path) -> Option<[usize; 3]> {
     let mut header = [0u8; HEADER as usize];
@@ -281,6 +304,18 @@ mod tests {
         assert_eq!(out, encode_images(&whole.subset(&shard)));
         assert_eq!(n, packed.subset_len(shard.len()));
         assert_eq!(packed.normalization().unwrap(), Normalization::of(&whole));
+        // Batches read from the file are the batches of the set in memory.
+        let norm = Normalization::of(&whole);
+        let batcher = tether_shared::data::Batcher::new(shard.clone(), 16, 3, &norm)
+            .with_input([3, 3, 4])
+            .with_flip(true);
+        for epoch in 0..2 {
+            let items = &batcher.epoch_order(epoch)[..16];
+            assert_eq!(
+                batcher.batch(&packed, items, epoch),
+                batcher.batch(&whole, items, epoch)
+            );
+        }
         // A cut file is refused with its name, not read short.
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() - 1]).unwrap();

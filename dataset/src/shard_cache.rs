@@ -44,6 +44,8 @@ impl ShardKey {
 pub enum Cached {
     /// The file is there and matches the announced length and SHA-256.
     Hit(Vec<u8>),
+    /// The same, checked a chunk at a time and left on disk ([`ShardCache::load_file`]).
+    OnDisk(PathBuf),
     /// No file.
     Miss,
     /// A file that did not match (damaged, or another download's): removed.
@@ -85,6 +87,43 @@ impl ShardCache {
         }
     }
 
+    /// [`ShardCache::load`] for a shard kept on disk: the file is read a chunk at a
+    /// time to check it, and named rather than returned.
+    pub fn load_file(&self, key: &ShardKey, len: u64, sha256: &[u8; 32]) -> Cached {
+        let path = self.path(key);
+        let Ok(mut file) = std::fs::File::open(&path) else {
+            return Cached::Miss;
+        };
+        let mut hasher = Sha256::new();
+        match std::io::copy(&mut file, &mut hasher) {
+            Ok(n) if n == len && hasher.finalize().as_slice() == sha256 => Cached::OnDisk(path),
+            _ => {
+                let _ = std::fs::remove_file(&path);
+                Cached::Corrupt
+            }
+        }
+    }
+
+    /// A writer that streams a download into the cache: checked against `len` and
+    /// `sha256` on [`ShardWriter::finish`], then renamed into place.
+    pub fn writer(&self, key: &ShardKey) -> Result<ShardWriter, LoadError> {
+        let path = self.path(key);
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        let io = |source| LoadError::Io {
+            path: tmp.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&self.dir).map_err(io)?;
+        let file = std::fs::File::create(&tmp).map_err(io)?;
+        Ok(ShardWriter {
+            file: std::io::BufWriter::new(file),
+            hasher: Sha256::new(),
+            len: 0,
+            tmp,
+            path,
+        })
+    }
+
     /// Stores a verified shard: written to a temporary file, synced, then renamed,
     /// so a crash never leaves a half-written shard under the real name.
     pub fn store(&self, key: &ShardKey, bytes: &[u8]) -> Result<PathBuf, LoadError> {
@@ -109,6 +148,58 @@ impl ShardCache {
 /// Whether `bytes` are `len` long with SHA-256 `sha256`.
 pub fn verify(bytes: &[u8], len: u64, sha256: &[u8; 32]) -> bool {
     bytes.len() as u64 == len && Sha256::digest(bytes).as_slice() == sha256
+}
+
+/// A shard being downloaded into the cache ([`ShardCache::writer`]).
+pub struct ShardWriter {
+    file: std::io::BufWriter<std::fs::File>,
+    hasher: Sha256,
+    len: u64,
+    tmp: PathBuf,
+    path: PathBuf,
+}
+
+impl ShardWriter {
+    /// Appends the next bytes of the download.
+    pub fn write(&mut self, chunk: &[u8]) -> std::io::Result<()> {
+        self.hasher.update(chunk);
+        self.len += chunk.len() as u64;
+        self.file.write_all(chunk)
+    }
+
+    /// Checks the whole against `len` and `sha256`, syncs and renames it into
+    /// place; a download that does not match is removed and refused.
+    pub fn finish(self, len: u64, sha256: &[u8; 32]) -> Result<PathBuf, String> {
+        let Self {
+            file,
+            hasher,
+            len: got,
+            tmp,
+            path,
+        } = self;
+        let matches = got == len && hasher.finalize().as_slice() == sha256;
+        let written = file
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .and_then(|f| f.sync_all())
+            .and_then(|()| {
+                if matches {
+                    std::fs::rename(&tmp, &path)
+                } else {
+                    Ok(())
+                }
+            });
+        if !matches || written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        match (matches, written) {
+            (false, _) => Err(format!(
+                "the downloaded shard ({got} bytes) does not match its announced length ({len}) and SHA-256"
+            )),
+            (true, Err(e)) => Err(format!("{}: {e}", path.display())),
+            (true, Ok(())) => Ok(path),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -143,6 +234,18 @@ mod tests {
         std::fs::write(cache.path(&key), &damaged).unwrap();
         assert_eq!(cache.load(&key, bytes.len() as u64, &sha), Cached::Corrupt);
         assert_eq!(cache.load(&key, bytes.len() as u64, &sha), Cached::Miss);
+        // Streamed in: checked, kept on disk, found by name; a wrong one refused.
+        let mut w = cache.writer(&key).unwrap();
+        w.write(&bytes[..5]).unwrap();
+        w.write(&bytes[5..]).unwrap();
+        let path = w.finish(bytes.len() as u64, &sha).unwrap();
+        assert_eq!(
+            cache.load_file(&key, bytes.len() as u64, &sha),
+            Cached::OnDisk(path)
+        );
+        let mut w = cache.writer(&key).unwrap();
+        w.write(&damaged).unwrap();
+        assert!(w.finish(bytes.len() as u64, &sha).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -682,7 +682,7 @@ pub fn measure_step_s(model: &Model, batch: u32, train: &Arc<ImageSet>) -> f64 {
         seed: 0,
     };
     let data = ShardData {
-        set: Arc::clone(train),
+        set: train.clone(),
         indices: shard_indices(train.len(), 1, 0, 0),
     };
     let start = to_flat(&model.init(&device));

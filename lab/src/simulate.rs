@@ -286,7 +286,7 @@ fn simulate(
             seed: run.seed,
         };
         let data = ShardData {
-            set: Arc::clone(train),
+            set: train.clone(),
             indices: shard_indices(train.len(), p, i, run.seed),
         };
         let mut local = LocalWorker::new(device.clone());

@@ -176,7 +176,7 @@ impl Screen {
         let Inner { images, labels, .. } = inner;
         // The centre window, as evaluation sees the images.
         let window = Window::centre(self.model.input_shape());
-        fill_normalized(&self.train, &items, &self.tables, window, images, labels);
+        fill_normalized(&*self.train, &items, &self.tables, window, images, labels);
         inner.uses = 0;
         inner.cached = None;
     }

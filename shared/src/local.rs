@@ -14,7 +14,7 @@ use thiserror::Error;
 
 use crate::algorithms::elastic::apply_difference;
 use crate::algorithms::leader::leader_pull;
-use crate::data::{BatchSource, BatchStream, Batcher, ImageSet, shape_text};
+use crate::data::{BatchSource, BatchStream, Batcher, Images, shape_text};
 use crate::model::{Model, to_flat_async};
 use crate::protocol::{Apply, RunSpec, Shard};
 use crate::train::{LocalOptimizer, Trainer};
@@ -130,12 +130,13 @@ pub struct Pending {
 }
 
 /// The shard a session trains on: the images and which of them are this worker's.
-/// Natives hold the whole set and their shard's indices; a browser downloads only
-/// its shard and trains on all of it.
+/// Natives with the data hold the whole set and their shard's indices; a browser,
+/// or a native without the data, downloads only its shard and trains on all of it
+/// (a native whose shard is large reads it from the file it downloaded it to).
 #[derive(Clone)]
 pub struct ShardData {
     /// The images.
-    pub set: Arc<ImageSet>,
+    pub set: Arc<dyn Images>,
     /// Which items of `set` to train on.
     pub indices: Vec<usize>,
 }
@@ -204,11 +205,18 @@ impl LocalWorker {
             });
         }
         let shape = spec.model.data_shape();
-        if data.set.shape() != shape {
+        if data.set.dims() != shape {
             return Err(LocalError::WrongImages {
                 model: spec.model.name().to_owned(),
                 expected: shape_text(shape),
-                found: shape_text(data.set.shape()),
+                found: shape_text(data.set.dims()),
+            });
+        }
+        if let Some(&i) = data.indices.iter().find(|&&i| i >= data.set.count()) {
+            return Err(LocalError::WrongImages {
+                model: spec.model.name().to_owned(),
+                expected: format!("items below {}", data.set.count()),
+                found: format!("item {i}"),
             });
         }
         let per_image = spec.model.spec().tally.activations;
@@ -221,7 +229,8 @@ impl LocalWorker {
             });
         }
         let classes = spec.model.classes();
-        if let Some(&label) = data.set.labels.iter().find(|&&l| usize::from(l) >= classes) {
+        let labels = data.indices.iter().map(|&i| data.set.label(i));
+        if let Some(label) = labels.into_iter().find(|&l| usize::from(l) >= classes) {
             return Err(LocalError::WrongLabel {
                 model: spec.model.name().to_owned(),
                 classes,
@@ -443,7 +452,7 @@ pub fn apply_reply(
 mod tests {
     use super::*;
     use crate::algorithms::Algorithm;
-    use crate::data::Normalization;
+    use crate::data::{ImageSet, Normalization};
     use crate::protocol::Hyper;
 
     fn spec(model: Model, batch: u32, set: &ImageSet) -> RunSpec {

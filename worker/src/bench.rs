@@ -68,7 +68,7 @@ pub fn train_throughput(
         .with_input(kind.input_shape())
         .with_flip(kind.spec().flip);
     let time = |mut step: Step| {
-        let mut batches = Prefetch::spawn(BatchStream::new(batcher.clone(), Arc::clone(&train), 0));
+        let mut batches = Prefetch::spawn(BatchStream::new(batcher.clone(), train.clone(), 0));
         for _ in 0..warmup {
             let _: f32 = step(batches.next_batch()).into_scalar();
         }

@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use serde::Serialize;
-use tether_dataset::{self as dataset, Cached, LoadError, ShardCache, ShardKey};
+use tether_dataset::{self as dataset, Cached, LoadError, PackedSet, ShardCache, ShardKey};
 use tether_shared::codec::{Encoding, Link};
-use tether_shared::data::{ImageSet, decode_images, shard_indices};
+use tether_shared::data::{ImageSet, Images, decode_images, shard_indices};
 use tether_shared::local::ShardData;
 use tether_shared::protocol::{
     self, DecodeError, Frame, Hello, Message, PROTOCOL_VERSION, Remedy, StopReason, Sync, Welcome,
@@ -50,6 +50,9 @@ pub struct WorkConfig {
     pub preloaded: Option<Arc<ImageSet>>,
     /// Where downloaded shards are cached (`None`: not cached).
     pub cache: Option<ShardCache>,
+    /// A downloaded shard larger than this many bytes is kept in the cache on disk
+    /// and its batches read from there (with a cache; else it is held in memory).
+    pub shard_memory: u64,
     /// Payload encodings this worker offers (the server picks one).
     pub encodings: Vec<Encoding>,
     /// Keep training while a sync is in flight, where the algorithm allows it.
@@ -66,6 +69,9 @@ pub struct WorkConfig {
     pub heartbeat: Duration,
 }
 
+/// Bytes of shard a worker holds in memory by default (2 GiB).
+pub const DEFAULT_SHARD_MEMORY: u64 = 2 << 30;
+
 impl WorkConfig {
     /// A worker for `server` with default settings.
     pub fn new(server: impl Into<String>) -> Self {
@@ -78,6 +84,7 @@ impl WorkConfig {
             data: None,
             preloaded: None,
             cache: dataset::cache_dir().map(ShardCache::new),
+            shard_memory: DEFAULT_SHARD_MEMORY,
             encodings: Encoding::ALL.to_vec(),
             overlap: true,
             max_steps: None,
@@ -189,7 +196,7 @@ enum Source {
     /// (its images take the network's shape), then `Whole`.
     Folder(PathBuf),
     /// Downloaded from the server; the last shard is kept for a rejoin.
-    Download(Option<(ShardKey, Arc<ImageSet>)>),
+    Download(Option<(ShardKey, Arc<dyn Images>)>),
 }
 
 /// What a session needs besides its socket.
@@ -421,8 +428,8 @@ async fn shard_data<E>(
         index: shard.index,
         seed: shard.seed,
     };
-    let whole = |set: Arc<ImageSet>| ShardData {
-        indices: (0..set.len()).collect(),
+    let whole = |set: Arc<dyn Images>| ShardData {
+        indices: (0..set.count()).collect(),
         set,
     };
     if let Some((k, set)) = memo.as_ref()
@@ -430,13 +437,38 @@ async fn shard_data<E>(
     {
         return Ok(whole(set.clone()));
     }
+    // Announced by the server; refused beyond 8 GiB all the same.
+    if download.bytes > 8 << 30 {
+        return Err(End::Lost(format!(
+            "a shard of {} bytes is implausible",
+            download.bytes
+        )));
+    }
+    let set: Arc<dyn Images> = match &ctx.config.cache {
+        Some(cache) if download.bytes > ctx.config.shard_memory => {
+            Arc::new(shard_on_disk(ctx, cache, welcome, &key, report).await?)
+        }
+        _ => Arc::new(shard_in_memory(ctx, welcome, &key, report).await?),
+    };
+    *memo = Some((key, set.clone()));
+    Ok(whole(set))
+}
+
+/// The shard in memory: from the cache, or downloaded (and cached).
+async fn shard_in_memory<E>(
+    ctx: &Ctx<'_, E>,
+    welcome: &Welcome,
+    key: &ShardKey,
+    report: &mut WorkReport,
+) -> Result<ImageSet, End> {
+    let download = welcome.download.as_ref().expect("checked by the caller");
     let cached = match &ctx.config.cache {
-        Some(cache) => cache.load(&key, download.bytes, &download.sha256),
+        Some(cache) => cache.load(key, download.bytes, &download.sha256),
         None => Cached::Miss,
     };
     let bytes = match cached {
         Cached::Hit(bytes) => {
-            tracing::info!(shard = %format!("{}/{}", shard.index, shard.count), "using the cached shard");
+            tracing::info!(shard = %shard_name(welcome), "using the cached shard");
             report.shard_source = "cache".into();
             bytes
         }
@@ -446,47 +478,19 @@ async fn shard_data<E>(
                     "the cached shard did not match the server's digest; downloading it again"
                 );
             }
-            let mb = download.bytes as f64 / 1e6;
-            ctx.bar.set_message(format!(
-                "downloading shard {}/{} ({mb:.1} MB)",
-                shard.index, shard.count
-            ));
-            tracing::info!(
-                from = %ctx.endpoint.http_base(),
-                "downloading shard {}/{} ({mb:.1} MB)",
-                shard.index,
-                shard.count
-            );
-            // Announced by the server; refused beyond 8 GiB all the same.
-            if download.bytes > 8 << 30 {
-                return Err(End::Lost(format!(
-                    "a shard of {} bytes is implausible",
-                    download.bytes
-                )));
-            }
-            let path = format!(
-                "/api/shard?index={}&count={}&seed={}&data={}",
-                shard.index, shard.count, shard.seed, download.data
-            );
-            // At least 100 kB/s, and a minute for the rest.
-            let timeout = Duration::from_secs(60 + download.bytes / 100_000);
-            let bytes = ctx
-                .endpoint
-                .get(
-                    &path,
-                    &[(SESSION_HEADER, welcome.session.to_string())],
-                    download.bytes as usize,
-                    timeout,
-                )
-                .await
-                .map_err(|e| End::Lost(format!("shard download failed: {e}")))?;
+            let mut bytes = Vec::new();
+            download_shard(ctx, welcome, &mut |chunk| {
+                bytes.extend_from_slice(chunk);
+                Ok(())
+            })
+            .await?;
             if !dataset::verify(&bytes, download.bytes, &download.sha256) {
                 return Err(End::Lost(
                     "the downloaded shard does not match its SHA-256".into(),
                 ));
             }
             if let Some(cache) = &ctx.config.cache {
-                match cache.store(&key, &bytes) {
+                match cache.store(key, &bytes) {
                     Ok(path) => tracing::info!(path = %path.display(), "shard verified and cached"),
                     Err(e) => tracing::warn!("could not cache the shard: {e}"),
                 }
@@ -495,11 +499,82 @@ async fn shard_data<E>(
             bytes
         }
     };
-    let set = decode_images("downloaded shard", &bytes)
-        .map_err(|e| End::Lost(format!("the shard does not decode: {e}")))?;
-    let set = Arc::new(set);
-    *memo = Some((key, set.clone()));
-    Ok(whole(set))
+    decode_images("downloaded shard", &bytes)
+        .map_err(|e| End::Lost(format!("the shard does not decode: {e}")))
+}
+
+/// A shard larger than `--shard-memory`, kept in the cache on disk (streamed there
+/// when it is not already) and read by offset: only its labels are held.
+async fn shard_on_disk<E>(
+    ctx: &Ctx<'_, E>,
+    cache: &ShardCache,
+    welcome: &Welcome,
+    key: &ShardKey,
+    report: &mut WorkReport,
+) -> Result<PackedSet, End> {
+    let download = welcome.download.as_ref().expect("checked by the caller");
+    let path = match cache.load_file(key, download.bytes, &download.sha256) {
+        Cached::OnDisk(path) => {
+            report.shard_source = "cache (on disk)".into();
+            path
+        }
+        other => {
+            if other == Cached::Corrupt {
+                tracing::warn!(
+                    "the cached shard did not match the server's digest; downloading it again"
+                );
+            }
+            let mut writer = cache
+                .writer(key)
+                .map_err(|e| End::Lost(format!("cannot cache the shard: {e}")))?;
+            download_shard(ctx, welcome, &mut |chunk| writer.write(chunk)).await?;
+            report.shard_source = "download (on disk)".into();
+            writer
+                .finish(download.bytes, &download.sha256)
+                .map_err(End::Lost)?
+        }
+    };
+    tracing::info!(path = %path.display(), "training from the shard on disk");
+    PackedSet::open(&path).map_err(|e| End::Lost(format!("the shard does not open: {e}")))
+}
+
+fn shard_name(welcome: &Welcome) -> String {
+    format!("{}/{}", welcome.shard.index, welcome.shard.count)
+}
+
+/// Downloads this session's shard into `sink`, a frame at a time (at least
+/// 100 kB/s, and a minute for the rest).
+async fn download_shard<E>(
+    ctx: &Ctx<'_, E>,
+    welcome: &Welcome,
+    sink: &mut (dyn FnMut(&[u8]) -> std::io::Result<()> + Send),
+) -> Result<u64, End> {
+    let (shard, download) = (welcome.shard, welcome.download.as_ref().expect("checked"));
+    let mb = download.bytes as f64 / 1e6;
+    ctx.bar.set_message(format!(
+        "downloading shard {} ({mb:.1} MB)",
+        shard_name(welcome)
+    ));
+    tracing::info!(
+        from = %ctx.endpoint.http_base(),
+        "downloading shard {} ({mb:.1} MB)",
+        shard_name(welcome)
+    );
+    let path = format!(
+        "/api/shard?index={}&count={}&seed={}&data={}",
+        shard.index, shard.count, shard.seed, download.data
+    );
+    let timeout = Duration::from_secs(60 + download.bytes / 100_000);
+    ctx.endpoint
+        .get_to(
+            &path,
+            &[(SESSION_HEADER, welcome.session.to_string())],
+            download.bytes,
+            timeout,
+            sink,
+        )
+        .await
+        .map_err(|e| End::Lost(format!("shard download failed: {e}")))
 }
 
 /// Header the shard download names the session in (the server's `SESSION_HEADER`).

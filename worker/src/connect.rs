@@ -232,6 +232,31 @@ impl Endpoint {
         limit: usize,
         timeout: Duration,
     ) -> Result<Vec<u8>, ConnectError> {
+        let mut body = Vec::new();
+        self.get_to(
+            path_and_query,
+            headers,
+            limit as u64,
+            timeout,
+            &mut |chunk| {
+                body.extend_from_slice(chunk);
+                Ok(())
+            },
+        )
+        .await?;
+        Ok(body)
+    }
+
+    /// [`Endpoint::get`], the body handed to `sink` a frame at a time as it
+    /// arrives (a large download is never held whole); returns its length.
+    pub async fn get_to(
+        &self,
+        path_and_query: &str,
+        headers: &[(&str, String)],
+        limit: u64,
+        timeout: Duration,
+        sink: &mut (dyn FnMut(&[u8]) -> std::io::Result<()> + Send),
+    ) -> Result<u64, ConnectError> {
         let fetch = async {
             let stream = self.stream().await?;
             let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
@@ -251,19 +276,34 @@ impl Endpoint {
                 .await
                 .map_err(|e| ConnectError::Io(e.to_string()))?;
             let status = response.status();
-            let body = Limited::new(response.into_body(), limit)
-                .collect()
-                .await
-                .map_err(|e| ConnectError::Io(format!("download failed: {e}")))?
-                .to_bytes();
-            driver.abort();
             if !status.is_success() {
+                let body = Limited::new(response.into_body(), 64 << 10)
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                driver.abort();
                 return Err(ConnectError::Http {
                     status,
                     body: String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned(),
                 });
             }
-            Ok(body.to_vec())
+            let mut body = response.into_body();
+            let mut total = 0u64;
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|e| ConnectError::Io(format!("download failed: {e}")))?;
+                if let Ok(data) = frame.into_data() {
+                    total += data.len() as u64;
+                    if total > limit {
+                        return Err(ConnectError::Io(format!(
+                            "download failed: more than the {limit} bytes announced"
+                        )));
+                    }
+                    sink(&data).map_err(|e| ConnectError::Io(format!("download failed: {e}")))?;
+                }
+            }
+            driver.abort();
+            Ok(total)
         };
         tokio::time::timeout(timeout, fetch)
             .await

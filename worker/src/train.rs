@@ -191,7 +191,7 @@ pub fn run(config: &TrainConfig) -> Result<TrainReport, TrainError> {
     let steps = batcher.batches_per_epoch();
     // Epoch e trains on the shuffle of epoch e; a thread prepares batches ahead.
     let train = Arc::new(data.train);
-    let mut batches = Prefetch::spawn(BatchStream::new(batcher, Arc::clone(&train), 1));
+    let mut batches = Prefetch::spawn(BatchStream::new(batcher, train.clone(), 1));
     let mut epochs = Vec::with_capacity(config.epochs);
     let mut train_seconds_total = 0.0;
     for epoch in 1..=config.epochs {

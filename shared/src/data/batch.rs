@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use super::ImageSet;
+use super::{ImageSet, Images};
 use crate::rng::SplitMix64;
 use serde::{Deserialize, Serialize};
 
@@ -174,9 +174,10 @@ impl Batcher {
     /// The normalised pixels of `items` (N·C·H·W of the network's input, row-major)
     /// and their labels, cropped where the images are larger: each item's window is
     /// drawn from (seed, `epoch`, item), the same natively and in the browser.
-    pub fn batch(&self, set: &ImageSet, items: &[usize], epoch: u64) -> Batch {
-        let (rows, cols) = self.input.unwrap_or((set.rows, set.cols));
-        let window = if (rows, cols) == (set.rows, set.cols) && !self.flip {
+    pub fn batch<S: Images + ?Sized>(&self, set: &S, items: &[usize], epoch: u64) -> Batch {
+        let [_, set_rows, set_cols] = set.dims();
+        let (rows, cols) = self.input.unwrap_or((set_rows, set_cols));
+        let window = if (rows, cols) == (set_rows, set_cols) && !self.flip {
             Window::Centre { rows, cols }
         } else {
             Window::Random {
@@ -229,10 +230,10 @@ pub trait BatchSource {
 
 /// A shard's batches, epoch after epoch, each epoch in its own shuffle
 /// ([`Batcher::epoch_order`]); an epoch's last batch may be short.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct BatchStream {
     batcher: Batcher,
-    set: Arc<ImageSet>,
+    set: Arc<dyn Images>,
     order: Vec<usize>,
     cursor: usize,
     epoch: u64,
@@ -240,7 +241,7 @@ pub struct BatchStream {
 
 impl BatchStream {
     /// The batches of `batcher`'s items of `set`, starting with epoch `first_epoch`.
-    pub fn new(batcher: Batcher, set: Arc<ImageSet>, first_epoch: u64) -> Self {
+    pub fn new(batcher: Batcher, set: Arc<dyn Images>, first_epoch: u64) -> Self {
         Self {
             order: batcher.epoch_order(first_epoch),
             batcher,
@@ -261,7 +262,7 @@ impl BatchSource for BatchStream {
         let end = (self.cursor + self.batcher.batch).min(self.order.len());
         let batch = self
             .batcher
-            .batch(&self.set, &self.order[self.cursor..end], self.epoch);
+            .batch(&*self.set, &self.order[self.cursor..end], self.epoch);
         self.cursor = end;
         batch
     }
@@ -305,9 +306,9 @@ impl Window {
 
     /// The top row and left column of item `item`'s window in `set`, and whether
     /// it is mirrored.
-    fn place(self, set: &ImageSet, item: usize) -> (usize, usize, bool) {
+    fn place(self, [_, set_rows, set_cols]: [usize; 3], item: usize) -> (usize, usize, bool) {
         let (rows, cols) = self.size();
-        let (spare_rows, spare_cols) = (set.rows - rows, set.cols - cols);
+        let (spare_rows, spare_cols) = (set_rows - rows, set_cols - cols);
         match self {
             Self::Centre { .. } => (spare_rows / 2, spare_cols / 2, false),
             Self::Random { seed, flip, .. } => {
@@ -327,30 +328,31 @@ impl Window {
 /// If `tables` has not one table per channel of `set`, or the window is larger than
 /// the images (sessions check the data and normalisation against the model before
 /// they make batches).
-pub fn fill_normalized(
-    set: &ImageSet,
+pub fn fill_normalized<S: Images + ?Sized>(
+    set: &S,
     items: &[usize],
     tables: &[[f32; 256]],
     window: Window,
     images: &mut Vec<f32>,
     labels: &mut Vec<i64>,
 ) {
-    assert_eq!(tables.len(), set.channels, "one normalisation per channel");
+    let dims = set.dims();
+    let [channels, set_rows, set_cols] = dims;
+    assert_eq!(tables.len(), channels, "one normalisation per channel");
     let (rows, cols) = window.size();
     assert!(
-        rows <= set.rows && cols <= set.cols,
-        "a {rows}×{cols} window of {}×{} images",
-        set.rows,
-        set.cols
+        rows <= set_rows && cols <= set_cols,
+        "a {rows}×{cols} window of {set_rows}×{set_cols} images"
     );
     images.clear();
     labels.clear();
-    images.reserve(items.len() * set.channels * rows * cols);
-    let plane = set.rows * set.cols;
+    images.reserve(items.len() * channels * rows * cols);
+    let plane = set_rows * set_cols;
+    let mut scratch = Vec::new();
     for &i in items {
-        let (top, left, mirrored) = window.place(set, i);
-        for (pixels, table) in set.image(i).chunks_exact(plane).zip(tables) {
-            for row in pixels.chunks_exact(set.cols).skip(top).take(rows) {
+        let (top, left, mirrored) = window.place(dims, i);
+        for (pixels, table) in set.pixels(i, &mut scratch).chunks_exact(plane).zip(tables) {
+            for row in pixels.chunks_exact(set_cols).skip(top).take(rows) {
                 let row = row[left..left + cols]
                     .iter()
                     .map(|&p| table[usize::from(p)]);
@@ -361,7 +363,7 @@ pub fn fill_normalized(
                 }
             }
         }
-        labels.push(i64::from(set.labels[i]));
+        labels.push(i64::from(set.label(i)));
     }
 }
 
@@ -461,13 +463,13 @@ mod tests {
     fn a_stream_walks_each_epoch_in_its_own_order_with_a_short_tail() {
         let s = Arc::new(set());
         let b = Batcher::new(vec![0, 1, 2], 2, 7, &identity());
-        let mut stream = BatchStream::new(b.clone(), Arc::clone(&s), 1);
+        let mut stream = BatchStream::new(b.clone(), s.clone(), 1);
         for epoch in 1..4 {
             let order = b.epoch_order(epoch);
             for items in b.chunks_with_tail(&order) {
                 assert_eq!(
                     stream.next_batch(),
-                    b.batch(&s, items, epoch),
+                    b.batch(&*s, items, epoch),
                     "epoch {epoch}"
                 );
             }

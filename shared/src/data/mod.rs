@@ -202,6 +202,42 @@ pub fn shape_text([channels, rows, cols]: [usize; 3]) -> String {
     format!("{channels}×{rows}×{cols}")
 }
 
+/// Labelled images a batch is read from: a set in memory ([`ImageSet`]), or one a
+/// native worker reads from its shard's file on disk.
+pub trait Images: Send + Sync {
+    /// Number of images.
+    fn count(&self) -> usize;
+    /// Channels, rows and cols of every image.
+    fn dims(&self) -> [usize; 3];
+    /// Image `index`'s label.
+    fn label(&self, index: usize) -> u16;
+    /// Image `index`'s pixels, channel-major: borrowed from memory, or read into
+    /// `scratch` (which then holds them).
+    ///
+    /// # Panics
+    /// A set on disk that can no longer be read (the worker cannot train without
+    /// its shard, and says which file).
+    fn pixels<'a>(&'a self, index: usize, scratch: &'a mut Vec<u8>) -> &'a [u8];
+}
+
+impl Images for ImageSet {
+    fn count(&self) -> usize {
+        self.len()
+    }
+
+    fn dims(&self) -> [usize; 3] {
+        self.shape()
+    }
+
+    fn label(&self, index: usize) -> u16 {
+        self.labels[index]
+    }
+
+    fn pixels<'a>(&'a self, index: usize, _scratch: &'a mut Vec<u8>) -> &'a [u8] {
+        self.image(index)
+    }
+}
+
 /// A training and a test set.
 #[derive(Clone, Debug)]
 pub struct Dataset {

@@ -1,7 +1,7 @@
 //! Data larger than `--data-memory`: a packed set (`train.tsi`, `test.tsi`), and an
 //! image folder the server packs chunk by chunk; the server keeps the training file
-//! on disk, streams each shard from it to a worker that has nothing but the URL,
-//! and the center learns.
+//! on disk, streams each shard from it to a worker that has nothing but the URL
+//! and keeps the shard on its own disk, reading batches from it; the center learns.
 
 use std::path::Path;
 use std::time::Duration;
@@ -53,8 +53,8 @@ async fn an_image_folder_larger_than_the_budget_is_packed_and_served_from_disk()
     Ok(())
 }
 
-/// Serves `data` with `--data-memory 1` (MiB) to one URL-only worker until 3 000
-/// samples; checks the log says the set stays on disk and the first classes' names;
+/// Serves `data` with `--data-memory 1` (MiB) to one URL-only worker with
+/// `--shard-memory 1` until 3 000 samples; checks the log says the set stays on disk and the first classes' names;
 /// returns the final accuracy.
 async fn serve_from_disk(root: &Path, data: &Path, net: &Path, names: &[&str]) -> Result<f64> {
     let run = root.join("run");
@@ -87,7 +87,13 @@ async fn serve_from_disk(root: &Path, data: &Path, net: &Path, names: &[&str]) -
     for (label, name) in names.iter().enumerate() {
         assert_eq!(classes["classes"][label]["name"], *name, "{classes}");
     }
-    let worker = serve.worker(&root.join("worker-cache"), &[])?;
+    // The worker keeps its shard (> 1 MiB) on disk too and reads batches from it.
+    let worker_report = root.join("worker.json");
+    let worker_report_arg = worker_report.display().to_string();
+    let worker = serve.worker(
+        &root.join("worker-cache"),
+        &["--shard-memory", "1", "--report", &worker_report_arg],
+    )?;
     let report = serve.finished_report(&run, Duration::from_secs(240))?;
     let out = worker.wait_with_output()?;
     assert!(
@@ -95,6 +101,8 @@ async fn serve_from_disk(root: &Path, data: &Path, net: &Path, names: &[&str]) -
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let worked = tether_tests::read_json(&worker_report)?;
+    assert_eq!(worked["shard_source"], "download (on disk)", "{worked}");
     let log = serve.log();
     assert!(log.contains("served from disk"), "{log}");
     report["evaluation"]["accuracy"]
