@@ -168,9 +168,9 @@ pub struct ServeArgs {
     /// Checkpoints kept on disk.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
     pub keep_checkpoints: u64,
-    /// A packed data set (`train.tsi`, `test.tsi`) whose training file is larger
-    /// than this many MiB stays on disk: shards are streamed from it and the server
-    /// holds only a sample of its images.
+    /// A training set whose packed file (a packed set's `train.tsi`, or an image
+    /// folder once decoded) is larger than this many MiB stays on disk: shards are
+    /// streamed from it and the server holds only a sample of its images.
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
     pub data_memory: u64,
     /// End the run once workers have reported this many training images in all

@@ -118,12 +118,17 @@ impl RunData {
             hist.add(pixels);
             id.add(pixels.iter().copied());
         })?;
-        let mut picks: Vec<usize> = (0..packed.len()).collect();
-        SplitMix64::new(0x5eed).shuffle(&mut picks);
         let image = packed.shape().iter().product::<usize>() as u64;
         let within = usize::try_from(memory / 2 / image.max(1)).unwrap_or(usize::MAX);
-        picks.truncate(within.clamp(256, SAMPLE_IMAGES));
+        let want = within.clamp(256, SAMPLE_IMAGES);
+        // Drawn, not shuffled: no vector as long as the set (a repeat is dropped).
+        let mut rng = SplitMix64::new(0x5eed);
+        let mut picks: Vec<usize> = match packed.len() {
+            n if n <= want => (0..n).collect(),
+            n => (0..want).map(|_| rng.below(n)).collect(),
+        };
         picks.sort_unstable(); // read in file order
+        picks.dedup();
         let sample = Arc::new(packed.read(&picks)?);
         Ok(Self {
             normalization: hist.finish(),
