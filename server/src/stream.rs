@@ -8,15 +8,20 @@ use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
 use tether_dataset::PackedSet;
+use tether_shared::data::shard_indices;
+use tether_shared::protocol::Shard;
 use tokio::sync::mpsc;
 
 /// Chunks in flight between the disk and the socket.
 const IN_FLIGHT: usize = 2;
 
-/// The images at `items` of `packed`, encoded as a shard, streamed.
-pub fn packed_body(packed: Arc<PackedSet>, items: Vec<usize>) -> Body {
+/// `shard` of `packed`, encoded as a shard, streamed (the cut is computed on the
+/// blocking thread too: it is as long as the set).
+pub fn packed_body(packed: Arc<PackedSet>, shard: Shard) -> Body {
     let (tx, rx) = mpsc::channel::<std::io::Result<Bytes>>(IN_FLIGHT);
     tokio::task::spawn_blocking(move || {
+        let (n, count, index) = (packed.len(), shard.count as usize, shard.index as usize);
+        let items = shard_indices(n, count, index, shard.seed);
         let mut out = ChannelWriter(tx.clone());
         if let Err(e) = packed.write_subset(&items, &mut out) {
             // The client sees a cut body; its checksum fails and it retries.

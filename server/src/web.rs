@@ -17,8 +17,6 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use tether_shared::data::shard_indices;
-
 use crate::classes::{ClassPage, ClassQuery, MAX_PAGE};
 use crate::state::{AppState, TICKET_LIFETIME};
 
@@ -348,11 +346,7 @@ pub async fn shard(
     ];
     let body = match (&file.bytes, state.train.packed()) {
         (Some(bytes), _) => axum::body::Body::from(bytes.clone()),
-        (None, Some(packed)) => {
-            let n = state.train.len();
-            let items = shard_indices(n, shard.count as usize, shard.index as usize, shard.seed);
-            crate::stream::packed_body(packed, items)
-        }
+        (None, Some(packed)) => crate::stream::packed_body(packed, shard),
         (None, None) => return error(StatusCode::INTERNAL_SERVER_ERROR, "no shard bytes"),
     };
     (headers, body).into_response()
