@@ -8,6 +8,7 @@ mod bench_tree;
 mod demo;
 mod models;
 mod net;
+mod pack;
 mod repro;
 mod sim;
 
@@ -69,6 +70,9 @@ enum Command {
     /// The networks: the shipped ones, or check description files (their layers'
     /// shapes, parameters and FLOPs) before a run uses them.
     Models(models::ModelsArgs),
+    /// Writes a data set (IDX, CIFAR-10, an image folder) as a packed set, which a
+    /// server larger than --data-memory keeps on disk.
+    Pack(pack::PackArgs),
     /// The paper's experiments in parallel time: p workers simulated in virtual
     /// time (real training, virtual clocks); writes a table, JSON and figures.
     #[command(subcommand)]
@@ -278,6 +282,7 @@ fn main() -> Result<()> {
         Command::Bench(BenchCommand::Data(args)) => bench_data::run_bench_data(args),
         Command::Repro(command) => repro::run(command),
         Command::Models(args) => models::run(&args),
+        Command::Pack(args) => pack::run(&args),
     }
 }
 

@@ -237,6 +237,54 @@ pub fn shape_of(path: &Path) -> Option<[usize; 3]> {
     (&header[..4] == IMAGES_MAGIC).then(|| [field(1), field(2), field(3)])
 }
 
+/// What [`pack_dir`] wrote.
+#[derive(Debug)]
+pub struct Packed {
+    /// Training and test images written.
+    pub images: (usize, usize),
+    /// Class names written to `classes.txt` (none: no file).
+    pub classes: usize,
+}
+
+/// Writes the data set in `dir` (IDX, CIFAR-10, an image folder resized to `shape`)
+/// as a packed set in `out`: `train.tsi`, `test.tsi`, and `classes.txt` when the data
+/// names its classes. An image folder is decoded a chunk at a time (it may be larger
+/// than memory); the other formats are read whole first.
+pub fn pack_dir(dir: &Path, shape: [usize; 3], out: &Path) -> Result<Packed, LoadError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| LoadError::Io { path, source }
+    };
+    let (train, test) = (out.join(TRAIN_FILE), out.join(TEST_FILE));
+    // Nothing is created in `out` before the data has read (or decoded) well.
+    let classes = if crate::format(dir) == crate::Format::Folder {
+        let decoding = out.join(".decoding");
+        let folder = crate::pack_folder(dir, shape, &decoding).inspect_err(|_| {
+            let _ = std::fs::remove_dir_all(&decoding);
+        })?;
+        for (from, to) in [(&folder.train, &train), (&folder.test, &test)] {
+            std::fs::rename(from, to).map_err(io(to))?;
+        }
+        let _ = std::fs::remove_dir_all(&decoding);
+        folder.classes
+    } else {
+        let (_, data) = crate::load_for(Some(dir), Some(shape))?;
+        std::fs::create_dir_all(out).map_err(io(out))?;
+        write_packed(&train, &data.train)?;
+        write_packed(&test, &data.test)?;
+        data.classes
+    };
+    if !classes.is_empty() {
+        let names = out.join("classes.txt");
+        std::fs::write(&names, classes.join("\n") + "\n").map_err(io(&names))?;
+    }
+    let count = |path: &Path| PackedSet::open(path).map(|p| p.len());
+    Ok(Packed {
+        images: (count(&train)?, count(&test)?),
+        classes: classes.len(),
+    })
+}
+
 /// Writes `set` as a packed file at `path` (temp file, then rename).
 pub fn write_packed(path: &Path, set: &ImageSet) -> Result<(), LoadError> {
     let tmp = path.with_extension("tmp");

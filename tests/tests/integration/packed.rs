@@ -109,3 +109,52 @@ async fn serve_from_disk(root: &Path, data: &Path, net: &Path, names: &[&str]) -
         .as_f64()
         .context("an evaluation")
 }
+
+/// `tether pack` writes an image folder as a packed set for a network (and its class
+/// names), which serves like any data set; bad input creates nothing.
+#[test]
+fn tether_pack_writes_a_folder_as_a_packed_set() -> Result<()> {
+    let root = scratch("pack-cli")?;
+    let photos = root.join("photos");
+    write_photo_folder(&photos, 20)?;
+    let net = root.join("net.toml");
+    std::fs::write(
+        &net,
+        NET.replace("classes = 10", "classes = 3")
+            .replace("linear 10", "linear 3"),
+    )?;
+    let out = root.join("packed");
+    let run = tether_tests::tether(&[
+        "pack",
+        "--data",
+        &photos.display().to_string(),
+        "--out",
+        &out.display().to_string(),
+        "--model",
+        &net.display().to_string(),
+    ])?;
+    let said = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(
+        said.contains("60 training and 15 test images of 3×32×32, 3 class names"),
+        "{said}"
+    );
+    let (_, data) = tether_dataset::load(Some(&out))?;
+    assert_eq!((data.train.len(), data.train.shape()), (60, [3, 32, 32]));
+    assert_eq!(data.classes, PHOTO_CLASSES);
+    let missing = root.join("nothing-here");
+    let bad = tether_tests::tether(&[
+        "pack",
+        "--data",
+        &root.join("absent").display().to_string(),
+        "--out",
+        &missing.display().to_string(),
+    ])?;
+    assert!(!bad.status.success());
+    assert!(!missing.exists(), "a failed pack creates nothing");
+    Ok(())
+}
