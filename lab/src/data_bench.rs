@@ -11,13 +11,11 @@ use std::time::{Duration, Instant};
 
 use futures_util::SinkExt;
 use sha2::{Digest, Sha256};
-use tether_shared::codec::Encoding;
 use tether_shared::data::{ImageSet, encode_head, encode_images};
-use tether_shared::protocol::{self, Frame, Hello, Message, PROTOCOL_VERSION, WorkerKind};
+use tether_shared::protocol::{Frame, Message};
 use tether_shared::rng::SplitMix64;
 use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 use crate::server_bench::{self, ServerBenchError, peak_rss_mb, rss_mb, ws_config};
 use crate::tree_bench::{TreeBenchError, free_port, spawn, status};
@@ -213,24 +211,9 @@ async fn download(addr: SocketAddr) -> Result<u64, DataBenchError> {
         tokio_tungstenite::connect_async_with_config(url.as_str(), Some(ws_config()), true)
             .await
             .map_err(ServerBenchError::from)?;
-    let hello = Hello {
-        protocol: PROTOCOL_VERSION,
-        kind: WorkerKind::Native,
-        backend: "bench".into(),
-        device: "data bench client".into(),
-        threads: 0,
-        token: None,
-        previous_run: None,
-        encodings: vec![Encoding::F32],
-        needs_shard: true,
-        group: None,
-        url: None,
-    };
-    ws.send(WsMessage::Binary(
-        protocol::encode(&Message::Hello(hello), &[]).into(),
-    ))
-    .await
-    .map_err(ServerBenchError::from)?;
+    ws.send(server_bench::bench_hello(true))
+        .await
+        .map_err(ServerBenchError::from)?;
     let Frame {
         message: Message::Welcome(welcome),
         ..

@@ -206,23 +206,7 @@ fn memory_mb(pid: u32, field: &str) -> Option<f64> {
 async fn sync_client(url: String, until: Instant, at_least: u64) -> Result<u64, ServerBenchError> {
     let (mut ws, _) =
         tokio_tungstenite::connect_async_with_config(url.as_str(), Some(ws_config()), true).await?;
-    let hello = Hello {
-        protocol: PROTOCOL_VERSION,
-        kind: WorkerKind::Native,
-        backend: "bench".into(),
-        device: "bench client".into(),
-        threads: 0,
-        token: None,
-        previous_run: None,
-        encodings: vec![Encoding::F32],
-        needs_shard: false,
-        group: None,
-        url: None,
-    };
-    ws.send(WsMessage::Binary(
-        protocol::encode(&Message::Hello(hello), &[]).into(),
-    ))
-    .await?;
+    ws.send(bench_hello(false)).await?;
     let (welcome, center) = match next(&mut ws).await? {
         Frame {
             message: Message::Welcome(w),
@@ -260,6 +244,24 @@ async fn sync_client(url: String, until: Instant, at_least: u64) -> Result<u64, 
     }
     let _ = ws.close(None).await;
     Ok(n)
+}
+
+/// A benchmark client's hello as a frame: f32 syncs, a shard download when asked.
+pub(crate) fn bench_hello(needs_shard: bool) -> WsMessage {
+    let hello = Hello {
+        protocol: PROTOCOL_VERSION,
+        kind: WorkerKind::Native,
+        backend: "bench".into(),
+        device: "bench client".into(),
+        threads: 0,
+        token: None,
+        previous_run: None,
+        encodings: vec![Encoding::F32],
+        needs_shard,
+        group: None,
+        url: None,
+    };
+    WsMessage::Binary(protocol::encode(&Message::Hello(hello), &[]).into())
 }
 
 pub(crate) async fn next(ws: &mut Socket) -> Result<Frame, ServerBenchError> {

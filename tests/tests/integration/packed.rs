@@ -17,6 +17,12 @@ classes = 10
 layers = ["conv 8 kernel=3 pad=1", "relu", "maxpool 2", "globalavgpool", "linear 10"]
 "#;
 
+/// [`NET`] for the three classes of the generated photo folder.
+fn three_class_net() -> String {
+    NET.replace("classes = 10", "classes = 3")
+        .replace("linear 10", "linear 3")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_packed_set_larger_than_the_budget_is_served_from_disk() -> Result<()> {
     let root = scratch("packed-serve")?;
@@ -42,11 +48,7 @@ async fn an_image_folder_larger_than_the_budget_is_packed_and_served_from_disk()
     let photos = root.join("photos");
     write_photo_folder(&photos, 240)?;
     let net = root.join("net.toml");
-    std::fs::write(
-        &net,
-        NET.replace("classes = 10", "classes = 3")
-            .replace("linear 10", "linear 3"),
-    )?;
+    std::fs::write(&net, three_class_net())?;
     // 720 training images of 3×32×32: 2.1 MiB packed.
     let acc = serve_from_disk(&root, &photos, &net, &PHOTO_CLASSES).await?;
     assert!(acc > 0.6, "three classes after 3 000 samples: {acc}");
@@ -118,11 +120,7 @@ fn tether_pack_writes_a_folder_as_a_packed_set() -> Result<()> {
     let photos = root.join("photos");
     write_photo_folder(&photos, 20)?;
     let net = root.join("net.toml");
-    std::fs::write(
-        &net,
-        NET.replace("classes = 10", "classes = 3")
-            .replace("linear 10", "linear 3"),
-    )?;
+    std::fs::write(&net, three_class_net())?;
     let out = root.join("packed");
     let run = tether_tests::tether(&[
         "pack",
