@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use serde::Serialize;
-use tether_dataset::{self as dataset, Cached, LoadError, PackedSet, ShardCache, ShardKey};
+use tether_dataset::{self as dataset, LoadError, ShardCache, ShardKey};
 use tether_shared::codec::{Encoding, Link};
-use tether_shared::data::{ImageSet, Images, decode_images, shard_indices};
+use tether_shared::data::{ImageSet, Images, shard_indices};
 use tether_shared::local::ShardData;
 use tether_shared::protocol::{
     self, DecodeError, Frame, Hello, Message, PROTOCOL_VERSION, Remedy, StopReason, Sync, Welcome,
@@ -26,6 +26,7 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 use crate::backend::{self, BackendChoice, BackendError};
 use crate::compute::{self, Compute, Mailbox};
 use crate::connect::{ConnectError, Endpoint, Socket};
+use crate::download;
 use crate::engine::{Engine, Identity};
 use crate::progress;
 
@@ -419,11 +420,11 @@ async fn shard_data<E>(
         Source::Download(memo) => memo,
         Source::Folder(_) => unreachable!("decoded at the welcome"),
     };
-    let Some(download) = &welcome.download else {
+    let Some(announced) = &welcome.download else {
         return Err(End::Lost("the server announced no shard download".into()));
     };
     let key = ShardKey {
-        data: download.data.clone(),
+        data: announced.data.clone(),
         count: shard.count,
         index: shard.index,
         seed: shard.seed,
@@ -437,148 +438,19 @@ async fn shard_data<E>(
     {
         return Ok(whole(set.clone()));
     }
-    // Announced by the server; refused beyond 8 GiB all the same.
-    if download.bytes > 8 << 30 {
-        return Err(End::Lost(format!(
-            "a shard of {} bytes is implausible",
-            download.bytes
-        )));
-    }
-    let set: Arc<dyn Images> = match &ctx.config.cache {
-        Some(cache) if download.bytes > ctx.config.shard_memory => {
-            Arc::new(shard_on_disk(ctx, cache, welcome, &key, report).await?)
-        }
-        _ => Arc::new(shard_in_memory(ctx, welcome, &key, report).await?),
+    let fetch = download::Fetch {
+        endpoint: ctx.endpoint,
+        cache: ctx.config.cache.as_ref(),
+        shard_memory: ctx.config.shard_memory,
+        bar: ctx.bar,
     };
+    let (set, from) = download::shard(&fetch, welcome, &key)
+        .await
+        .map_err(End::Lost)?;
+    report.shard_source = from.into();
     *memo = Some((key, set.clone()));
     Ok(whole(set))
 }
-
-/// The shard in memory: from the cache, or downloaded (and cached).
-async fn shard_in_memory<E>(
-    ctx: &Ctx<'_, E>,
-    welcome: &Welcome,
-    key: &ShardKey,
-    report: &mut WorkReport,
-) -> Result<ImageSet, End> {
-    let download = welcome.download.as_ref().expect("checked by the caller");
-    let cached = match &ctx.config.cache {
-        Some(cache) => cache.load(key, download.bytes, &download.sha256),
-        None => Cached::Miss,
-    };
-    let bytes = match cached {
-        Cached::Hit(bytes) => {
-            tracing::info!(shard = %shard_name(welcome), "using the cached shard");
-            report.shard_source = "cache".into();
-            bytes
-        }
-        other => {
-            if other == Cached::Corrupt {
-                tracing::warn!(
-                    "the cached shard did not match the server's digest; downloading it again"
-                );
-            }
-            let mut bytes = Vec::new();
-            download_shard(ctx, welcome, &mut |chunk| {
-                bytes.extend_from_slice(chunk);
-                Ok(())
-            })
-            .await?;
-            if !dataset::verify(&bytes, download.bytes, &download.sha256) {
-                return Err(End::Lost(
-                    "the downloaded shard does not match its SHA-256".into(),
-                ));
-            }
-            if let Some(cache) = &ctx.config.cache {
-                match cache.store(key, &bytes) {
-                    Ok(path) => tracing::info!(path = %path.display(), "shard verified and cached"),
-                    Err(e) => tracing::warn!("could not cache the shard: {e}"),
-                }
-            }
-            report.shard_source = "download".into();
-            bytes
-        }
-    };
-    decode_images("downloaded shard", &bytes)
-        .map_err(|e| End::Lost(format!("the shard does not decode: {e}")))
-}
-
-/// A shard larger than `--shard-memory`, kept in the cache on disk (streamed there
-/// when it is not already) and read by offset: only its labels are held.
-async fn shard_on_disk<E>(
-    ctx: &Ctx<'_, E>,
-    cache: &ShardCache,
-    welcome: &Welcome,
-    key: &ShardKey,
-    report: &mut WorkReport,
-) -> Result<PackedSet, End> {
-    let download = welcome.download.as_ref().expect("checked by the caller");
-    let path = match cache.load_file(key, download.bytes, &download.sha256) {
-        Cached::OnDisk(path) => {
-            report.shard_source = "cache (on disk)".into();
-            path
-        }
-        other => {
-            if other == Cached::Corrupt {
-                tracing::warn!(
-                    "the cached shard did not match the server's digest; downloading it again"
-                );
-            }
-            let mut writer = cache
-                .writer(key)
-                .map_err(|e| End::Lost(format!("cannot cache the shard: {e}")))?;
-            download_shard(ctx, welcome, &mut |chunk| writer.write(chunk)).await?;
-            report.shard_source = "download (on disk)".into();
-            writer
-                .finish(download.bytes, &download.sha256)
-                .map_err(End::Lost)?
-        }
-    };
-    tracing::info!(path = %path.display(), "training from the shard on disk");
-    PackedSet::open(&path).map_err(|e| End::Lost(format!("the shard does not open: {e}")))
-}
-
-fn shard_name(welcome: &Welcome) -> String {
-    format!("{}/{}", welcome.shard.index, welcome.shard.count)
-}
-
-/// Downloads this session's shard into `sink`, a frame at a time (at least
-/// 100 kB/s, and a minute for the rest).
-async fn download_shard<E>(
-    ctx: &Ctx<'_, E>,
-    welcome: &Welcome,
-    sink: &mut (dyn FnMut(&[u8]) -> std::io::Result<()> + Send),
-) -> Result<u64, End> {
-    let (shard, download) = (welcome.shard, welcome.download.as_ref().expect("checked"));
-    let mb = download.bytes as f64 / 1e6;
-    ctx.bar.set_message(format!(
-        "downloading shard {} ({mb:.1} MB)",
-        shard_name(welcome)
-    ));
-    tracing::info!(
-        from = %ctx.endpoint.http_base(),
-        "downloading shard {} ({mb:.1} MB)",
-        shard_name(welcome)
-    );
-    let path = format!(
-        "/api/shard?index={}&count={}&seed={}&data={}",
-        shard.index, shard.count, shard.seed, download.data
-    );
-    let timeout = Duration::from_secs(60 + download.bytes / 100_000);
-    ctx.endpoint
-        .get_to(
-            &path,
-            &[(SESSION_HEADER, welcome.session.to_string())],
-            download.bytes,
-            timeout,
-            sink,
-        )
-        .await
-        .map_err(|e| End::Lost(format!("shard download failed: {e}")))
-}
-
-/// Header the shard download names the session in (the server's `SESSION_HEADER`).
-const SESSION_HEADER: &str = "x-tether-session";
 
 /// A sync sent and not yet answered.
 struct InFlight {

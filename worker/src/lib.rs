@@ -10,6 +10,7 @@ pub mod bench;
 pub mod client;
 pub mod compute;
 pub mod connect;
+mod download;
 pub mod engine;
 pub mod prefetch;
 pub mod progress;
