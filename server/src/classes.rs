@@ -75,11 +75,6 @@ impl Classes {
         }
     }
 
-    /// The class names, in label order.
-    pub fn names(&self) -> &[String] {
-        &self.names
-    }
-
     /// Keeps `scores` as the latest, for center `version`.
     pub fn record(&self, version: u64, scores: ClassScores) {
         *self.latest.lock().unwrap_or_else(|e| e.into_inner()) = Some((version, scores));
