@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use tether_shared::data::batch::{Window, fill_normalized};
+use tether_shared::data::window::{Window, fill_normalized};
 use tether_shared::data::{ImageSet, Normalization};
 use tether_shared::model::{Model, Net, load_flat};
 use tether_shared::rng::SplitMix64;

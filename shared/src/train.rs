@@ -12,7 +12,7 @@ use burn::optim::{GradientsParams, ModuleOptimizer, SgdConfig};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
-use crate::data::batch::{Window, fill_normalized};
+use crate::data::window::{Window, fill_normalized};
 use crate::data::{Batch, ImageSet, Normalization};
 use crate::model::{FlatError, Model, Net, load_flat, to_flat};
 use crate::rng::SplitMix64;

@@ -8,6 +8,7 @@ pub mod batch;
 pub mod cifar;
 pub mod idx;
 pub mod shard;
+pub mod window;
 
 use thiserror::Error;
 
