@@ -28,6 +28,9 @@ pub const MAX_STEPS: u32 = 256;
 /// How long an exchange waits for a measurement under way before the guard judges
 /// it without one.
 pub const WAIT: Duration = Duration::from_secs(120);
+/// At most one measurement asked for by a new worker's first exchange this often
+/// (workers joining and refused cannot keep the server's core busy measuring).
+pub const REMEASURE_EVERY: Duration = Duration::from_secs(30);
 /// Seeds the measurement's batches and dropout: the figure is the same every time
 /// for the same center and settings.
 const SEED: u64 = 0x7e7e_ca11_b4a7_e000;
@@ -77,6 +80,8 @@ pub struct Calibration {
     train: Arc<ImageSet>,
     /// Measurements started and not yet finished.
     running: watch::Sender<u32>,
+    /// When the last measurement began.
+    last: Mutex<Option<Instant>>,
 }
 
 impl Calibration {
@@ -87,14 +92,27 @@ impl Calibration {
             spec,
             train,
             running: watch::Sender::new(0),
+            last: Mutex::new(None),
         }
     }
 
     /// Counts a measurement as under way from now until the returned guard drops:
     /// call it before the change that needs one, so no exchange slips in between.
     pub fn begin(&self) -> Running {
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
         self.running.send_modify(|n| *n += 1);
         Running(self.running.clone())
+    }
+
+    /// [`Self::begin`], unless a measurement began less than `every` ago.
+    pub fn begin_if_due(&self, every: Duration) -> Option<Running> {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_some_and(|at| at.elapsed() < every) {
+            return None;
+        }
+        *last = Some(Instant::now());
+        self.running.send_modify(|n| *n += 1);
+        Some(Running(self.running.clone()))
     }
 
     /// Whether a measurement is under way.

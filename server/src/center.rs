@@ -211,6 +211,19 @@ impl Center {
         self.guard.bound(norms(&self.params, &[]).distance, cohort)
     }
 
+    /// The largest progress the norm guard accepts now from `session`'s next
+    /// exchange (run at the current τ and η).
+    pub fn session_bound(&self, session: u64, cohort: Cohort) -> f64 {
+        let center = norms(&self.params, &[]).distance;
+        self.guard.judged_bound(center, session, cohort, true)
+    }
+
+    /// Whether `session` is new to the run, still settling (its exchanges are
+    /// judged by the measure of honest progress from x̃ too).
+    pub fn is_new(&self, session: u64) -> bool {
+        self.guard.settling(session)
+    }
+
     /// Workers waiting in the current synchronous round.
     pub fn round_waiting(&self) -> usize {
         self.round.len()
@@ -239,10 +252,17 @@ impl Center {
         if !update.progress.is_finite() {
             return Err(Rejection::OutOfLine);
         }
-        let bound = self
-            .guard
-            .judged_bound(center_norm, update.cohort, update.settled);
+        let bound =
+            self.guard
+                .judged_bound(center_norm, update.session, update.cohort, update.settled);
         if update.progress > bound {
+            tracing::debug!(
+                worker = update.worker_id,
+                progress = update.progress,
+                bound,
+                center_norm,
+                "out of line"
+            );
             self.guard.refused(update.cohort);
             return Err(Rejection::OutOfLine);
         }

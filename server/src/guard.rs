@@ -6,8 +6,11 @@
 
 use std::collections::{HashMap, VecDeque};
 
-/// Accepted progress norms kept per worker: its figure is their median.
-pub(crate) const HISTORY: usize = 8;
+/// Accepted progress norms kept per worker: its figure is the largest of them.
+pub(crate) const HISTORY: usize = 16;
+/// A worker with fewer accepted exchanges than this is still settling: it started
+/// from x̃ and is judged by the server's measure of honest progress from x̃ too.
+pub(crate) const SETTLING: usize = HISTORY / 2;
 /// Before any worker of a cohort has an accepted update, progress is bounded by this
 /// fraction of ‖x̃‖ (× the ratio), or by the server's own measure of honest progress
 /// when that is larger (`calibrate.rs`): the bootstrap of a run.
@@ -34,11 +37,14 @@ pub enum Cohort {
 
 /// Refuses updates whose progress is far outside the run's typical progress.
 ///
-/// The typical figure is a median of medians: each worker's figure is the median of
-/// its last [`HISTORY`] accepted progress norms, and the typical is the lower median
-/// of the figures of the workers in its [`Cohort`]. No single worker sets it: with two
-/// workers the smaller figure counts, with more the middle one; a worker raising its
-/// own figure step by step raises nothing. Rejected rather than clipped: a clipped
+/// The typical figure is a median of recent maxima: each worker's figure is the
+/// largest of its last [`HISTORY`] accepted progress norms, and the typical is the
+/// lower median of the figures of the workers in its [`Cohort`]. The largest, not
+/// the median: honest progress is heavy-tailed once a run nears convergence (most
+/// exchanges barely move, an epoch's hard batch moves 10–20× as far), and a bound
+/// on the median shut honest workers out one after another. No single worker sets
+/// it: with two workers the smaller figure counts, with more the middle one; a
+/// worker raising its own figure step by step raises nothing. Rejected rather than clipped: a clipped
 /// update would still move the center toward a point no honest worker reached
 /// (ARCHITECTURE.md).
 #[derive(Clone, Debug)]
@@ -93,7 +99,7 @@ impl NormGuard {
             .recent
             .values()
             .filter(|(c, _)| *c == cohort)
-            .filter_map(|(_, h)| lower_median(h.iter().copied()));
+            .filter_map(|(_, h)| h.iter().copied().max_by(f64::total_cmp));
         lower_median(figures)
     }
 
@@ -134,11 +140,27 @@ impl NormGuard {
         }
     }
 
-    /// The bound an update's progress is judged against: [`Self::bound`], or for an
-    /// update run at the values before the last change of τ or η (not `settled`),
-    /// the larger of that and the bound before the change.
-    pub(crate) fn judged_bound(&self, center_norm: f64, cohort: Cohort, settled: bool) -> f64 {
-        let bound = self.bound(center_norm, cohort);
+    /// The bound `session`'s update is judged against: [`Self::bound`]; while the
+    /// worker is settling (fewer than [`SETTLING`] accepted exchanges) at least the
+    /// ratio times the latest measure of honest progress from the center — a
+    /// worker new to the run starts from x̃, and its first exchanges from x̃ move far
+    /// more than a settled worker's once training nears a sharp minimum (10–300×
+    /// on a small batch-norm network); for an update run at the values before the
+    /// last change of τ or η (not `settled`), at least the bound before the change.
+    pub(crate) fn judged_bound(
+        &self,
+        center_norm: f64,
+        session: u64,
+        cohort: Cohort,
+        settled: bool,
+    ) -> f64 {
+        let mut bound = self.bound(center_norm, cohort);
+        if let (Cohort::Workers, Some(honest)) = (cohort, self.honest)
+            && self.settling(session)
+            && !self.stale
+        {
+            bound = bound.max(self.ratio * honest);
+        }
         if settled {
             bound
         } else {
@@ -156,6 +178,13 @@ impl NormGuard {
             self.recent.retain(|_, (c, _)| *c != Cohort::Workers);
             self.bootstrap_refusals[Cohort::Workers as usize] = 0;
         }
+    }
+
+    /// Whether `session` has fewer than [`SETTLING`] accepted exchanges.
+    pub(crate) fn settling(&self, session: u64) -> bool {
+        self.recent
+            .get(&session)
+            .is_none_or(|(_, h)| h.len() < SETTLING)
     }
 
     pub(crate) fn forget(&mut self, session: u64) {

@@ -142,6 +142,12 @@ impl Trainer {
         to_flat(self.net())
     }
 
+    /// Forgets the optimizer's state (its momentum): for a worker that starts
+    /// again from the center rather than going on from its own point.
+    pub fn reset_optimizer(&mut self) {
+        self.optim = self.settings.optimizer();
+    }
+
     /// Replaces the parameters, keeping the optimizer's momentum. Unchanged on error.
     pub fn set_params(&mut self, flat: &[f32]) -> Result<(), FlatError> {
         let net = self.net.take().expect("trainer holds a network");

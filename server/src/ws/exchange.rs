@@ -8,7 +8,7 @@ use tether_shared::protocol::{Rejection, StopReason, Sync};
 
 use super::Conn;
 use crate::calibrate;
-use crate::center::{Outcome, Ready, Update};
+use crate::center::{Cohort, Outcome, Ready, Update};
 use crate::screen::Verdict;
 use crate::state::AppState;
 
@@ -83,8 +83,26 @@ pub(super) async fn exchange(
     // While the server measures honest progress (at start, after a change of τ or
     // η), an exchange the norm guard would refuse without the measure waits for it
     // (a GPU worker's first τ steps can outrun the server's CPU measuring them).
-    if state.calibration.running() && progress > state.center().progress_bound(conn.cohort) {
-        state.calibration.settled(calibrate::WAIT).await;
+    // A worker's first exchange that a measure from an older x̃ would refuse has
+    // one taken from x̃ as it is now (at most every `REMEASURE_EVERY`).
+    let (bound, new) = {
+        let center = state.center();
+        (
+            center.session_bound(conn.session, conn.cohort),
+            center.is_new(conn.session),
+        )
+    };
+    if progress > bound {
+        if new
+            && conn.cohort == Cohort::Workers
+            && !state.calibration.running()
+            && let Some(running) = state.calibration.begin_if_due(calibrate::REMEASURE_EVERY)
+        {
+            state.measure_honest_progress(running);
+        }
+        if state.calibration.running() {
+            state.calibration.settled(calibrate::WAIT).await;
+        }
     }
     let now = state.center().hyper();
     let mut update = Update {
