@@ -14,6 +14,11 @@ function groupName() {
 
 export function mountVolunteer(root, { needsToken = false } = {}) {
   const cores = Math.max(1, navigator.hardwareConcurrency || 1);
+  // `?shard-memory=MiB` in the page's address: how much of its shard each worker
+  // keeps in memory (256 MiB unless said); a larger shard stays in the Cache API
+  // and is read a block at a time.
+  const shardMiB = Number(new URLSearchParams(window.location.search).get('shard-memory'));
+  const shardBytes = shardMiB > 0 ? Math.floor(shardMiB * 1048576) : null;
   // Half the cores by default: the volunteer keeps a usable machine.
   const lend = Math.max(1, Math.floor(cores / 2));
   root.innerHTML = `
@@ -40,7 +45,7 @@ export function mountVolunteer(root, { needsToken = false } = {}) {
   const $ = (id) => root.querySelector(`#${id}`);
   const state = {
     running: false, backend: null, device: null, why: null, group: null,
-    workerIds: [], steps: 0, syncs: 0, error: null,
+    workerIds: [], steps: 0, syncs: 0, blocksRead: 0, error: null,
   };
   window.tetherVolunteer = state;
   // One entry per Web Worker: its thread and what it last reported.
@@ -58,6 +63,7 @@ export function mountVolunteer(root, { needsToken = false } = {}) {
     state.workerIds = crew.filter((w) => w.id !== undefined).map((w) => w.id);
     state.steps = sum('steps');
     state.syncs = sum('syncs');
+    state.blocksRead = sum('blocks');
     show('v-steps', String(state.steps));
     show('v-syncs', String(state.syncs));
     const speeds = crew.filter((w) => w.speed !== undefined);
@@ -79,7 +85,8 @@ export function mountVolunteer(root, { needsToken = false } = {}) {
     if (sent.relay) {
       show('v-message', `this run trains through relays: joining ${sent.relay}`);
       const wish = `${$('worker-count').value},${$('backend-choice').value}`;
-      window.location.assign(`${sent.relay}/volunteer#join=${encodeURIComponent(wish)}`);
+      const keep = shardBytes ? `?shard-memory=${shardMiB}` : '';
+      window.location.assign(`${sent.relay}/volunteer${keep}#join=${encodeURIComponent(wish)}`);
       return;
     }
     // The backend is chosen once for the tab: a GPU takes one worker, the CPU one per core.
@@ -95,7 +102,7 @@ export function mountVolunteer(root, { needsToken = false } = {}) {
       const member = { thread, index, steps: 0, syncs: 0 };
       thread.onmessage = (e) => handle(member, e.data);
       thread.onerror = (e) => handle(member, { type: 'error', message: e.message || 'the worker failed to load' });
-      thread.postMessage({ type: 'start', backend: gpu ? 'webgpu' : 'cpu', group: state.group, token });
+      thread.postMessage({ type: 'start', backend: gpu ? 'webgpu' : 'cpu', group: state.group, token, shardBytes });
       return member;
     });
     refresh();
@@ -141,6 +148,7 @@ export function mountVolunteer(root, { needsToken = false } = {}) {
         member.syncs = msg.syncs;
         member.loss = msg.loss;
         member.speed = msg.samples_per_s;
+        member.blocks = msg.blocks_read;
         show('v-state', `training (center v${msg.center_version}, τ ${msg.tau})`);
         break;
       case 'stopped':

@@ -3,7 +3,7 @@
 // with its own shard and socket. It owns the socket and the downloads; the wasm
 // module (the same Rust model, algorithms and frames as a native worker) does
 // everything else.
-import init, { create_worker } from './pkg/tether_client_wasm.js';
+import init, { create_worker, shard_head_bytes, shard_header_bytes } from './pkg/tether_client_wasm.js';
 import { pickBackend } from './backend.js';
 
 let stopping = false;
@@ -27,7 +27,11 @@ class Lost extends Error {}
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
-async function run({ token, backend = 'auto', group = null }) {
+/// Bytes of shard a worker keeps in memory; a larger shard is read a block at a time.
+let shardMemory = 256 * 1024 * 1024;
+
+async function run({ token, backend = 'auto', group = null, shardBytes = null }) {
+  if (shardBytes > 0) shardMemory = shardBytes;
   post('status', { text: 'loading the wasm module' });
   await init({ module_or_path: new URL('./pkg/tether_client_wasm_bg.wasm', import.meta.url) });
   // The panel chose the backend and says why; this opens the adapter it chose.
@@ -107,20 +111,70 @@ function open(url) {
   });
 }
 
-/// The shard, from the Cache API when this tab (or an earlier one) has it.
+/// The shard as a Blob: from the Cache API when this tab (or an earlier one) has
+/// it, where it stays on disk and is read in pieces; else downloaded into it.
 // The server hands a shard only to the connected worker it was assigned to,
 // named by its session.
-async function fetchShard(url, session) {
+async function openShard(url, session) {
   const cache = self.caches ? await self.caches.open('tether-shards').catch(() => null) : null;
-  let response = cache ? await cache.match(url) : undefined;
-  const cached = !!response;
-  if (!response) {
-    response = await fetch(url, { headers: { 'x-tether-session': session } });
-    if (!response.ok) throw new Error(`shard download failed: ${response.status} ${await response.text()}`);
-    if (cache) await cache.put(url, response.clone()).catch(() => {});
+  const cachedResponse = cache ? await cache.match(url) : undefined;
+  if (cachedResponse) return { blob: await cachedResponse.blob(), cached: true };
+  const download = () => fetch(url, { headers: { 'x-tether-session': session } }).then(async (r) => {
+    if (!r.ok) throw new Error(`shard download failed: ${r.status} ${await r.text()}`);
+    return r;
+  });
+  let response = await download();
+  if (cache) {
+    // Stored first, then read back: the stored copy is disk-backed, a tee'd one
+    // would sit in memory whole.
+    const stored = await cache.put(url, response).then(() => cache.match(url)).catch(() => null);
+    if (stored) return { blob: await stored.blob(), cached: false };
+    response = await download(); // the store failed (quota): the Blob API pages it
   }
-  const bytes = new Uint8Array(await response.arrayBuffer());
-  return { bytes, cached };
+  return { blob: await response.blob(), cached: false };
+}
+
+const bytesOf = async (blob, start, end) => new Uint8Array(await blob.slice(start, end).arrayBuffer());
+
+/// Hands the worker its shard: whole when it fits `shardMemory`, else its head,
+/// the rest to be read a block at a time by `feed`. Says which in the status.
+async function startShard(shard, url) {
+  const { blob, cached } = shard;
+  const from = cached ? ' (cached)' : '';
+  if (blob.size <= shardMemory) {
+    volunteer.start(await bytesOf(blob, 0, blob.size));
+    post('status', { text: `training on ${blob.size} bytes of shard${from}` });
+    return null;
+  }
+  const headBytes = shard_head_bytes(await bytesOf(blob, 0, shard_header_bytes()));
+  volunteer.start_blocks(await bytesOf(blob, 0, headBytes), blob.size, shardMemory);
+  const mib = (v) => (v / 1048576).toFixed(1);
+  post('status', { text: `training on ${mib(blob.size)} MiB of shard${from}, read from disk in blocks (memory budget ${mib(shardMemory)} MiB)` });
+  return { blob, url, loading: new Map(), arrived: [], failed: null };
+}
+
+/// Before a step on a shard read in blocks: starts reading every block the next
+/// two batches need, and waits only for those the next step needs.
+async function feed(blocks) {
+  for (;;) {
+    for (const { block, bytes } of blocks.arrived.splice(0)) volunteer.supply(block, bytes);
+    for (const want of JSON.parse(volunteer.wanted())) {
+      if (blocks.loading.has(want.block)) continue;
+      const read = bytesOf(blocks.blob, want.start, want.end).then(
+        (bytes) => { blocks.arrived.push({ block: want.block, bytes }); },
+        (err) => { blocks.failed = err; },
+      ).finally(() => blocks.loading.delete(want.block));
+      blocks.loading.set(want.block, read);
+    }
+    if (blocks.failed) {
+      // The browser may evict or lose a cached shard: the next session downloads it again.
+      await self.caches?.open('tether-shards').then((c) => c.delete(blocks.url)).catch(() => {});
+      throw new Lost(`reading the stored shard failed (${blocks.failed})`);
+    }
+    if (volunteer.ready()) return;
+    if (!blocks.loading.size && !blocks.arrived.length) throw new Error('the next block was never asked for');
+    if (blocks.loading.size) await Promise.race(blocks.loading.values());
+  }
 }
 
 /// One session: ticket, hello, welcome, shard, then train-and-sync until it ends.
@@ -152,9 +206,7 @@ async function session(token) {
     const url = `/api/shard?index=${welcome.shard_index}&count=${welcome.shard_count}` +
       `&seed=${welcome.shard_seed}&data=${data}`;
     post('status', { text: 'downloading the shard' });
-    const shard = await fetchShard(url, welcome.session);
-    volunteer.start(shard.bytes);
-    post('status', { text: `training on ${shard.bytes.length} bytes of shard${shard.cached ? ' (cached)' : ''}` });
+    const blocks = await startShard(await openShard(url, welcome.session), url);
     let lastSent = performance.now();
     let steps = 0;
     for (;;) {
@@ -166,6 +218,7 @@ async function session(token) {
       const tau = volunteer.tau;
       const started = Date.now();
       for (let i = 0; i < tau && !stopping && !frames.closed; i++) {
+        if (blocks) await feed(blocks);
         volunteer.step(1);
         steps += 1;
         if (performance.now() - lastSent > 10000) {

@@ -7,6 +7,7 @@ use std::rc::Rc;
 use burn::tensor::Device;
 use burn::tensor::wgpu::WgpuBackend;
 use js_sys::{Promise, Uint8Array};
+use tether_shared::data::ImagesHead;
 use tether_shared::model::ops::cpu_conv;
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::future_to_promise;
@@ -59,6 +60,21 @@ pub async fn create_worker(gpu: Option<String>) -> BrowserWorker {
     }
 }
 
+/// Bytes at the start of a shard download that [`shard_head_bytes`] reads.
+#[wasm_bindgen]
+pub fn shard_header_bytes() -> u32 {
+    ImagesHead::FIXED as u32
+}
+
+/// Bytes of a shard download's head (header and labels), from its first
+/// [`shard_header_bytes`] bytes: what [`BrowserWorker::start_blocks`] takes.
+#[wasm_bindgen]
+pub fn shard_head_bytes(prefix: &[u8]) -> Result<f64, JsValue> {
+    ImagesHead::size("shard download", prefix)
+        .map(|bytes| bytes as f64)
+        .map_err(js_error)
+}
+
 /// The browser worker as JavaScript sees it. Calls must not overlap (the Web
 /// Worker's loop awaits each one).
 #[wasm_bindgen]
@@ -106,6 +122,34 @@ impl BrowserWorker {
     /// Starts training on the downloaded shard.
     pub fn start(&self, shard: &[u8]) -> Result<(), JsValue> {
         self.inner.borrow_mut().start(shard).map_err(js_error)
+    }
+
+    /// Starts training on a shard larger than `budget` bytes, read a block at a
+    /// time from the download of `total` bytes whose head is `head`.
+    pub fn start_blocks(&self, head: &[u8], total: f64, budget: f64) -> Result<(), JsValue> {
+        self.inner
+            .borrow_mut()
+            .start_blocks(head, total as u64, budget as u64)
+            .map_err(js_error)
+    }
+
+    /// The blocks to read from the download before (or while) the next step runs,
+    /// as JSON: `[{block, start, end}]`.
+    pub fn wanted(&self) -> String {
+        serde_json::to_string(&self.inner.borrow().wanted()).unwrap_or_default()
+    }
+
+    /// Whether the next step's images are in memory.
+    pub fn ready(&self) -> bool {
+        self.inner.borrow().ready()
+    }
+
+    /// Takes the bytes of a block [`BrowserWorker::wanted`] named.
+    pub fn supply(&self, block: u32, bytes: Vec<u8>) -> Result<(), JsValue> {
+        self.inner
+            .borrow_mut()
+            .supply(block as usize, bytes)
+            .map_err(js_error)
     }
 
     /// Runs `steps` local steps (queued on the GPU with WebGPU; nothing is read).

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use burn::tensor::Device;
 use serde::Serialize;
 use tether_shared::codec::{Encoding, Link, LinkError};
-use tether_shared::data::{ImageSet, decode_images};
+use tether_shared::data::blocks::{BlockPlan, BlockedShard};
+use tether_shared::data::{ImageSet, Images, ImagesHead, decode_images};
 use tether_shared::local::{LocalWorker, Pending, ShardData, Trained};
 use tether_shared::protocol::{
     self, Hello, Hyper, Message, PROTOCOL_VERSION, Remedy, RunSpec, StopReason, Sync, Welcome,
@@ -105,6 +106,19 @@ pub struct Progress {
     pub loss: f32,
     /// Images per second of training time over the last τ steps.
     pub samples_per_s: f64,
+    /// Blocks of the shard read so far (a shard larger than the tab's budget).
+    pub blocks_read: u64,
+}
+
+/// A block of the shard to read: its bytes `start..end` of the download.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+pub struct BlockRead {
+    /// Which block ([`Volunteer::supply`] takes it back).
+    pub block: usize,
+    /// First byte.
+    pub start: u64,
+    /// One past the last byte.
+    pub end: u64,
 }
 
 struct Joined {
@@ -127,6 +141,8 @@ pub struct Volunteer {
     center: Vec<f32>,
     link: Link,
     started: bool,
+    /// The shard when it is read a block at a time.
+    blocked: Option<Arc<BlockedShard>>,
     pending: Pending,
     last_wait_s: f32,
     /// Totals so far.
@@ -145,6 +161,7 @@ impl Volunteer {
             center: Vec::new(),
             link: Link::new(Encoding::F32, &[]),
             started: false,
+            blocked: None,
             pending: Pending::default(),
             last_wait_s: 0.0,
             progress: Progress::default(),
@@ -242,14 +259,39 @@ impl Volunteer {
 
     /// Starts training on the downloaded shard (the bytes of `GET /api/shard`).
     pub fn start(&mut self, shard_bytes: &[u8]) -> Result<(), VolunteerError> {
+        let set: ImageSet = decode_images("shard download", shard_bytes)?;
+        self.begin(Arc::new(set), None)
+    }
+
+    /// Starts training on a shard too large for the tab's memory `budget`
+    /// (bytes), read a block at a time: `head` is its first
+    /// [`ImagesHead::size`] bytes, `total` its size. Before each step the page
+    /// reads what [`Volunteer::wanted`] names and hands it to [`Volunteer::supply`].
+    pub fn start_blocks(
+        &mut self,
+        head: &[u8],
+        total: u64,
+        budget: u64,
+    ) -> Result<(), VolunteerError> {
+        let batch = self.spec().map_or(1, |run| run.batch as usize);
+        let head = ImagesHead::decode("shard download", head, total)?;
+        let plan = BlockPlan::new(&head, batch, budget);
+        let shard = Arc::new(BlockedShard::new(head, plan));
+        self.begin(shard.clone(), Some(shard))
+    }
+
+    fn begin(
+        &mut self,
+        set: Arc<dyn Images>,
+        blocked: Option<Arc<BlockedShard>>,
+    ) -> Result<(), VolunteerError> {
         let joined = self
             .joined
             .as_ref()
             .ok_or(VolunteerError::State("the shard before the welcome"))?;
-        let set: ImageSet = decode_images("shard download", shard_bytes)?;
         let data = ShardData {
-            indices: (0..set.len()).collect(),
-            set: Arc::new(set),
+            indices: (0..set.count()).collect(),
+            set,
         };
         let run = &joined.welcome.run;
         self.worker.start(
@@ -260,7 +302,50 @@ impl Volunteer {
             std::mem::take(&mut self.center),
             false,
         )?;
+        self.blocked = blocked;
         self.started = true;
+        Ok(())
+    }
+
+    /// The blocks of the shard to read now (the next step needs them) or soon,
+    /// that are not in memory; none when the shard is held whole.
+    pub fn wanted(&self) -> Vec<BlockRead> {
+        let (Some(shard), Some(ahead)) = (&self.blocked, self.worker.blocks_ahead()) else {
+            return Vec::new();
+        };
+        let read = |block| {
+            let bytes = shard.plan().bytes(block);
+            BlockRead {
+                block,
+                start: bytes.start,
+                end: bytes.end,
+            }
+        };
+        ahead.all().filter(|&b| !shard.holds(b)).map(read).collect()
+    }
+
+    /// Whether the next step's images are in memory.
+    pub fn ready(&self) -> bool {
+        match (&self.blocked, self.worker.blocks_ahead()) {
+            (Some(shard), Some(ahead)) => ahead.now.iter().all(|&b| shard.holds(b)),
+            _ => self.started,
+        }
+    }
+
+    /// Takes a block named by [`Volunteer::wanted`] (the bytes it named); blocks
+    /// no longer wanted are let go.
+    pub fn supply(&mut self, block: usize, bytes: Vec<u8>) -> Result<(), VolunteerError> {
+        let shard = self
+            .blocked
+            .as_ref()
+            .ok_or(VolunteerError::State("a block of a shard held whole"))?;
+        let keep: Vec<usize> = self
+            .worker
+            .blocks_ahead()
+            .map(|ahead| ahead.all().collect())
+            .unwrap_or_default();
+        shard.supply(block, bytes, &keep)?;
+        self.progress.blocks_read += 1;
         Ok(())
     }
 
@@ -275,8 +360,14 @@ impl Volunteer {
             return Err(VolunteerError::State("training before the shard arrived"));
         }
         let lr = self.joined.as_ref().map_or(0.0, |j| j.hyper.lr);
-        self.worker
-            .train_into(&mut self.pending, steps, lr, || false)?;
+        for _ in 0..steps {
+            if !self.ready() {
+                return Err(VolunteerError::State(
+                    "the next batch's block is not in memory",
+                ));
+            }
+            self.worker.train_into(&mut self.pending, 1, lr, || false)?;
+        }
         Ok(())
     }
 

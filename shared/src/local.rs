@@ -14,6 +14,7 @@ use thiserror::Error;
 
 use crate::algorithms::elastic::apply_difference;
 use crate::algorithms::leader::leader_pull;
+use crate::data::blocks::BlocksAhead;
 use crate::data::{BatchSource, BatchStream, Batcher, Images, shape_text};
 use crate::model::{Model, to_flat_async};
 use crate::protocol::{Apply, RunSpec, Shard};
@@ -269,6 +270,9 @@ impl LocalWorker {
         }
         let (_, _, trainer) = self.trainer.as_mut().expect("set above");
         if !(keep && reuse) {
+            // Starting again from the center: the last session's momentum (that of
+            // a refused, maybe diverging, point) must not carry into the new one.
+            trainer.reset_optimizer();
             trainer
                 .set_params(&center)
                 .expect("length checked against the model above");
@@ -282,7 +286,8 @@ impl LocalWorker {
         trainer.seed_dropout(seed);
         let batcher = Batcher::new(data.indices, spec.batch as usize, seed, &spec.normalization)
             .with_input(spec.model.input_shape())
-            .with_flip(spec.model.spec().flip);
+            .with_flip(spec.model.spec().flip)
+            .with_blocks(data.set.block());
         // The old session's source (and a feeder's thread) ends before the new one starts.
         self.batches = None;
         let stream = BatchStream::new(batcher, data.set, 0);
@@ -291,6 +296,13 @@ impl LocalWorker {
             None => Box::new(stream),
         });
         Ok(())
+    }
+
+    /// The blocks a set read a block at a time must hold before the next step
+    /// (see [`BatchSource::blocks_ahead`]); `None` before a session or for a set
+    /// held whole.
+    pub fn blocks_ahead(&self) -> Option<BlocksAhead> {
+        self.batches.as_ref()?.blocks_ahead()
     }
 
     /// Runs up to `steps` local steps at learning rate `lr`, checking `stop` before
@@ -535,5 +547,36 @@ mod tests {
             matches!(err, Err(LocalError::StepTooLarge { .. })),
             "{err:?}"
         );
+    }
+
+    /// A worker that starts again from the center (a refused update, a lost
+    /// connection without its own point kept) steps exactly as a new worker does:
+    /// the momentum of the session before does not carry over.
+    #[test]
+    fn starting_again_from_the_center_forgets_the_momentum() {
+        let set = images((0..8).map(|i| i % 10).collect());
+        let mut run = spec(Model::small(), 4, &set);
+        run.momentum = 0.9;
+        let shard = Shard {
+            index: 0,
+            count: 1,
+            seed: 0,
+        };
+        let data = ShardData {
+            indices: (0..set.len()).collect(),
+            set: Arc::new(set),
+        };
+        let center = run.model.seeded_params(0);
+        let first_steps = |worker: &mut LocalWorker| {
+            worker
+                .start(&run, shard, data.clone(), 8, center.clone(), false)
+                .unwrap();
+            let pending = worker.train(3, 0.01, || false).unwrap();
+            worker.finish(pending).params
+        };
+        let mut used = LocalWorker::new(Device::flex());
+        first_steps(&mut used);
+        let mut fresh = LocalWorker::new(Device::flex());
+        assert_eq!(first_steps(&mut used), first_steps(&mut fresh));
     }
 }

@@ -71,7 +71,9 @@ try {
 
   const before = await status();
   const t0 = Date.now();
-  await page.goto(base, { waitUntil: 'load' });
+  // --shard-memory MiB: each tab worker's budget; a larger shard is read in blocks.
+  const page_url = args['shard-memory'] ? `${base}/?shard-memory=${args['shard-memory']}` : base;
+  await page.goto(page_url, { waitUntil: 'load' });
   await page.waitForFunction(() => window.tetherDashboard && Object.keys(window.tetherDashboard.chartPoints()).length === 6);
   report.first_chart_ms = Date.now() - t0;
   log(`dashboard up, charts drawn after ${report.first_chart_ms} ms`);
@@ -159,6 +161,15 @@ try {
     report.tau_change = { tau, native_worker: native.id, last_samples: native.last_samples };
     log(`native worker #${native.id} now syncs every ${native.last_samples} samples`);
     if ((await status()).hyper.tau !== tau) throw new Error('the run card τ did not change');
+  }
+
+  if (args['shard-memory']) {
+    // The shard did not fit: it was read from the Cache API a block at a time.
+    const reads = await page.evaluate(() => window.tetherVolunteer.blocksRead);
+    const message = await page.locator('#v-message').textContent();
+    report.blocks_read = reads;
+    log(`blocks read: ${reads}; the panel says: ${message}`);
+    if (!(reads >= 2)) throw new Error(`expected the shard read in several blocks, read ${reads}`);
   }
 
   if (args['expect-classes']) {

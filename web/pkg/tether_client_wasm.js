@@ -101,6 +101,14 @@ export class BrowserWorker {
         }
     }
     /**
+     * Whether the next step's images are in memory.
+     * @returns {boolean}
+     */
+    ready() {
+        const ret = wasm.browserworker_ready(this.__wbg_ptr);
+        return ret !== 0;
+    }
+    /**
      * Reads a server frame; returns its meaning as JSON (see `Event`).
      * @param {Uint8Array | number[]} bytes
      * @returns {string}
@@ -143,6 +151,23 @@ export class BrowserWorker {
         wasm.browserworker_set_wait(this.__wbg_ptr, seconds);
     }
     /**
+     * Starts training on a shard larger than `budget` bytes, read a block at a
+     * time from the download of `total` bytes whose head is `head`.
+     * @param {Uint8Array | number[]} head
+     * @param {number} total
+     * @param {number} budget
+     */
+    start_blocks(head, total, budget) {
+        const val2 = +total;
+        const val3 = +budget;
+        const ptr0 = passArray8ToWasm0(head, wasm.__wbindgen_malloc_command_export);
+        const len0 = WASM_VECTOR_LEN;
+        const ret = wasm.browserworker_start_blocks(this.__wbg_ptr, ptr0, len0, val2, val3);
+        if (ret[1]) {
+            throw takeFromExternrefTable0(ret[0]);
+        }
+    }
+    /**
      * Starts training on the downloaded shard.
      * @param {Uint8Array | number[]} shard
      */
@@ -165,6 +190,20 @@ export class BrowserWorker {
         }
     }
     /**
+     * Takes the bytes of a block [`BrowserWorker::wanted`] named.
+     * @param {number} block
+     * @param {Uint8Array | number[]} bytes
+     */
+    supply(block, bytes) {
+        const val2 = +block;
+        const ptr0 = passArray8ToWasm0(bytes, wasm.__wbindgen_malloc_command_export);
+        const len0 = WASM_VECTOR_LEN;
+        const ret = wasm.browserworker_supply(this.__wbg_ptr, val2, ptr0, len0);
+        if (ret[1]) {
+            throw takeFromExternrefTable0(ret[0]);
+        }
+    }
+    /**
      * Resolves to the sync frame (a `Uint8Array`) once xⁱ is read back;
      * `started_ms` (`Date.now()` when the τ steps began) times the steps.
      * @param {number} started_ms
@@ -181,6 +220,23 @@ export class BrowserWorker {
     get tau() {
         const ret = wasm.browserworker_tau(this.__wbg_ptr);
         return ret >>> 0;
+    }
+    /**
+     * The blocks to read from the download before (or while) the next step runs,
+     * as JSON: `[{block, start, end}]`.
+     * @returns {string}
+     */
+    wanted() {
+        let deferred1_0;
+        let deferred1_1;
+        try {
+            const ret = wasm.browserworker_wanted(this.__wbg_ptr);
+            deferred1_0 = ret[0];
+            deferred1_1 = ret[1];
+            return getStringFromWasm0(ret[0], ret[1]);
+        } finally {
+            wasm.__wbindgen_free_command_export(deferred1_0, deferred1_1, 1);
+        }
     }
 }
 if (Symbol.dispose) BrowserWorker.prototype[Symbol.dispose] = BrowserWorker.prototype.free;
@@ -201,6 +257,31 @@ export function create_worker(gpu) {
 
 export function on_load() {
     wasm.on_load();
+}
+
+/**
+ * Bytes of a shard download's head (header and labels), from its first
+ * [`shard_header_bytes`] bytes: what [`BrowserWorker::start_blocks`] takes.
+ * @param {Uint8Array | number[]} prefix
+ * @returns {number}
+ */
+export function shard_head_bytes(prefix) {
+    const ptr0 = passArray8ToWasm0(prefix, wasm.__wbindgen_malloc_command_export);
+    const len0 = WASM_VECTOR_LEN;
+    const ret = wasm.shard_head_bytes(ptr0, len0);
+    if (ret[2]) {
+        throw takeFromExternrefTable0(ret[1]);
+    }
+    return ret[0];
+}
+
+/**
+ * Bytes at the start of a shard download that [`shard_head_bytes`] reads.
+ * @returns {number}
+ */
+export function shard_header_bytes() {
+    const ret = wasm.shard_header_bytes();
+    return ret >>> 0;
 }
 function __wbg_get_imports() {
     const import0 = {
@@ -917,33 +998,33 @@ function __wbg_get_imports() {
             arg0.writeBuffer(arg1, arg2, getArrayU8FromWasm0(arg3, arg4), arg5, arg6);
         }, arguments); },
         __wbindgen_generic_0000000000000001: function(arg0, arg1) {
-            // Cast intrinsic for `Closure(Closure { owned: true, function: Function { arguments: [Externref], shim_idx: 41130, ret: Result(Unit), inner_ret: Some(Result(Unit)) }, mutable: true }) -> Externref`.
+            // Cast intrinsic for `Closure(Closure { owned: true, function: Function { arguments: [Externref], shim_idx: 41127, ret: Result(Unit), inner_ret: Some(Result(Unit)) }, mutable: true }) -> Externref`.
             const ret = makeMutClosure(arg0, arg1, wasm_bindgen__convert__closures_____invoke__h060b9a02f6bc4f3d);
             return ret;
         },
         __wbindgen_generic_0000000000000002: function(arg0, arg1) {
-            // Cast intrinsic for `Closure(Closure { owned: true, function: Function { arguments: [NamedExternref("GPUDevice")], shim_idx: 23967, ret: Result(Unit), inner_ret: Some(Result(Unit)) }, mutable: true }) -> Externref`.
+            // Cast intrinsic for `Closure(Closure { owned: true, function: Function { arguments: [NamedExternref("GPUDevice")], shim_idx: 23964, ret: Result(Unit), inner_ret: Some(Result(Unit)) }, mutable: true }) -> Externref`.
             const ret = makeMutClosure(arg0, arg1, wasm_bindgen__convert__closures_____invoke__h30940e4c7ed1aba5);
             return ret;
         },
         __wbindgen_generic_0000000000000003: function(arg0, arg1) {
-            // Cast intrinsic for `Closure(Closure { owned: true, function: Function { arguments: [NamedExternref("GPUDeviceLostInfo")], shim_idx: 23969, ret: Unit, inner_ret: Some(Unit) }, mutable: true }) -> Externref`.
+            // Cast intrinsic for `Closure(Closure { owned: true, function: Function { arguments: [NamedExternref("GPUDeviceLostInfo")], shim_idx: 23966, ret: Unit, inner_ret: Some(Unit) }, mutable: true }) -> Externref`.
             const ret = makeMutClosure(arg0, arg1, wasm_bindgen__convert__closures_____invoke__h80a10beb59243aad);
             return ret;
         },
         __wbindgen_generic_0000000000000004: function(arg0, arg1) {
-            // Cast intrinsic for `Closure(Closure { owned: true, function: Function { arguments: [NamedExternref("GPUUncapturedErrorEvent")], shim_idx: 23969, ret: Unit, inner_ret: Some(Unit) }, mutable: true }) -> Externref`.
-            const ret = makeMutClosure(arg0, arg1, wasm_bindgen__convert__closures_____invoke__h80a10beb59243aad_19);
+            // Cast intrinsic for `Closure(Closure { owned: true, function: Function { arguments: [NamedExternref("GPUUncapturedErrorEvent")], shim_idx: 23966, ret: Unit, inner_ret: Some(Unit) }, mutable: true }) -> Externref`.
+            const ret = makeMutClosure(arg0, arg1, wasm_bindgen__convert__closures_____invoke__h80a10beb59243aad_25);
             return ret;
         },
         __wbindgen_generic_0000000000000005: function(arg0, arg1) {
-            // Cast intrinsic for `Closure(Closure { owned: true, function: Function { arguments: [NamedExternref("any")], shim_idx: 23967, ret: Result(Unit), inner_ret: Some(Result(Unit)) }, mutable: true }) -> Externref`.
-            const ret = makeMutClosure(arg0, arg1, wasm_bindgen__convert__closures_____invoke__h30940e4c7ed1aba5_20);
+            // Cast intrinsic for `Closure(Closure { owned: true, function: Function { arguments: [NamedExternref("any")], shim_idx: 23964, ret: Result(Unit), inner_ret: Some(Result(Unit)) }, mutable: true }) -> Externref`.
+            const ret = makeMutClosure(arg0, arg1, wasm_bindgen__convert__closures_____invoke__h30940e4c7ed1aba5_26);
             return ret;
         },
         __wbindgen_generic_0000000000000006: function(arg0, arg1) {
-            // Cast intrinsic for `Closure(Closure { owned: true, function: Function { arguments: [NamedExternref("undefined")], shim_idx: 23967, ret: Result(Unit), inner_ret: Some(Result(Unit)) }, mutable: true }) -> Externref`.
-            const ret = makeMutClosure(arg0, arg1, wasm_bindgen__convert__closures_____invoke__h30940e4c7ed1aba5_21);
+            // Cast intrinsic for `Closure(Closure { owned: true, function: Function { arguments: [NamedExternref("undefined")], shim_idx: 23964, ret: Result(Unit), inner_ret: Some(Result(Unit)) }, mutable: true }) -> Externref`.
+            const ret = makeMutClosure(arg0, arg1, wasm_bindgen__convert__closures_____invoke__h30940e4c7ed1aba5_27);
             return ret;
         },
         __wbindgen_generic_0000000000000007: function(arg0) {
@@ -980,8 +1061,8 @@ function wasm_bindgen__convert__closures_____invoke__h80a10beb59243aad(arg0, arg
     wasm.wasm_bindgen__convert__closures_____invoke__h80a10beb59243aad(arg0, arg1, arg2);
 }
 
-function wasm_bindgen__convert__closures_____invoke__h80a10beb59243aad_19(arg0, arg1, arg2) {
-    wasm.wasm_bindgen__convert__closures_____invoke__h80a10beb59243aad_19(arg0, arg1, arg2);
+function wasm_bindgen__convert__closures_____invoke__h80a10beb59243aad_25(arg0, arg1, arg2) {
+    wasm.wasm_bindgen__convert__closures_____invoke__h80a10beb59243aad_25(arg0, arg1, arg2);
 }
 
 function wasm_bindgen__convert__closures_____invoke__h060b9a02f6bc4f3d(arg0, arg1, arg2) {
@@ -998,15 +1079,15 @@ function wasm_bindgen__convert__closures_____invoke__h30940e4c7ed1aba5(arg0, arg
     }
 }
 
-function wasm_bindgen__convert__closures_____invoke__h30940e4c7ed1aba5_20(arg0, arg1, arg2) {
-    const ret = wasm.wasm_bindgen__convert__closures_____invoke__h30940e4c7ed1aba5_20(arg0, arg1, arg2);
+function wasm_bindgen__convert__closures_____invoke__h30940e4c7ed1aba5_26(arg0, arg1, arg2) {
+    const ret = wasm.wasm_bindgen__convert__closures_____invoke__h30940e4c7ed1aba5_26(arg0, arg1, arg2);
     if (ret[1]) {
         throw takeFromExternrefTable0(ret[0]);
     }
 }
 
-function wasm_bindgen__convert__closures_____invoke__h30940e4c7ed1aba5_21(arg0, arg1, arg2) {
-    const ret = wasm.wasm_bindgen__convert__closures_____invoke__h30940e4c7ed1aba5_21(arg0, arg1, arg2);
+function wasm_bindgen__convert__closures_____invoke__h30940e4c7ed1aba5_27(arg0, arg1, arg2) {
+    const ret = wasm.wasm_bindgen__convert__closures_____invoke__h30940e4c7ed1aba5_27(arg0, arg1, arg2);
     if (ret[1]) {
         throw takeFromExternrefTable0(ret[0]);
     }

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use super::blocks::{Blocking, BlocksAhead};
 use super::window::{Window, fill_normalized};
 use super::{ImageSet, Images};
 use crate::rng::SplitMix64;
@@ -119,6 +120,8 @@ pub struct Batcher {
     input: Option<(usize, usize)>,
     /// Random horizontal flips.
     flip: bool,
+    /// Block-wise epochs, for a set read a block at a time.
+    blocking: Option<Blocking>,
 }
 
 impl Batcher {
@@ -136,6 +139,7 @@ impl Batcher {
             tables: norm.tables(),
             input: None,
             flip: false,
+            blocking: None,
         }
     }
 
@@ -154,16 +158,33 @@ impl Batcher {
         self
     }
 
+    /// Epochs that visit the items block by block (blocks of `per_block`
+    /// consecutive items, in a shuffled order, each shuffled within): for a set
+    /// read a block at a time ([`Images::block`]). `None` shuffles the whole shard.
+    pub fn with_blocks(mut self, per_block: Option<usize>) -> Self {
+        self.blocking = per_block.map(|per| Blocking::new(&self.indices, per));
+        self
+    }
+
     /// Batches per epoch.
     pub fn batches_per_epoch(&self) -> usize {
         self.indices.len().div_ceil(self.batch)
     }
 
-    /// The item order of `epoch`: the shard shuffled by (seed, epoch).
+    /// The item order of `epoch`: the shard shuffled by (seed, epoch), or its
+    /// blocks and the items within each (see [`Batcher::with_blocks`]).
     pub fn epoch_order(&self, epoch: u64) -> Vec<usize> {
+        let seed = self.epoch_seed(epoch);
+        if let Some(blocking) = &self.blocking {
+            return blocking.order(&self.indices, seed);
+        }
         let mut order = self.indices.clone();
-        SplitMix64::new(self.seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15)).shuffle(&mut order);
+        SplitMix64::new(seed).shuffle(&mut order);
         order
+    }
+
+    fn epoch_seed(&self, epoch: u64) -> u64 {
+        self.seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15)
     }
 
     /// The order split into batches, the last one possibly short.
@@ -226,6 +247,12 @@ impl Batch {
 pub trait BatchSource {
     /// The next batch to train on.
     fn next_batch(&mut self) -> Batch;
+
+    /// The blocks a set read a block at a time must hold for the next batch,
+    /// and the one to read meanwhile; `None` for a set held whole.
+    fn blocks_ahead(&self) -> Option<BlocksAhead> {
+        None
+    }
 }
 
 /// A shard's batches, epoch after epoch, each epoch in its own shuffle
@@ -254,17 +281,28 @@ impl BatchStream {
 
 impl BatchSource for BatchStream {
     fn next_batch(&mut self) -> Batch {
-        if self.cursor >= self.order.len() {
-            self.epoch += 1;
-            self.order = self.batcher.epoch_order(self.epoch);
-            self.cursor = 0;
-        }
         let end = (self.cursor + self.batcher.batch).min(self.order.len());
         let batch = self
             .batcher
             .batch(&*self.set, &self.order[self.cursor..end], self.epoch);
         self.cursor = end;
+        // The next epoch's order now, so the next batch is always known.
+        if self.cursor >= self.order.len() {
+            self.epoch += 1;
+            self.order = self.batcher.epoch_order(self.epoch);
+            self.cursor = 0;
+        }
         batch
+    }
+
+    fn blocks_ahead(&self) -> Option<BlocksAhead> {
+        let blocking = self.batcher.blocking.as_ref()?;
+        Some(blocking.ahead(
+            &self.order,
+            self.cursor,
+            self.batcher.batch,
+            self.batcher.epoch_seed(self.epoch + 1),
+        ))
     }
 }
 

@@ -5,6 +5,7 @@
 //! file's name along so every error says which file is wrong and how.
 
 pub mod batch;
+pub mod blocks;
 pub mod cifar;
 pub mod idx;
 pub mod shard;
@@ -15,7 +16,9 @@ use thiserror::Error;
 pub use batch::{
     Batch, BatchSource, BatchStream, Batcher, ChannelStats, Normalization, PixelHistogram,
 };
-pub use shard::{IMAGES_MAGIC, decode_images, encode_head, encode_images, shard_indices};
+pub use shard::{
+    IMAGES_MAGIC, ImagesHead, decode_images, encode_head, encode_images, shard_indices,
+};
 
 /// A malformed or unsuitable data file. Every variant names the file.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -212,6 +215,11 @@ pub trait Images: Send + Sync {
     fn dims(&self) -> [usize; 3];
     /// Image `index`'s label.
     fn label(&self, index: usize) -> u16;
+    /// Images per block when the set is read a block at a time
+    /// ([`blocks::BlockedShard`]): its batches then come block by block.
+    fn block(&self) -> Option<usize> {
+        None
+    }
     /// Image `index`'s pixels, channel-major: borrowed from memory, or read into
     /// `scratch` (which then holds them).
     ///

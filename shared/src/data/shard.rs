@@ -38,13 +38,106 @@ pub fn encode_head(shape: [usize; 3], labels: &[u16]) -> Vec<u8> {
 /// source in errors. Labels are checked against the network that trains on the
 /// set, by [`ImageSet::expect_network`] and the worker's shard check.
 pub fn decode_images(file: &str, bytes: &[u8]) -> Result<ImageSet, DataError> {
-    let truncated = |expected| DataError::Truncated {
-        file: file.into(),
-        expected,
-        actual: bytes.len(),
-    };
+    let head = ImagesHead::decode(file, bytes, bytes.len() as u64)?;
+    let [channels, rows, cols] = head.dims;
+    Ok(ImageSet {
+        source: file.into(),
+        channels,
+        rows,
+        cols,
+        pixels: bytes[head.pixels_at..].to_vec(),
+        labels: head.labels,
+    })
+}
+
+/// The head of an encoded image set (shape, labels, where the pixels start), for
+/// a reader that loads the pixels a block at a time (a tab whose shard is larger
+/// than its memory budget).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImagesHead {
+    /// Channels, rows and cols of every image.
+    pub dims: [usize; 3],
+    /// Every image's label.
+    pub labels: Vec<u16>,
+    /// The byte offset of the first pixel.
+    pub pixels_at: usize,
+}
+
+impl ImagesHead {
+    /// Bytes of the fixed header that [`ImagesHead::size`] reads.
+    pub const FIXED: usize = IMAGES_HEADER;
+
+    /// Bytes the whole head takes (header and labels), read from the set's first
+    /// [`ImagesHead::FIXED`] bytes.
+    pub fn size(file: &str, prefix: &[u8]) -> Result<usize, DataError> {
+        let (count, _, _) = header(file, prefix)?;
+        count
+            .checked_mul(LABEL_BYTES)
+            .and_then(|v| v.checked_add(IMAGES_HEADER))
+            .ok_or(DataError::Truncated {
+                file: file.into(),
+                expected: usize::MAX,
+                actual: prefix.len(),
+            })
+    }
+
+    /// Decodes the head of an encoded set of `total` bytes from `bytes`, its first
+    /// bytes (the whole head at least), checking that `total` is the size the
+    /// header implies.
+    pub fn decode(file: &str, bytes: &[u8], total: u64) -> Result<Self, DataError> {
+        let (count, dims, image) = header(file, bytes)?;
+        // In u64: a tab's shard may be larger than its 32-bit address space.
+        let size = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
+        let expected = (count as u64)
+            .checked_mul(image as u64 + LABEL_BYTES as u64)
+            .and_then(|v| v.checked_add(IMAGES_HEADER as u64))
+            .unwrap_or(u64::MAX);
+        if total < expected {
+            return Err(DataError::Truncated {
+                file: file.into(),
+                expected: size(expected),
+                actual: size(total),
+            });
+        }
+        if total > expected {
+            return Err(DataError::TrailingBytes {
+                file: file.into(),
+                expected: size(expected),
+                extra: size(total - expected),
+            });
+        }
+        let pixels_at = Self::size(file, bytes)?;
+        let labels = bytes
+            .get(IMAGES_HEADER..pixels_at)
+            .ok_or(DataError::Truncated {
+                file: file.into(),
+                expected: pixels_at,
+                actual: bytes.len(),
+            })?
+            .chunks_exact(LABEL_BYTES)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+            .collect();
+        Ok(Self {
+            dims,
+            labels,
+            pixels_at,
+        })
+    }
+
+    /// Bytes per image.
+    pub fn image_bytes(&self) -> usize {
+        self.dims.iter().product()
+    }
+}
+
+/// The fixed header's count, shape and bytes per image, checked.
+fn header(file: &str, bytes: &[u8]) -> Result<(usize, [usize; 3], usize), DataError> {
     if bytes.len() < IMAGES_HEADER {
-        return Err(truncated(IMAGES_HEADER));
+        return Err(DataError::Truncated {
+            file: file.into(),
+            expected: IMAGES_HEADER,
+            actual: bytes.len(),
+        });
     }
     if &bytes[..4] != IMAGES_MAGIC {
         return Err(DataError::BadMagic {
@@ -57,46 +150,20 @@ pub fn decode_images(file: &str, bytes: &[u8]) -> Result<ImageSet, DataError> {
         let at = 4 + 4 * i;
         u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize
     };
-    let (count, channels, rows, cols) = (field(0), field(1), field(2), field(3));
+    let (count, dims) = (field(0), [field(1), field(2), field(3)]);
     if count == 0 {
         return Err(DataError::Empty { file: file.into() });
     }
-    let image = channels
-        .checked_mul(rows)
-        .and_then(|v| v.checked_mul(cols))
+    let image = dims[0]
+        .checked_mul(dims[1])
+        .and_then(|v| v.checked_mul(dims[2]))
         .filter(|&v| v > 0)
         .ok_or_else(|| DataError::WrongImageSize {
             file: file.into(),
-            found: super::shape_text([channels, rows, cols]),
+            found: super::shape_text(dims),
             expected: "a non-empty image".into(),
         })?;
-    let expected = count
-        .checked_mul(image + LABEL_BYTES)
-        .and_then(|v| v.checked_add(IMAGES_HEADER))
-        .ok_or_else(|| truncated(usize::MAX))?;
-    if bytes.len() < expected {
-        return Err(truncated(expected));
-    }
-    if bytes.len() > expected {
-        return Err(DataError::TrailingBytes {
-            file: file.into(),
-            expected,
-            extra: bytes.len() - expected,
-        });
-    }
-    let pixels_at = IMAGES_HEADER + LABEL_BYTES * count;
-    let labels = bytes[IMAGES_HEADER..pixels_at]
-        .chunks_exact(LABEL_BYTES)
-        .map(|b| u16::from_le_bytes([b[0], b[1]]))
-        .collect();
-    Ok(ImageSet {
-        source: file.into(),
-        channels,
-        rows,
-        cols,
-        pixels: bytes[pixels_at..].to_vec(),
-        labels,
-    })
+    Ok((count, dims, image))
 }
 
 /// The item indices of `worker`'s shard when `n` items are split among `workers`.

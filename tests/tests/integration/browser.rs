@@ -244,8 +244,9 @@ async fn a_browser_worker_trains_the_cifar_network_on_three_channel_images() -> 
 /// classes) and a network the server read from a description, with batch norm, a
 /// residual block with a strided projection shortcut, random crops and flips: the
 /// tab builds the network from the welcome alone, downloads packed pixels, and
-/// trains on the CPU path beside a native worker; the dashboard names the classes
-/// with the center's accuracy on each.
+/// trains on the CPU path beside a native worker, its shard read a block at a
+/// time from the Cache API (a memory budget below its size); the dashboard names
+/// the classes with the center's accuracy on each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_browser_worker_trains_a_described_residual_network_on_an_image_folder() -> Result<()> {
     let data = scratch("browser-photos")?;
@@ -268,7 +269,15 @@ async fn a_browser_worker_trains_a_described_residual_network_on_an_image_folder
         "tabresnet",
     )?;
     let classes = tether_tests::PHOTO_CLASSES.join(",");
-    let extra = ["--choice", "cpu", "--expect-classes", &classes];
+    // A budget below the tab's shard (~540 KiB): read from the Cache API in blocks.
+    let extra = [
+        "--choice",
+        "cpu",
+        "--expect-classes",
+        &classes,
+        "--shard-memory",
+        "0.1",
+    ];
     dashboard_run("cpu", false, &extra, Some(&data), Some(model)).await
 }
 

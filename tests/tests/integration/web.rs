@@ -6,12 +6,13 @@
 use std::io::Read;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
 use futures_util::StreamExt;
 use tether_client_wasm::volunteer::{Event, Volunteer};
 use tether_server::{RunSettings, ServerConfig};
 use tether_shared::algorithms::Algorithm;
+use tether_shared::data::ImagesHead;
 use tether_shared::protocol::{Message, Rejection, WorkerKind};
 use tether_tests::net::{RawClient, TestServer, hello, http, sync};
 use tether_tests::scratch;
@@ -273,6 +274,70 @@ async fn a_browser_worker_joins_downloads_its_shard_and_moves_the_center() -> Re
     })
     .await
     .context("the browser worker's leave was not honoured")?;
+    server.stop().await?;
+    Ok(())
+}
+
+/// A shard larger than the tab's memory budget: the browser worker keeps its
+/// labels and reads the pixels a block at a time from the download (here: the
+/// HTTP body; in a tab: the Cache API), never training on a block it lacks.
+#[tokio::test]
+async fn a_browser_worker_reads_a_large_shard_a_block_at_a_time() -> Result<()> {
+    let server = TestServer::start(config("web-blocks")?).await?;
+    let (ticket, data) = ticket(&server).await?;
+    let mut client = RawClient::connect_from(&server.ws_url(), &origin(&server)).await?;
+    let mut volunteer = Volunteer::new(Device::flex(), "cpu", "cpu (native test)");
+    client.send_bytes(volunteer.hello(&ticket)).await?;
+    let Event::Welcome {
+        shard_index,
+        shard_count,
+        shard_seed,
+        session,
+        ..
+    } = volunteer.receive(&client.recv_raw().await?)?
+    else {
+        bail!("expected a welcome");
+    };
+    let path =
+        format!("/api/shard?index={shard_index}&count={shard_count}&seed={shard_seed}&data={data}");
+    let headers = [("Origin", origin(&server)), ("x-tether-session", session)];
+    let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let shard = http(server.addr, "GET", &path, &headers, b"").await?.body;
+    // A budget of six batches of 28×28 images: one batch a block.
+    let budget = 6 * 16 * 784;
+    assert!(shard.len() > 10 * budget, "the shard must not fit");
+    let head = ImagesHead::size("shard", &shard)?;
+    volunteer.start_blocks(&shard[..head], shard.len() as u64, budget as u64)?;
+    assert!(!volunteer.ready());
+    let err = volunteer.step(1).unwrap_err().to_string();
+    assert!(err.contains("not in memory"), "{err}");
+    let before = server.state.center().version();
+    for round in 1..=3u64 {
+        for _ in 0..volunteer.tau() {
+            for read in volunteer.wanted() {
+                let bytes = shard[read.start as usize..read.end as usize].to_vec();
+                volunteer.supply(read.block, bytes)?;
+            }
+            volunteer.step(1)?;
+        }
+        let trained = volunteer.read_back().await;
+        assert!(trained.loss.is_finite());
+        client
+            .send_bytes(volunteer.sync_frame(trained, 0.5)?)
+            .await?;
+        match volunteer.receive(&client.recv_raw().await?)? {
+            Event::Synced { center_version, .. } => assert_eq!(center_version, before + round),
+            other => bail!("expected a reply, got {other:?}"),
+        }
+    }
+    // A block a step, and the next one read ahead: not the shard.
+    let read = volunteer.progress.blocks_read;
+    assert!((6..=8).contains(&read), "{read} blocks read for 6 steps");
+    // A damaged block is refused with the block named.
+    if let Some(next) = volunteer.wanted().first() {
+        let err = volunteer.supply(next.block, vec![0; 3]).unwrap_err();
+        assert!(err.to_string().contains("block"), "{err}");
+    }
     server.stop().await?;
     Ok(())
 }
