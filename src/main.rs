@@ -232,6 +232,10 @@ struct BenchTrainArgs {
     /// Write the results here as JSON.
     #[arg(long)]
     report: Option<PathBuf>,
+    /// The CPU convolution to time: avx512, avx2, portable or gemm (default: the
+    /// fastest this CPU has), to compare kernels on one machine.
+    #[arg(long)]
+    conv: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -347,6 +351,11 @@ fn default_peer_script() -> PathBuf {
 }
 
 fn run_bench_train(args: BenchTrainArgs) -> Result<()> {
+    if let Some(conv) = &args.conv {
+        tether_shared::model::ops::choose_cpu_conv(conv)
+            .map_err(anyhow::Error::msg)
+            .context("--conv")?;
+    }
     let selected =
         tether_worker::backend::select(args.backend.into(), args.threads.map(|t| t as usize))?;
     let threads = rayon_threads();

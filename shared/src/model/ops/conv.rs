@@ -110,6 +110,44 @@ fn col2im_add(s: &ConvShape, col: &[f32], dx: &mut [f32]) {
     }
 }
 
+/// The path [`Path::chosen`] settled on, once.
+static CHOSEN: OnceLock<(Path, f32)> = OnceLock::new();
+/// The path a benchmark asked for instead of the detected one ([`choose`]).
+static PREFERRED: OnceLock<Path> = OnceLock::new();
+
+/// Makes every CPU convolution of this process take `name`'s path: a tile kernel
+/// ("avx512", "avx2", "portable") or im2col + GEMM ("gemm"), instead of the fastest
+/// this CPU has; for benchmarks that compare kernels on one machine. Returns its
+/// name in words. It still has to pass the agreement check, and must come before
+/// the first convolution.
+pub fn choose(name: &str) -> Result<&'static str, String> {
+    let kernels = Kernel::available();
+    let path = match name {
+        "gemm" => Path::Gemm,
+        _ => {
+            let kernel = kernels
+                .iter()
+                .copied()
+                .find(|&k| Path::Direct(k).short_name() == name)
+                .ok_or_else(|| {
+                    let have: Vec<_> = kernels
+                        .iter()
+                        .map(|&k| Path::Direct(k).short_name())
+                        .collect();
+                    format!(
+                        "no {name:?} convolution on this CPU (it runs: {}, gemm)",
+                        have.join(", ")
+                    )
+                })?;
+            Path::Direct(kernel)
+        }
+    };
+    if PREFERRED.set(path).is_err() || CHOSEN.get().is_some_and(|(p, _)| *p != path) {
+        return Err("the convolution path is chosen once, before the first convolution".into());
+    }
+    Ok(path.name())
+}
+
 /// How convolutions run on this CPU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Path {
@@ -135,17 +173,32 @@ impl Path {
     /// say under a browser engine's bug, must not train), else GEMM. The second
     /// value is the worst disagreement seen.
     pub fn chosen() -> (Self, f32) {
-        static CHOSEN: OnceLock<(Path, f32)> = OnceLock::new();
         *CHOSEN.get_or_init(|| {
-            let path = Self::detect();
+            let path = PREFERRED.get().copied().unwrap_or_else(Self::detect);
             let worst = disagreement(path, &CHECKS, 0x7e57);
             (if worst <= 1e-4 { path } else { Self::Gemm }, worst)
         })
     }
 
+    /// The name [`choose`] takes.
+    fn short_name(self) -> &'static str {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Self::Direct(Kernel::Avx512) => "avx512",
+            #[cfg(target_arch = "x86_64")]
+            Self::Direct(Kernel::Avx2Fma) => "avx2",
+            #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+            Self::Direct(Kernel::Simd128) => "simd128",
+            Self::Direct(Kernel::Portable) => "portable",
+            Self::Gemm => "gemm",
+        }
+    }
+
     /// In words, for device descriptions.
     pub fn name(self) -> &'static str {
         match self {
+            #[cfg(target_arch = "x86_64")]
+            Self::Direct(Kernel::Avx512) => "direct conv (AVX-512)",
             #[cfg(target_arch = "x86_64")]
             Self::Direct(Kernel::Avx2Fma) => "direct conv (AVX2+FMA)",
             #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
@@ -346,13 +399,22 @@ mod tests {
         assert!(worst <= 1e-4);
     }
 
+    /// A benchmark naming a kernel this CPU lacks gets the kernels it has, and
+    /// nothing is chosen (the process-wide choice is left to the other tests).
+    #[test]
+    fn choosing_a_kernel_this_cpu_lacks_is_refused_with_what_it_runs() {
+        let err = choose("avx3").unwrap_err();
+        assert!(err.contains("avx3") && err.contains("gemm"), "{err}");
+        assert!(PREFERRED.get().is_none());
+    }
+
     /// Every path against the GEMM one, which the Burn tests (`tests.rs`) hold to
     /// Burn's layers on machines where the direct path is not the one chosen; where
     /// it is, they hold the direct path to Burn and this holds GEMM to direct.
     #[test]
     fn every_path_agrees_with_im2col_and_gemm() {
-        let mut paths = vec![Path::Direct(Kernel::Portable), Path::detect()];
-        paths.dedup();
+        // Every kernel this CPU runs: an AVX-512 machine checks the AVX2 one too.
+        let paths = Kernel::available().into_iter().map(Path::Direct);
         // Channel counts around the 16-lane blocks, 6-pixel tiles with tails, pads
         // 0 to k − 1, batch 1 and more images than tasks.
         let cases = [

@@ -9,13 +9,13 @@
 //!   kernel flipped and its channel axes swapped.
 //!
 //! `xp` is the image with `pad` zeros on every side (row length `W + 2·pad`), so no
-//! offset needs a bounds test. Used where [`Kernel::detect`] finds AVX2 and FMA;
+//! offset needs a bounds test. Used where [`Kernel::detect`] finds AVX-512 or AVX2 and FMA;
 //! elsewhere `conv.rs`'s im2col + GEMM path runs.
 
 use rayon::prelude::*;
 
 use super::conv::ConvShape;
-use super::tile::{Acc, Kernel, LANES, Offsets, SLOTS, tile};
+use super::tile::{Acc, Kernel, LANES, Offsets, SLOTS, tile, tile2};
 
 /// Where a convolution of shape `s` reads its padded input `xp` ([C, hp, wp]).
 /// (A channels-last `xp` was tried: the six pixels of a tile then no longer share
@@ -106,28 +106,90 @@ fn image_forward(
     out: &mut [f32],
 ) {
     let (t, hw) = (geo.taps.len(), geo.pixels.len());
-    for (block, weights) in packed.chunks_exact(t * LANES).enumerate() {
+    let blocks: Vec<&[f32]> = packed.chunks_exact(t * LANES).collect();
+    // Each block's first values (its bias) and how many of its lanes are channels.
+    let start = |block: usize| {
         let lanes = (cout - block * LANES).min(LANES);
         let mut start = [0.0; LANES];
         if let Some(b) = bias {
             start[..lanes].copy_from_slice(&b[block * LANES..][..lanes]);
         }
+        (start, lanes)
+    };
+    // Blocks two at a time: `tile2` shares each pixel's reads between them.
+    for first in (0..blocks.len()).step_by(2) {
+        let second = (first + 1 < blocks.len()).then_some(first + 1);
+        let (start0, lanes0) = start(first);
+        let (start1, lanes1) = second.map_or(([0.0; LANES], 0), start);
         for p0 in (0..hw).step_by(SLOTS) {
-            let mut acc: Acc = [start; SLOTS];
-            tile(
-                kernel,
-                weights,
-                src,
-                &geo.taps,
-                &slots(&geo.pixels, p0),
-                &mut acc,
-            );
-            for (j, row) in acc.iter().enumerate().take(hw - p0) {
-                for (l, &v) in row.iter().enumerate().take(lanes) {
-                    out[(block * LANES + l) * hw + p0 + j] = v;
+            let inner = slots(&geo.pixels, p0);
+            let (mut acc0, mut acc1): (Acc, Acc) = ([start0; SLOTS], [start1; SLOTS]);
+            match second {
+                Some(b1) => tile2(
+                    kernel,
+                    blocks[first],
+                    blocks[b1],
+                    src,
+                    &geo.taps,
+                    &inner,
+                    &mut acc0,
+                    &mut acc1,
+                ),
+                None => tile(kernel, blocks[first], src, &geo.taps, &inner, &mut acc0),
+            }
+            let mut store = |acc: &Acc, block: usize, lanes: usize| {
+                for (j, row) in acc.iter().enumerate().take(hw - p0) {
+                    for (l, &v) in row.iter().enumerate().take(lanes) {
+                        out[(block * LANES + l) * hw + p0 + j] = v;
+                    }
                 }
+            };
+            store(&acc0, first, lanes0);
+            if let Some(b1) = second {
+                store(&acc1, b1, lanes1);
             }
         }
+    }
+}
+
+/// `dWᵀ[t][co] += Σₚ xp[tap(t) + pix(p)] · dyᵀ[p][co]`, six taps at a time, for one
+/// channel block (its rows of dyᵀ and of dWᵀ), or two sharing the reads of `xp`.
+fn weight_tiles(
+    kernel: Kernel,
+    geo: &Geometry,
+    xp: &[f32],
+    first: (&[f32], &mut [f32]),
+    mut second: Option<(&[f32], &mut [f32])>,
+) {
+    let t = geo.taps.len();
+    for t0 in (0..t).step_by(SLOTS) {
+        let rows = (t - t0).min(SLOTS);
+        let load = |dwt: &[f32]| {
+            let mut acc: Acc = [[0.0; LANES]; SLOTS];
+            for (j, a) in acc.iter_mut().enumerate().take(rows) {
+                a.copy_from_slice(&dwt[(t0 + j) * LANES..][..LANES]);
+            }
+            acc
+        };
+        let save = |acc: &Acc, dwt: &mut [f32]| {
+            for (j, a) in acc.iter().enumerate().take(rows) {
+                dwt[(t0 + j) * LANES..][..LANES].copy_from_slice(a);
+            }
+        };
+        let inner = slots(&geo.taps, t0);
+        let mut acc0 = load(first.1);
+        match second.as_mut() {
+            Some((vecs1, dwt1)) => {
+                let mut acc1 = load(dwt1);
+                let pixels = &geo.pixels;
+                tile2(
+                    kernel, first.0, vecs1, xp, pixels, &inner, &mut acc0, &mut acc1,
+                );
+                save(&acc1, dwt1);
+            }
+            None => tile(kernel, first.0, xp, &geo.pixels, &inner, &mut acc0),
+        }
+        save(&acc0, first.1);
     }
 }
 
@@ -222,29 +284,12 @@ pub(crate) fn backward(
                     dyt[(block * hw + p) * LANES + lane] = v;
                 }
             }
-            // dWᵀ[t][co] += Σₚ xp[tap(t) + pix(p)] · dyᵀ[p][co], six taps at a time.
-            for (vecs, acc_rows) in dyt
+            // The weight gradient, channel blocks two at a time.
+            let mut blocks = dyt
                 .chunks_exact(hw * LANES)
-                .zip(dwt.chunks_exact_mut(t * LANES))
-            {
-                for t0 in (0..t).step_by(SLOTS) {
-                    let rows = (t - t0).min(SLOTS);
-                    let mut acc: Acc = [[0.0; LANES]; SLOTS];
-                    for (j, a) in acc.iter_mut().enumerate().take(rows) {
-                        a.copy_from_slice(&acc_rows[(t0 + j) * LANES..][..LANES]);
-                    }
-                    tile(
-                        kernel,
-                        vecs,
-                        &xp,
-                        &geo.pixels,
-                        &slots(&geo.taps, t0),
-                        &mut acc,
-                    );
-                    for (j, a) in acc.iter().enumerate().take(rows) {
-                        acc_rows[(t0 + j) * LANES..][..LANES].copy_from_slice(a);
-                    }
-                }
+                .zip(dwt.chunks_exact_mut(t * LANES));
+            while let Some(first) = blocks.next() {
+                weight_tiles(kernel, &geo, &xp, first, blocks.next());
             }
             if let (Some(dx), Some(tpacked)) = (dx.as_deref_mut(), tpacked.as_deref()) {
                 tgeo.pad_into(&st, dyn_, &mut dyp);

@@ -59,6 +59,8 @@ pub fn cpu_conv() -> (&'static str, f32) {
     (path.name(), worst)
 }
 
+pub use conv::choose as choose_cpu_conv;
+
 /// Whether `t` is an f32 tensor on the CPU backend (with or without autodiff).
 fn on_cpu<const D: usize>(t: &Tensor<D>) -> bool {
     let device = t.device();

@@ -1,7 +1,7 @@
 //! The direct convolution's register tile: 6 × 16 accumulators updated as
-//! `acc[j] += vecs[i] · src[outer[i] + inner[j]]` for every i, with AVX2 + FMA where
-//! the CPU has them (checked at run time), wasm's SIMD128 in the browser (the build
-//! enables it), and plain Rust elsewhere.
+//! `acc[j] += vecs[i] · src[outer[i] + inner[j]]` for every i, with AVX-512 or else
+//! AVX2 + FMA where the CPU has them (checked at run time), wasm's SIMD128 in the
+//! browser (the build enables it), and plain Rust elsewhere.
 //!
 //! One kernel serves the forward pass, the input gradient and the weight gradient:
 //! the 16 lanes are output channels (forward, input gradient) or output channels of
@@ -47,6 +47,9 @@ impl Offsets {
 /// Which implementation [`tile`] runs, decided once per operation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Kernel {
+    /// AVX-512 intrinsics: a tile row is one 16-lane register.
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
     /// AVX2 and FMA intrinsics.
     #[cfg(target_arch = "x86_64")]
     Avx2Fma,
@@ -60,15 +63,27 @@ pub(crate) enum Kernel {
 impl Kernel {
     /// The fastest this CPU runs.
     pub fn detect() -> Self {
+        Self::available()[0]
+    }
+
+    /// Every kernel this CPU runs, fastest first (tests check each).
+    pub fn available() -> Vec<Self> {
+        let mut kernels = Vec::new();
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
-            return Self::Avx2Fma;
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                kernels.push(Self::Avx512);
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                kernels.push(Self::Avx2Fma);
+            }
         }
         #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
-        return Self::Simd128;
-        #[allow(unreachable_code)]
-        Self::Portable
+        kernels.push(Self::Simd128);
+        kernels.push(Self::Portable);
+        kernels
     }
 }
 
@@ -92,6 +107,19 @@ pub(crate) fn tile(
         "tile reads past its source"
     );
     match kernel {
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx512 => {
+            assert!(
+                std::arch::is_x86_feature_detected!("avx512f"),
+                "AVX-512 kernel chosen on a CPU without it"
+            );
+            // SAFETY: the CPU has AVX-512F (checked just above); the reads are the
+            // ones bounded above, as for AVX2.
+            #[allow(unsafe_code)]
+            unsafe {
+                avx512::tile(vecs.as_ptr(), src.as_ptr(), &outer.list, inner, acc)
+            }
+        }
         #[cfg(target_arch = "x86_64")]
         Kernel::Avx2Fma => {
             assert!(
@@ -119,6 +147,57 @@ pub(crate) fn tile(
         }
         Kernel::Portable => portable(vecs, src, &outer.list, inner, acc),
     }
+}
+
+/// Two tiles over the same reads of `src`: `acc0` from `vecs0` and `acc1` from
+/// `vecs1` (two 16-channel blocks of the same pixels or taps). The AVX-512 kernel
+/// shares each broadcast between them — six broadcasts feed twelve FMAs, so the
+/// loads no longer bound it; the others run [`tile`] twice.
+///
+/// # Panics
+/// As [`tile`], for either block.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn tile2(
+    kernel: Kernel,
+    vecs0: &[f32],
+    vecs1: &[f32],
+    src: &[f32],
+    outer: &Offsets,
+    inner: &[usize; SLOTS],
+    acc0: &mut Acc,
+    acc1: &mut Acc,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if kernel == Kernel::Avx512 {
+        assert!(
+            vecs0.len().min(vecs1.len()) >= outer.len() * LANES,
+            "too few vectors"
+        );
+        let inner_max = inner.iter().copied().max().unwrap_or(0);
+        assert!(
+            outer.len() == 0 || outer.max + inner_max < src.len(),
+            "tile reads past its source"
+        );
+        assert!(
+            std::arch::is_x86_feature_detected!("avx512f"),
+            "AVX-512 kernel chosen on a CPU without it"
+        );
+        // SAFETY: the CPU has AVX-512F; both vector blocks hold `outer.len()` rows
+        // and every source read is bounded, as checked just above.
+        #[allow(unsafe_code)]
+        unsafe {
+            avx512::tile2(
+                [vecs0.as_ptr(), vecs1.as_ptr()],
+                src.as_ptr(),
+                &outer.list,
+                inner,
+                [acc0, acc1],
+            );
+        }
+        return;
+    }
+    tile(kernel, vecs0, src, outer, inner, acc0);
+    tile(kernel, vecs1, src, outer, inner, acc1);
 }
 
 fn portable(vecs: &[f32], src: &[f32], outer: &[u32], inner: &[usize; SLOTS], acc: &mut Acc) {
@@ -178,6 +257,106 @@ mod avx2 {
             for j in 0..SLOTS {
                 _mm256_storeu_ps(acc[j].as_mut_ptr(), lo[j]);
                 _mm256_storeu_ps(acc[j].as_mut_ptr().add(8), hi[j]);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod avx512 {
+    use std::arch::x86_64::{
+        __m512, _mm512_add_ps, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_set1_ps, _mm512_storeu_ps,
+    };
+
+    use super::{Acc, SLOTS};
+
+    /// The loop of [`super::tile`] with a tile row in one register, two rows of
+    /// `vecs` a pass into two sets of accumulators (twelve chains: enough to
+    /// cover the FMA latency on two units), added together at the end.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; `vecs` points at `outer.len()` rows of 16 floats;
+    /// `src + outer[i] + inner[j]` is readable for every i, j.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn tile(
+        vecs: *const f32,
+        src: *const f32,
+        outer: &[u32],
+        inner: &[usize; SLOTS],
+        acc: &mut Acc,
+    ) {
+        // SAFETY (whole body): reads within the bounds the caller guarantees; `acc`'s
+        // rows are 16 floats each, one register.
+        unsafe {
+            let mut a: [__m512; SLOTS] = [_mm512_set1_ps(0.0); SLOTS];
+            let mut b: [__m512; SLOTS] = [_mm512_set1_ps(0.0); SLOTS];
+            for j in 0..SLOTS {
+                a[j] = _mm512_loadu_ps(acc[j].as_ptr());
+            }
+            let s = inner.map(|off| src.add(off));
+            let mut v = vecs;
+            let mut pairs = outer.chunks_exact(2);
+            for pair in &mut pairs {
+                let (o0, o1) = (pair[0] as usize, pair[1] as usize);
+                let (v0, v1) = (_mm512_loadu_ps(v), _mm512_loadu_ps(v.add(16)));
+                for j in 0..SLOTS {
+                    a[j] = _mm512_fmadd_ps(v0, _mm512_set1_ps(*s[j].add(o0)), a[j]);
+                    b[j] = _mm512_fmadd_ps(v1, _mm512_set1_ps(*s[j].add(o1)), b[j]);
+                }
+                v = v.add(32);
+            }
+            if let [o] = pairs.remainder() {
+                let v0 = _mm512_loadu_ps(v);
+                for j in 0..SLOTS {
+                    a[j] = _mm512_fmadd_ps(v0, _mm512_set1_ps(*s[j].add(*o as usize)), a[j]);
+                }
+            }
+            for j in 0..SLOTS {
+                _mm512_storeu_ps(acc[j].as_mut_ptr(), _mm512_add_ps(a[j], b[j]));
+            }
+        }
+    }
+
+    /// [`super::tile2`]: two tiles, each broadcast shared by both (twelve chains).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; each of `vecs` points at `outer.len()` rows of 16
+    /// floats; `src + outer[i] + inner[j]` is readable for every i, j.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn tile2(
+        vecs: [*const f32; 2],
+        src: *const f32,
+        outer: &[u32],
+        inner: &[usize; SLOTS],
+        acc: [&mut Acc; 2],
+    ) {
+        // SAFETY (whole body): reads within the bounds the caller guarantees; each
+        // accumulator row is 16 floats, one register.
+        unsafe {
+            let mut a: [__m512; SLOTS] = [_mm512_set1_ps(0.0); SLOTS];
+            let mut b: [__m512; SLOTS] = [_mm512_set1_ps(0.0); SLOTS];
+            for j in 0..SLOTS {
+                a[j] = _mm512_loadu_ps(acc[0][j].as_ptr());
+                b[j] = _mm512_loadu_ps(acc[1][j].as_ptr());
+            }
+            let s = inner.map(|off| src.add(off));
+            let (mut v0, mut v1) = (vecs[0], vecs[1]);
+            for &o in outer {
+                let o = o as usize;
+                let (w0, w1) = (_mm512_loadu_ps(v0), _mm512_loadu_ps(v1));
+                for j in 0..SLOTS {
+                    let x = _mm512_set1_ps(*s[j].add(o));
+                    a[j] = _mm512_fmadd_ps(w0, x, a[j]);
+                    b[j] = _mm512_fmadd_ps(w1, x, b[j]);
+                }
+                v0 = v0.add(16);
+                v1 = v1.add(16);
+            }
+            let [acc0, acc1] = acc;
+            for j in 0..SLOTS {
+                _mm512_storeu_ps(acc0[j].as_mut_ptr(), a[j]);
+                _mm512_storeu_ps(acc1[j].as_mut_ptr(), b[j]);
             }
         }
     }
