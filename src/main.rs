@@ -365,7 +365,9 @@ fn run_bench_train(args: BenchTrainArgs) -> Result<()> {
     let train = std::sync::Arc::new(data.train);
     println!("device: {}", selected.description);
     let sgemm = bench::sgemm_gflops(&selected.device, 1024, 5);
-    println!("sgemm 1024×1024 on this backend: {sgemm:.1} GFLOP/s (the ceiling below)");
+    println!("sgemm 1024×1024 on this backend: {sgemm:.1} GFLOP/s");
+    let peak = bench::peak_fma_gflops(threads, 3);
+    println!("peak FMA rate, {threads} threads, register-only: {peak:.1} GFLOP/s (the ceiling)");
     let python = args
         .python
         .clone()
@@ -373,8 +375,16 @@ fn run_bench_train(args: BenchTrainArgs) -> Result<()> {
         .unwrap_or("python3".into());
     let script = args.peer_script.clone().unwrap_or_else(default_peer_script);
     println!(
-        "{:>6} {:>6} {:>12} {:>9} {:>8} {:>8} {:>13} {:>8}",
-        "model", "batch", "samples/s", "ms/step", "GFLOP/s", "%sgemm", "PyTorch s/s", "ratio"
+        "{:>6} {:>6} {:>12} {:>9} {:>8} {:>8} {:>7} {:>13} {:>8}",
+        "model",
+        "batch",
+        "samples/s",
+        "ms/step",
+        "GFLOP/s",
+        "%sgemm",
+        "%peak",
+        "PyTorch s/s",
+        "ratio"
     );
     let mut rows = Vec::new();
     for m in &args.model {
@@ -402,13 +412,14 @@ fn run_bench_train(args: BenchTrainArgs) -> Result<()> {
             Err(_) => ("-".into(), "-".into()),
         };
         println!(
-            "{:>6} {:>6} {:>12.0} {:>9.1} {:>8.1} {:>7.1}% {:>13} {:>8}",
+            "{:>6} {:>6} {:>12.0} {:>9.1} {:>8.1} {:>7.1}% {:>6.1}% {:>13} {:>8}",
             kind.name(),
             r.batch,
             r.samples_per_s,
             r.batch as f64 / r.samples_per_s * 1000.0,
             r.gflops,
             r.gflops / sgemm * 100.0,
+            r.gflops / peak * 100.0,
             peer_s,
             ratio
         );
@@ -425,7 +436,7 @@ fn run_bench_train(args: BenchTrainArgs) -> Result<()> {
         }
         rows.push(serde_json::json!({
             "model": kind.name(), "batch": r.batch, "samples_per_s": r.samples_per_s, "runs": r.runs,
-            "gflops": r.gflops, "fraction_of_sgemm": r.gflops / sgemm,
+            "gflops": r.gflops, "fraction_of_sgemm": r.gflops / sgemm, "fraction_of_peak": r.gflops / peak,
             "pytorch_samples_per_s": peer.as_ref().ok(), "ratio_to_pytorch": peer.as_ref().ok().map(|p| r.samples_per_s / p),
             "pytorch_error": peer.as_ref().err(),
             "hand_written_samples_per_s": reference.as_ref().map(|h| h.samples_per_s),
@@ -435,7 +446,7 @@ fn run_bench_train(args: BenchTrainArgs) -> Result<()> {
     let report = serde_json::json!({
         "command": "bench train", "device": selected.description, "backend": selected.backend,
         "settings": { "batch": args.batch, "warmup": args.warmup, "steps": args.steps, "repeats": args.repeats },
-        "threads": threads, "sgemm_gflops": sgemm, "results": rows,
+        "threads": threads, "sgemm_gflops": sgemm, "peak_fma_gflops": peak, "results": rows,
     });
     write_report(args.report.as_deref(), &report)
 }

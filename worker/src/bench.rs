@@ -181,6 +181,32 @@ pub fn sgemm_gflops(device: &Device, n: usize, repeats: usize) -> f64 {
     median(&mut runs)
 }
 
+/// This machine's peak f32 FMA rate in GFLOP/s on `threads` cores at once, with
+/// the widest vectors its convolution kernel uses (a register-only loop per core;
+/// the best of `repeats`): the honest ceiling for a model's GFLOP/s.
+pub fn peak_fma_gflops(threads: usize, repeats: usize) -> f64 {
+    const ROUNDS: u64 = 20_000_000;
+    let _ = tether_shared::model::ops::fma_burst(1_000); // warm-up (and the kernel choice)
+    (0..repeats.max(1))
+        .map(|_| {
+            let t0 = Instant::now();
+            let flops: f64 = std::thread::scope(|scope| {
+                let runs: Vec<_> = (0..threads.max(1))
+                    .map(|_| scope.spawn(|| tether_shared::model::ops::fma_burst(ROUNDS)))
+                    .collect();
+                runs.into_iter()
+                    .map(|run| {
+                        let (flops, sum) = run.join().expect("the FMA loop does not panic");
+                        std::hint::black_box(sum);
+                        flops
+                    })
+                    .sum()
+            });
+            flops / t0.elapsed().as_secs_f64() / 1e9
+        })
+        .fold(0.0, f64::max)
+}
+
 /// The PyTorch peer's samples/s for `model` (its bench.py, median of 3), or why not.
 pub fn peer_throughput(
     python: &str,

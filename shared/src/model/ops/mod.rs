@@ -61,6 +61,19 @@ pub fn cpu_conv() -> (&'static str, f32) {
 
 pub use conv::choose as choose_cpu_conv;
 
+/// Runs `rounds` rounds of independent fused multiply-adds on registers only, with
+/// the vectors of the tile kernel this process's convolutions use (the widest the
+/// CPU has): a core's peak f32 rate when the caller times it (this crate keeps no
+/// clock). Returns the floating-point operations done and a value that depends on
+/// all of them (so no compiler drops the loop).
+pub fn fma_burst(rounds: u64) -> (f64, f32) {
+    let kernel = match conv::Path::chosen().0 {
+        conv::Path::Direct(kernel) => kernel,
+        conv::Path::Gemm => tile::Kernel::detect(),
+    };
+    tile::fma_burst(kernel, rounds)
+}
+
 /// Whether `t` is an f32 tensor on the CPU backend (with or without autodiff).
 fn on_cpu<const D: usize>(t: &Tensor<D>) -> bool {
     let device = t.device();

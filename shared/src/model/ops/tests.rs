@@ -196,3 +196,16 @@ fn conv_without_bias_runs_the_direct_kernel_and_matches_burn() {
         conv.weight.grad(&g_theirs).unwrap(),
     );
 }
+
+/// The FMA burst behind `bench train`'s peak: twelve chains of 1, 8 or 16 lanes,
+/// two operations each, every round; its value depends on them all.
+#[test]
+fn the_fma_burst_counts_its_operations() {
+    let (flops, sum) = super::fma_burst(1_000);
+    assert!(sum.is_finite() && sum > 0.0, "{sum}");
+    let per_round = flops / 1_000.0;
+    assert!(
+        [24.0, 192.0, 384.0].contains(&per_round),
+        "{per_round} per round"
+    );
+}

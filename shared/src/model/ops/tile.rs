@@ -200,6 +200,45 @@ pub(crate) fn tile2(
     tile(kernel, vecs1, src, outer, inner, acc1);
 }
 
+/// Chains of the FMA burst: enough independent FMAs to cover the latency of two
+/// FMA units (4 cycles × 2).
+const BURST_CHAINS: usize = 12;
+
+/// `rounds` rounds of [`BURST_CHAINS`] independent fused multiply-adds on registers
+/// only, with `kernel`'s vectors: a core's peak when timed (by the caller). Returns
+/// the floating-point operations done and a value that depends on every one.
+pub(crate) fn fma_burst(kernel: Kernel, rounds: u64) -> (f64, f32) {
+    let chains = BURST_CHAINS as f64 * 2.0 * rounds as f64;
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx512 if std::arch::is_x86_feature_detected!("avx512f") => {
+            // SAFETY: the CPU has AVX-512F (checked in the pattern); no memory is read.
+            #[allow(unsafe_code)]
+            let sum = unsafe { avx512::burst(rounds) };
+            (chains * 16.0, sum)
+        }
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx2Fma
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma") =>
+        {
+            // SAFETY: the CPU has AVX2 and FMA (checked in the pattern); no memory is read.
+            #[allow(unsafe_code)]
+            let sum = unsafe { avx2::burst(rounds) };
+            (chains * 8.0, sum)
+        }
+        _ => {
+            let mut acc = [1.0f32; BURST_CHAINS];
+            for _ in 0..rounds {
+                for a in &mut acc {
+                    *a = std::hint::black_box(*a).mul_add(0.999_999, 1e-7);
+                }
+            }
+            (chains, acc.iter().sum())
+        }
+    }
+}
+
 fn portable(vecs: &[f32], src: &[f32], outer: &[u32], inner: &[usize; SLOTS], acc: &mut Acc) {
     for (v, &o) in vecs.chunks_exact(LANES).zip(outer) {
         for (row, &off) in acc.iter_mut().zip(inner) {
@@ -215,10 +254,33 @@ fn portable(vecs: &[f32], src: &[f32], outer: &[u32], inner: &[usize; SLOTS], ac
 #[allow(unsafe_code)]
 mod avx2 {
     use std::arch::x86_64::{
-        __m256, _mm256_broadcast_ss, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_storeu_ps,
+        __m256, _mm256_add_ps, _mm256_broadcast_ss, _mm256_fmadd_ps, _mm256_loadu_ps,
+        _mm256_set1_ps, _mm256_storeu_ps,
     };
 
-    use super::{Acc, SLOTS};
+    use super::{Acc, BURST_CHAINS, SLOTS};
+
+    /// [`super::fma_burst`] on 8-lane registers.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn burst(rounds: u64) -> f32 {
+        let (m, c) = (_mm256_set1_ps(0.999_999), _mm256_set1_ps(1e-7));
+        let mut acc = [_mm256_set1_ps(1.0); BURST_CHAINS];
+        for _ in 0..rounds {
+            for a in &mut acc {
+                *a = _mm256_fmadd_ps(*a, m, c);
+            }
+        }
+        let sum = acc
+            .iter()
+            .fold(_mm256_set1_ps(0.0), |s, &a| _mm256_add_ps(s, a));
+        let mut out = [0.0f32; 8];
+        // SAFETY: `out` holds 8 floats.
+        unsafe { _mm256_storeu_ps(out.as_mut_ptr(), sum) };
+        out.iter().sum()
+    }
 
     /// The loop of [`super::tile`] in twelve registers.
     ///
@@ -266,10 +328,27 @@ mod avx2 {
 #[allow(unsafe_code)]
 mod avx512 {
     use std::arch::x86_64::{
-        __m512, _mm512_add_ps, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_set1_ps, _mm512_storeu_ps,
+        __m512, _mm512_add_ps, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_reduce_add_ps,
+        _mm512_set1_ps, _mm512_storeu_ps,
     };
 
-    use super::{Acc, SLOTS};
+    use super::{Acc, BURST_CHAINS, SLOTS};
+
+    /// [`super::fma_burst`] on 16-lane registers.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn burst(rounds: u64) -> f32 {
+        let (m, c) = (_mm512_set1_ps(0.999_999), _mm512_set1_ps(1e-7));
+        let mut acc = [_mm512_set1_ps(1.0); BURST_CHAINS];
+        for _ in 0..rounds {
+            for a in &mut acc {
+                *a = _mm512_fmadd_ps(*a, m, c);
+            }
+        }
+        acc.iter().map(|&a| _mm512_reduce_add_ps(a)).sum()
+    }
 
     /// The loop of [`super::tile`] with a tile row in one register, two rows of
     /// `vecs` a pass into two sets of accumulators (twelve chains: enough to
