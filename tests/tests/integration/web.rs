@@ -194,14 +194,21 @@ async fn browsers_need_their_own_origin_and_a_ticket() -> Result<()> {
     Ok(())
 }
 
-/// The browser worker's own code (the wasm crate, built natively on the CPU
-/// backend) joins with a ticket, downloads its shard over HTTP, trains, and its
-/// syncs move the center.
-#[tokio::test]
-async fn a_browser_worker_joins_downloads_its_shard_and_moves_the_center() -> Result<()> {
-    let server = TestServer::start(config("web-volunteer")?).await?;
-    let (ticket, data) = ticket(&server).await?;
-    let mut client = RawClient::connect_from(&server.ws_url(), &origin(&server)).await?;
+/// A browser worker (the wasm crate's code, run natively) that joined with a
+/// ticket: its socket, its state, and what its shard download names.
+struct Browser {
+    client: RawClient,
+    volunteer: Volunteer,
+    shard_index: u32,
+    shard_count: u32,
+    shard_seed: String,
+    session: String,
+    data: String,
+}
+
+async fn join_as_browser(server: &TestServer) -> Result<Browser> {
+    let (ticket, data) = ticket(server).await?;
+    let mut client = RawClient::connect_from(&server.ws_url(), &origin(server)).await?;
     let mut volunteer = Volunteer::new(Device::flex(), "cpu", "cpu (native test)");
     client.send_bytes(volunteer.hello(&ticket)).await?;
     let welcome = volunteer.receive(&client.recv_raw().await?)?;
@@ -213,8 +220,34 @@ async fn a_browser_worker_joins_downloads_its_shard_and_moves_the_center() -> Re
         ..
     } = welcome
     else {
-        panic!("expected a welcome, got {welcome:?}");
+        bail!("expected a welcome, got {welcome:?}");
     };
+    Ok(Browser {
+        client,
+        volunteer,
+        shard_index,
+        shard_count,
+        shard_seed,
+        session,
+        data,
+    })
+}
+
+/// The browser worker's own code (the wasm crate, built natively on the CPU
+/// backend) joins with a ticket, downloads its shard over HTTP, trains, and its
+/// syncs move the center.
+#[tokio::test]
+async fn a_browser_worker_joins_downloads_its_shard_and_moves_the_center() -> Result<()> {
+    let server = TestServer::start(config("web-volunteer")?).await?;
+    let Browser {
+        mut client,
+        mut volunteer,
+        shard_index,
+        shard_count,
+        shard_seed,
+        session,
+        data,
+    } = join_as_browser(&server).await?;
     let path =
         format!("/api/shard?index={shard_index}&count={shard_count}&seed={shard_seed}&data={data}");
     let from_page = [
@@ -284,20 +317,15 @@ async fn a_browser_worker_joins_downloads_its_shard_and_moves_the_center() -> Re
 #[tokio::test]
 async fn a_browser_worker_reads_a_large_shard_a_block_at_a_time() -> Result<()> {
     let server = TestServer::start(config("web-blocks")?).await?;
-    let (ticket, data) = ticket(&server).await?;
-    let mut client = RawClient::connect_from(&server.ws_url(), &origin(&server)).await?;
-    let mut volunteer = Volunteer::new(Device::flex(), "cpu", "cpu (native test)");
-    client.send_bytes(volunteer.hello(&ticket)).await?;
-    let Event::Welcome {
+    let Browser {
+        mut client,
+        mut volunteer,
         shard_index,
         shard_count,
         shard_seed,
         session,
-        ..
-    } = volunteer.receive(&client.recv_raw().await?)?
-    else {
-        bail!("expected a welcome");
-    };
+        data,
+    } = join_as_browser(&server).await?;
     let path =
         format!("/api/shard?index={shard_index}&count={shard_count}&seed={shard_seed}&data={data}");
     let headers = [("Origin", origin(&server)), ("x-tether-session", session)];
