@@ -398,8 +398,10 @@ fn demo_trains_a_center_and_reports_it() -> Result<()> {
             "demo",
             "--workers",
             "2",
+            // 0.1 epoch is four exchanges: its accuracy ranged 0.59–0.70 run to run
+            // (one CI run failed at 0.594); 0.2 leaves the bar clear of the noise.
             "--epochs",
-            "0.1",
+            "0.2",
             "--port",
             "0",
             "--eval-limit",
