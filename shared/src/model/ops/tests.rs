@@ -129,6 +129,8 @@ fn pool_relu_matches_burn_forward_and_backward() {
         [2, 5, 9, 4],
         [4, 32, 28, 28],
         [1, 1, 1, 3],
+        [2, 3, 6, 22],
+        [1, 2, 5, 19],
     ] {
         let x = random(&mut rng, dims, &device).require_grad();
         let (ours, theirs) = (pool2_relu(&pool, x.clone()), relu(pool.forward(x.clone())));
