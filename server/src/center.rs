@@ -7,6 +7,8 @@
 //! Validation that needs the center (staleness, the norm guard) happens here too,
 //! before anything is written: a rejected update leaves the center bit-identical.
 
+use std::cell::Cell;
+
 use tether_shared::algorithms::downpour::apply_push;
 use tether_shared::algorithms::elastic::center_pull_in_place;
 use tether_shared::algorithms::leader::LeaderBoard;
@@ -119,6 +121,9 @@ pub struct Center {
     spare: Vec<f32>,
     round_id: u64,
     round: Vec<Pending>,
+    /// ‖x̃‖ and the version it was taken at (x̃ changes only with its version): the
+    /// guard asks for it several times an exchange, under the center's lock.
+    norm: Cell<Option<(u64, f64)>>,
 }
 
 impl Center {
@@ -155,6 +160,7 @@ impl Center {
             spare: Vec::new(),
             round_id: 0,
             round: Vec::new(),
+            norm: Cell::new(None),
         }
     }
 
@@ -184,7 +190,7 @@ impl Center {
     /// figures taken at the old values would refuse honest workers at a longer τ.
     pub fn set_hyper(&mut self, hyper: Hyper) {
         if (hyper.tau, hyper.lr) != (self.hyper.tau, self.hyper.lr) {
-            self.guard.restart(norms(&self.params, &[]).distance);
+            self.guard.restart(self.norm());
         }
         self.hyper = hyper;
     }
@@ -206,13 +212,13 @@ impl Center {
     /// The largest progress the norm guard accepts now. Never sent to a client
     /// (rejections say why, not where the line is); for status and tests.
     pub fn progress_bound(&self, cohort: Cohort) -> f64 {
-        self.guard.bound(norms(&self.params, &[]).distance, cohort)
+        self.guard.bound(self.norm(), cohort)
     }
 
     /// The largest progress the norm guard accepts now from `session`'s next
     /// exchange (run at the current τ and η).
     pub fn session_bound(&self, session: u64, cohort: Cohort) -> f64 {
-        let center = norms(&self.params, &[]).distance;
+        let center = self.norm();
         self.guard.judged_bound(center, session, cohort, true)
     }
 
@@ -240,7 +246,7 @@ impl Center {
         let (norm, center_norm) = if pushes(self.algorithm) {
             let n = norms(&update.values, &[]);
             check_finite(&n, &update.values)?;
-            (n.distance, norms(&self.params, &[]).distance)
+            (n.distance, self.norm())
         } else {
             let n = norms(&update.values, &self.params);
             check_finite(&n, &update.values)?;
@@ -444,6 +450,18 @@ impl Center {
         }
         self.version += 1;
         Ok(())
+    }
+
+    /// ‖x̃‖, computed once per version.
+    fn norm(&self) -> f64 {
+        match self.norm.get() {
+            Some((version, norm)) if version == self.version => norm,
+            _ => {
+                let norm = norms(&self.params, &[]).distance;
+                self.norm.set(Some((self.version, norm)));
+                norm
+            }
+        }
     }
 
     fn check_staleness(&self, seen: u64) -> Result<(), Rejection> {
