@@ -43,8 +43,10 @@ macro_rules! assets {
     };
 }
 
-/// Everything under `web/` that the pages load.
-const ASSETS: &[Asset] = assets![
+/// Everything under `web/` that the pages load. A `static`, not a `const`: a const's
+/// value is copied into each function that uses it, embedded files included (the
+/// 4.6 MB wasm was in the binary twice).
+static ASSETS: &[Asset] = assets![
     "index.html" => "text/html; charset=utf-8";
     "volunteer.html" => "text/html; charset=utf-8";
     "style.css" => "text/css; charset=utf-8";
