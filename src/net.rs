@@ -703,9 +703,19 @@ pub struct WorkArgs {
     /// Write what the worker did here as JSON.
     #[arg(long)]
     pub report: Option<PathBuf>,
+    /// The CPU convolution kernel: avx512, avx2, portable or gemm (default: the
+    /// fastest this CPU has that passes its check), to compare kernels or step
+    /// around one.
+    #[arg(long)]
+    pub conv: Option<String>,
 }
 
 pub fn run_work(args: WorkArgs) -> Result<()> {
+    if let Some(conv) = &args.conv {
+        tether_shared::model::ops::choose_cpu_conv(conv)
+            .map_err(anyhow::Error::msg)
+            .context("--conv")?;
+    }
     let mut config = WorkConfig::new(args.server.clone());
     config.ca_cert = args.ca_cert.clone();
     config.encodings = args.encodings.clone();
