@@ -5,6 +5,8 @@
 #
 #   scripts/browser-per-core.sh [path/to/tether] [port]
 #   SERVE_ARGS="--model resnet8 --data ~/cifar-10-batches-bin" scripts/browser-per-core.sh
+#   WASM=simd128 scripts/browser-per-core.sh    # the plain SIMD128 build in the tab
+#   CONV=avx2 scripts/browser-per-core.sh       # the native worker's AVX2 kernel
 #
 # SERVE_ARGS go to `tether serve` (another network, other data); both workers get
 # the network from the welcome and download their shards.
@@ -21,6 +23,6 @@ cd "$dir"
 # shellcheck disable=SC2086 # SERVE_ARGS is a list of flags
 "$bin" serve --port "$port" --tau 16 --screen-batch 0 ${SERVE_ARGS:-} >serve.log 2>&1 &
 sleep 3
-"$bin" work --server "ws://127.0.0.1:$port" --threads 1 >work.log 2>&1 &
+"$bin" work --server "ws://127.0.0.1:$port" --threads 1 ${CONV:+--conv "$CONV"} >work.log 2>&1 &
 (cd "$root/tests/browser" && node dashboard.mjs --base "http://127.0.0.1:$port" \
-  --backend cpu --choice cpu --workers 1 --min-syncs 12 --out "$dir") | grep -E 'browser worker|ratio|FAILED'
+  --backend cpu --choice cpu --workers 1 --min-syncs 12 --out "$dir" ${WASM:+--wasm "$WASM"}) | grep -E 'browser worker|ratio|FAILED'

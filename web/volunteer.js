@@ -19,6 +19,9 @@ export function mountVolunteer(root, { needsToken = false } = {}) {
   // and is read a block at a time.
   const shardMiB = Number(new URLSearchParams(window.location.search).get('shard-memory'));
   const shardBytes = shardMiB > 0 ? Math.floor(shardMiB * 1048576) : null;
+  // `?wasm=simd128`: the plain SIMD128 build even where relaxed SIMD is there (to
+  // compare the two, or to step around an engine's bug).
+  const wasm = new URLSearchParams(window.location.search).get('wasm') === 'simd128' ? 'simd128' : 'auto';
   // Half the cores by default: the volunteer keeps a usable machine.
   const lend = Math.max(1, Math.floor(cores / 2));
   root.innerHTML = `
@@ -85,7 +88,10 @@ export function mountVolunteer(root, { needsToken = false } = {}) {
     if (sent.relay) {
       show('v-message', `this run trains through relays: joining ${sent.relay}`);
       const wish = `${$('worker-count').value},${$('backend-choice').value}`;
-      const keep = shardBytes ? `?shard-memory=${shardMiB}` : '';
+      const kept = new URLSearchParams();
+      if (shardBytes) kept.set('shard-memory', shardMiB);
+      if (wasm !== 'auto') kept.set('wasm', wasm);
+      const keep = kept.size ? `?${kept}` : '';
       window.location.assign(`${sent.relay}/volunteer${keep}#join=${encodeURIComponent(wish)}`);
       return;
     }
@@ -102,7 +108,7 @@ export function mountVolunteer(root, { needsToken = false } = {}) {
       const member = { thread, index, steps: 0, syncs: 0 };
       thread.onmessage = (e) => handle(member, e.data);
       thread.onerror = (e) => handle(member, { type: 'error', message: e.message || 'the worker failed to load' });
-      thread.postMessage({ type: 'start', backend: gpu ? 'webgpu' : 'cpu', group: state.group, token, shardBytes });
+      thread.postMessage({ type: 'start', backend: gpu ? 'webgpu' : 'cpu', group: state.group, token, shardBytes, build: wasm });
       return member;
     });
     refresh();

@@ -3,7 +3,8 @@
 // with its own shard and socket. It owns the socket and the downloads; the wasm
 // module (the same Rust model, algorithms and frames as a native worker) does
 // everything else.
-import init, { create_worker, shard_head_bytes, shard_header_bytes } from './pkg/tether_client_wasm.js';
+/// The wasm build's exports, once loaded (`run` picks the build).
+let wasm = null;
 import { pickBackend } from './backend.js';
 
 let stopping = false;
@@ -30,13 +31,37 @@ const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 /// Bytes of shard a worker keeps in memory; a larger shard is read a block at a time.
 let shardMemory = 256 * 1024 * 1024;
 
-async function run({ token, backend = 'auto', group = null, shardBytes = null }) {
+/// Whether this engine takes relaxed SIMD (`f32x4.relaxed_madd`, the CPU's FMA): a
+/// module of one function, `relaxed_madd(0, 0, 0)`, that only such an engine validates.
+function hasRelaxedSimd() {
+  const zeros = () => [0xfd, 0x0c, ...new Array(16).fill(0)]; // v128.const 0
+  const body = [0x00, ...zeros(), ...zeros(), ...zeros(), 0xfd, 0x85, 0x02, 0x0b];
+  const bytes = [
+    0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00, // \0asm, version 1
+    0x01, 0x05, 0x01, 0x60, 0x00, 0x01, 0x7b, // types: () -> v128
+    0x03, 0x02, 0x01, 0x00, // one function of that type
+    0x0a, body.length + 2, 0x01, body.length, ...body, // its code
+  ];
+  try {
+    return WebAssembly.validate(new Uint8Array(bytes));
+  } catch {
+    return false;
+  }
+}
+
+async function run({ token, backend = 'auto', group = null, shardBytes = null, build = 'auto' }) {
   if (shardBytes > 0) shardMemory = shardBytes;
-  post('status', { text: 'loading the wasm module' });
-  await init({ module_or_path: new URL('./pkg/tether_client_wasm_bg.wasm', import.meta.url) });
+  // Two builds of one worker: with relaxed SIMD where the engine has it, else plain
+  // SIMD128 (`?wasm=simd128` in the page's address asks for the plain one).
+  // Each build has its own glue (wasm-bindgen names functions by their index).
+  const relaxed = build !== 'simd128' && hasRelaxedSimd();
+  const stem = relaxed ? 'tether_client_wasm_relaxed' : 'tether_client_wasm';
+  post('status', { text: `loading the wasm module (${relaxed ? 'relaxed SIMD' : 'SIMD128'})` });
+  wasm = await import(`./pkg/${stem}.js`);
+  await wasm.default({ module_or_path: new URL(`./pkg/${stem}_bg.wasm`, import.meta.url) });
   // The panel chose the backend and says why; this opens the adapter it chose.
   const { gpu } = await pickBackend(backend);
-  volunteer = await create_worker(gpu);
+  volunteer = await wasm.create_worker(gpu);
   if (group) volunteer.set_group(group);
   post('backend', { backend: volunteer.backend, device: volunteer.device });
   let failures = 0;
@@ -146,7 +171,7 @@ async function startShard(shard, url) {
     post('status', { text: `training on ${blob.size} bytes of shard${from}` });
     return null;
   }
-  const headBytes = shard_head_bytes(await bytesOf(blob, 0, shard_header_bytes()));
+  const headBytes = wasm.shard_head_bytes(await bytesOf(blob, 0, wasm.shard_header_bytes()));
   volunteer.start_blocks(await bytesOf(blob, 0, headBytes), blob.size, shardMemory);
   const mib = (v) => (v / 1048576).toFixed(1);
   post('status', { text: `training on ${mib(blob.size)} MiB of shard${from}, read from disk in blocks (memory budget ${mib(shardMemory)} MiB)` });

@@ -59,6 +59,8 @@ static ASSETS: &[Asset] = assets![
     "vendor/uPlot.LICENSE" => "text/plain; charset=utf-8";
     "pkg/tether_client_wasm.js" => "text/javascript; charset=utf-8";
     "pkg/tether_client_wasm_bg.wasm" => "application/wasm", from "pkg/tether_client_wasm_bg.wasm.gz";
+    "pkg/tether_client_wasm_relaxed.js" => "text/javascript; charset=utf-8";
+    "pkg/tether_client_wasm_relaxed_bg.wasm" => "application/wasm", from "pkg/tether_client_wasm_relaxed_bg.wasm.gz";
 ];
 
 /// Each asset's ETag (a hash of its bytes), computed on first use, so a browser

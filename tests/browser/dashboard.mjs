@@ -7,7 +7,7 @@
 // node dashboard.mjs --base http://127.0.0.1:PORT --backend webgpu|cpu --out DIR
 //   [--min-syncs 5] [--timeout 240] [--admin-token T --tau N --batch B]
 //   [--spki BASE64 --label NAME] [--choice auto|webgpu|cpu] [--adapter yes]
-//   [--expect-why TEXT] [--expect-device TEXT] [--workers N]
+//   [--expect-why TEXT] [--expect-device TEXT] [--workers N] [--wasm simd128]
 //
 // --backend is what the worker must end up on; --choice is what the Join panel's
 // backend menu is set to (default: webgpu for the WebGPU runs, else auto);
@@ -15,7 +15,8 @@
 // must then refuse it, saying why: --expect-why checks the panel's reason).
 // --workers N sets the panel's CPU cores: N Web Workers must join as one group,
 // each train to --min-syncs, show under one line in the workers table, and all
-// leave on one press of Leave.
+// leave on one press of Leave. --wasm simd128 asks the page for the plain SIMD128
+// build of the worker (else it loads the relaxed-SIMD one where Chromium has it).
 //
 // Over https://, --spki trusts the server's key in Chromium (its
 // --ignore-certificate-errors-spki-list), and the page must be a secure context;
@@ -72,7 +73,11 @@ try {
   const before = await status();
   const t0 = Date.now();
   // --shard-memory MiB: each tab worker's budget; a larger shard is read in blocks.
-  const page_url = args['shard-memory'] ? `${base}/?shard-memory=${args['shard-memory']}` : base;
+  // --wasm simd128: the plain SIMD128 build even where the browser has relaxed SIMD.
+  const query = new URLSearchParams();
+  if (args['shard-memory']) query.set('shard-memory', args['shard-memory']);
+  if (args.wasm) query.set('wasm', args.wasm);
+  const page_url = query.size ? `${base}/?${query}` : base;
   await page.goto(page_url, { waitUntil: 'load' });
   await page.waitForFunction(() => window.tetherDashboard && Object.keys(window.tetherDashboard.chartPoints()).length === 6);
   report.first_chart_ms = Date.now() - t0;

@@ -41,36 +41,30 @@ fn root() -> Result<PathBuf> {
         .with_context(|| format!("{} is not inside a tether checkout", cwd.display()))
 }
 
+/// The two builds of the browser worker: plain SIMD128 for every browser with wasm
+/// SIMD, and one with relaxed SIMD too (`f32x4.relaxed_madd`: the CPU's FMA), which
+/// the page loads where `WebAssembly.validate` accepts a relaxed-SIMD module.
+/// (File suffix, cargo features.) Only tether's own tile kernel is built with relaxed
+/// SIMD (`target_feature` on that function): enabling it for the whole crate graph
+/// breaks Burn's `macerator`, and the two builds then share every dependency.
+const FLAVOURS: [(&str, &str); 2] = [("", ""), ("_relaxed", "relaxed-simd")];
+
 fn web(check: bool) -> Result<()> {
     let root = root()?;
     check_bindgen_pin(&root)?;
-    let wasm = build_wasm(&root)?;
-    let staging = root.join("target").join("xtask-web");
-    let _ = std::fs::remove_dir_all(&staging);
-    std::fs::create_dir_all(&staging)?;
-    wasm_bindgen_cli_support::Bindgen::new()
-        .input_path(&wasm)
-        .web(true)?
-        .typescript(false)
-        .debug(false)
-        .keep_debug(false)
-        .remove_name_section(true)
-        .remove_producers_section(true)
-        .generate(&staging)
-        .context("running wasm-bindgen")?;
+    let mut files = Vec::new();
+    for (suffix, features) in FLAVOURS {
+        let (js, wasm) = bindgen(&root, features)?;
+        // The wasm is committed and embedded gzipped: a seventh of the bytes in the
+        // binary and on the wire (browsers take it as is; the server inflates it for
+        // the rare client that does not accept gzip). Each build has its own glue:
+        // wasm-bindgen names the functions it calls by their index in the module.
+        let gz = gzip(&wasm)?;
+        println!("{STEM}{suffix}_bg.wasm: {} bytes, {} gzipped", wasm.len(), gz.len());
+        files.push((format!("{STEM}{suffix}.js"), js));
+        files.push((format!("{STEM}{suffix}_bg.wasm.gz"), gz));
+    }
     let out = root.join("web").join("pkg");
-    let js = std::fs::read(staging.join(format!("{STEM}.js"))).context("reading the glue")?;
-    let wasm =
-        std::fs::read(staging.join(format!("{STEM}_bg.wasm"))).context("reading the wasm")?;
-    // The wasm is committed and embedded gzipped: a seventh of the bytes in the
-    // binary and on the wire (browsers take it as is; the server inflates it for
-    // the rare client that does not accept gzip).
-    let gz = gzip(&wasm)?;
-    println!("{STEM}_bg.wasm: {} bytes, {} gzipped", wasm.len(), gz.len());
-    let files = [
-        (format!("{STEM}.js"), js),
-        (format!("{STEM}_bg.wasm.gz"), gz),
-    ];
     let mut stale = Vec::new();
     for (name, fresh) in &files {
         let target = out.join(name);
@@ -96,6 +90,29 @@ fn web(check: bool) -> Result<()> {
     Ok(())
 }
 
+/// Builds the worker with cargo `features` and runs wasm-bindgen on it: the glue and the
+/// wasm, in memory.
+fn bindgen(root: &Path, features: &str) -> Result<(Vec<u8>, Vec<u8>)> {
+    let wasm = build_wasm(root, features)?;
+    let staging = root.join("target").join("xtask-web");
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(&staging)?;
+    wasm_bindgen_cli_support::Bindgen::new()
+        .input_path(&wasm)
+        .web(true)?
+        .typescript(false)
+        .debug(false)
+        .keep_debug(false)
+        .remove_name_section(true)
+        .remove_producers_section(true)
+        .generate(&staging)
+        .context("running wasm-bindgen")?;
+    let js = std::fs::read(staging.join(format!("{STEM}.js"))).context("reading the glue")?;
+    let wasm =
+        std::fs::read(staging.join(format!("{STEM}_bg.wasm"))).context("reading the wasm")?;
+    Ok((js, wasm))
+}
+
 /// The lock file must pin the same wasm-bindgen as this tool, or the generated
 /// JavaScript would not match the wasm.
 fn check_bindgen_pin(root: &Path) -> Result<()> {
@@ -112,11 +129,12 @@ fn check_bindgen_pin(root: &Path) -> Result<()> {
     Ok(())
 }
 
-/// `cargo build` of the browser worker for wasm32, reproducibly: SIMD on, no
-/// debug info, the cargo home remapped (workspace paths are already relative),
-/// so two clones build the same bytes. It builds in `<target dir>/web`, apart
-/// from native builds, so neither waits for the other's lock or flags.
-fn build_wasm(root: &Path) -> Result<PathBuf> {
+/// `cargo build` of the browser worker for wasm32 with cargo `features`,
+/// reproducibly: SIMD on, no debug info, the cargo home remapped (workspace paths
+/// are already relative), so two clones build the same bytes. It builds in
+/// `<target dir>/web`, apart from native builds, so neither waits for the other's
+/// lock or flags.
+fn build_wasm(root: &Path, features: &str) -> Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let cargo_home = std::env::var("CARGO_HOME")
         .map(PathBuf::from)
@@ -141,6 +159,8 @@ fn build_wasm(root: &Path) -> Result<PathBuf> {
             CRATE,
             "--target",
             TARGET,
+            "--features",
+            features,
         ])
         .env("CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUSTFLAGS", rustflags)
         .env("CARGO_PROFILE_RELEASE_DEBUG", "false")

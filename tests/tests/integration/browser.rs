@@ -223,7 +223,7 @@ async fn browser_workers_train_on_the_cpu_fallback_from_the_dashboard() -> Resul
         "--expect-why",
         "software",
         "--expect-device",
-        "direct conv (SIMD128)",
+        "direct conv (relaxed SIMD FMA)",
         "--workers",
         "2",
     ];
@@ -232,12 +232,21 @@ async fn browser_workers_train_on_the_cpu_fallback_from_the_dashboard() -> Resul
 
 /// The paper's CIFAR network in a tab: a 3-channel shard downloaded, normalised per
 /// channel with the server's statistics, trained on the CPU path beside a native
-/// worker, synced at least five times.
+/// worker, synced at least five times. The page is asked for the plain SIMD128
+/// build (`?wasm=simd128`), so both builds train in a real browser.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_browser_worker_trains_the_cifar_network_on_three_channel_images() -> Result<()> {
     let data = scratch("browser-cifar-data")?;
     tether_tests::write_cifar_like(&data, 400, 100)?;
-    dashboard_run("cpu", false, &["--choice", "cpu"], Some(&data), None).await
+    let plain = [
+        "--choice",
+        "cpu",
+        "--wasm",
+        "simd128",
+        "--expect-device",
+        "direct conv (SIMD128)",
+    ];
+    dashboard_run("cpu", false, &plain, Some(&data), None).await
 }
 
 /// A generated image folder (PNG and JPEG, mixed sizes, grey and colour, 3

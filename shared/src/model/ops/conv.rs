@@ -202,7 +202,7 @@ impl Path {
             #[cfg(target_arch = "x86_64")]
             Self::Direct(Kernel::Avx2Fma) => "direct conv (AVX2+FMA)",
             #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
-            Self::Direct(Kernel::Simd128) => "direct conv (SIMD128)",
+            Self::Direct(Kernel::Simd128) => super::tile::simd128::NAME,
             Self::Direct(Kernel::Portable) => "direct conv (portable)",
             Self::Gemm => "im2col+GEMM conv",
         }

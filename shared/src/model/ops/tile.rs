@@ -1,7 +1,8 @@
 //! The direct convolution's register tile: 6 × 16 accumulators updated as
 //! `acc[j] += vecs[i] · src[outer[i] + inner[j]]` for every i, with AVX-512 or else
 //! AVX2 + FMA where the CPU has them (checked at run time), wasm's SIMD128 in the
-//! browser (the build enables it), and plain Rust elsewhere.
+//! browser (the build enables it; relaxed SIMD's FMA in the build that has it), and
+//! plain Rust elsewhere.
 //!
 //! One kernel serves the forward pass, the input gradient and the weight gradient:
 //! the 16 lanes are output channels (forward, input gradient) or output channels of
@@ -53,7 +54,8 @@ pub(crate) enum Kernel {
     /// AVX2 and FMA intrinsics.
     #[cfg(target_arch = "x86_64")]
     Avx2Fma,
-    /// wasm SIMD128 (separate multiply and add: FMA needs relaxed SIMD).
+    /// wasm SIMD128; fused multiply-adds where the module is built with relaxed
+    /// SIMD too (`cargo xtask web` builds both; the page loads what the browser takes).
     #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
     Simd128,
     /// Portable Rust (what LLVM vectorises for the target).
@@ -443,10 +445,35 @@ mod avx512 {
 
 #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
 #[allow(unsafe_code)]
-mod simd128 {
-    use std::arch::wasm32::{f32x4_add, f32x4_mul, f32x4_splat, v128, v128_load, v128_store};
+pub(crate) mod simd128 {
+    use std::arch::wasm32::{f32x4_splat, v128, v128_load, v128_store};
 
     use super::{Acc, SLOTS};
+
+    /// `a + w·b`: one fused multiply-add in the build with relaxed SIMD (the
+    /// engine lowers `f32x4.relaxed_madd` to the CPU's FMA, or to a multiply and an
+    /// add where it has none: either way within the agreement check's bound), else a
+    /// multiply and an add. Only that build holds relaxed instructions: a browser
+    /// without them refuses a module that has any, so the page picks the build.
+    #[cfg(feature = "relaxed-simd")]
+    #[target_feature(enable = "relaxed-simd")]
+    #[inline]
+    fn madd(a: v128, w: v128, b: v128) -> v128 {
+        std::arch::wasm32::f32x4_relaxed_madd(w, b, a)
+    }
+
+    #[cfg(not(feature = "relaxed-simd"))]
+    #[inline(always)]
+    fn madd(a: v128, w: v128, b: v128) -> v128 {
+        std::arch::wasm32::f32x4_add(a, std::arch::wasm32::f32x4_mul(w, b))
+    }
+
+    /// The kernel's name in device lines: which of the two builds the page loaded.
+    pub(crate) const NAME: &str = if cfg!(feature = "relaxed-simd") {
+        "direct conv (relaxed SIMD FMA)"
+    } else {
+        "direct conv (SIMD128)"
+    };
 
     /// Slots per pass: 8 accumulators and 4 vectors fit the 16 registers a wasm
     /// engine has on x86-64. (Six slots over eight lanes per pass, 12 accumulators,
@@ -459,6 +486,7 @@ mod simd128 {
     /// # Safety
     /// `vecs` points at `outer.len()` rows of 16 floats; `src + outer[i] + inner[j]`
     /// is readable for every i, j.
+    #[cfg_attr(feature = "relaxed-simd", target_feature(enable = "relaxed-simd"))]
     pub(super) unsafe fn tile(
         vecs: *const f32,
         src: *const f32,
@@ -489,7 +517,7 @@ mod simd128 {
                     for j in 0..PASS {
                         let b = f32x4_splat(*s[j].add(o));
                         for q in 0..4 {
-                            a[j][q] = f32x4_add(a[j][q], f32x4_mul(w[q], b));
+                            a[j][q] = madd(a[j][q], w[q], b);
                         }
                     }
                     v = v.add(16);
