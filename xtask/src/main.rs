@@ -60,7 +60,11 @@ fn web(check: bool) -> Result<()> {
         // the rare client that does not accept gzip). Each build has its own glue:
         // wasm-bindgen names the functions it calls by their index in the module.
         let gz = gzip(&wasm)?;
-        println!("{STEM}{suffix}_bg.wasm: {} bytes, {} gzipped", wasm.len(), gz.len());
+        println!(
+            "{STEM}{suffix}_bg.wasm: {} bytes, {} gzipped",
+            wasm.len(),
+            gz.len()
+        );
         files.push((format!("{STEM}{suffix}.js"), js));
         files.push((format!("{STEM}{suffix}_bg.wasm.gz"), gz));
     }

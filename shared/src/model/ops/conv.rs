@@ -271,7 +271,7 @@ fn disagreement(path: Path, cases: &[Case], seed: u64) -> f32 {
 /// Below this many taps (`cin · k²`) a forward pass goes through im2col + GEMM on
 /// every path: the direct tile then does at most 15 multiply-adds a channel per
 /// pixel and spends its time transposing the tile into the output (a first layer
-/// on grey images, 1 × 3 × 3: the loss screen's judgement ran 10–15 % faster so).
+/// on grey images, 1 × 3 × 3; the loss screen's judgement: BENCHMARKS.md, #26).
 const FEW_TAPS: usize = 16;
 
 /// `y = conv(x, w) + b` for `x` [N, Cin, H, W], `w` [Cout, Cin, k, k], `b` [Cout].
