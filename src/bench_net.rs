@@ -54,6 +54,18 @@ pub fn run_bench_server(args: BenchServerArgs) -> Result<()> {
     let dir = std::env::temp_dir().join(format!("tether-bench-server-{}", std::process::id()));
     let exe = std::env::current_exe()?;
     let (mut child, addr) = server_bench::spawn_server(&exe, &model, args.screen_batch, &dir)?;
+    // The screen's own rate first, while the server idles: the served rate's ceiling.
+    let screen_alone = if args.screen_batch > 0 {
+        let (_, data) = tether_dataset::load_for(None, Some(model.data_shape()))?;
+        let rate = server_bench::screen_rate(&model, data.train, args.screen_batch, args.seconds);
+        println!(
+            "loss screen alone (this process, no network): {rate:.0} judgements/s, {:.2} ms each",
+            1e3 / rate
+        );
+        Some(rate)
+    } else {
+        None
+    };
     let result = runtime()?.block_on(async {
         let echo = server_bench::echo_server().await?;
         let frame_len = server_bench::sync_frame_len(&model);
@@ -101,7 +113,7 @@ pub fn run_bench_server(args: BenchServerArgs) -> Result<()> {
         }
         let report = serde_json::json!({
             "command": "bench server", "model": model.name(), "params": model.param_count(),
-            "screen_batch": args.screen_batch,
+            "screen_batch": args.screen_batch, "screen_alone_per_s": screen_alone,
             "frame_bytes": frame_len, "seconds": args.seconds, "results": rows,
         });
         write_report(args.report.as_deref(), &report)

@@ -1,15 +1,19 @@
 //! The server benchmark behind `tether bench server`: a real `tether serve` process
 //! fed back-to-back elastic syncs by raw protocol clients, against the baseline of
-//! a bare WebSocket echo server moving frames of the same size.
+//! a bare WebSocket echo server moving frames of the same size, and the loss
+//! screen's judgements alone, in this process (the served rate's ceiling).
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
+use tether_server::screen::Screen;
 use tether_shared::codec::Encoding;
+use tether_shared::data::{ImageSet, Normalization};
 use tether_shared::model::Model;
 use tether_shared::protocol::{self, Frame, Hello, Message, PROTOCOL_VERSION, Sync, WorkerKind};
 use thiserror::Error;
@@ -38,6 +42,30 @@ pub enum ServerBenchError {
 
 fn unexpected(what: impl Into<String>) -> ServerBenchError {
     ServerBenchError::Unexpected(what.into())
+}
+
+/// Judgements per second of the loss screen alone, no network: `model`'s centers
+/// scored on `batch` images drawn from `train`, each candidate a small step from
+/// the base as the bench's clients send, for `seconds` after a warm-up (the batch
+/// rotates as in a served run, so its base is scored anew every 32 judgements).
+pub fn screen_rate(model: &Model, train: ImageSet, batch: usize, seconds: f64) -> f64 {
+    let normalization = Normalization::of(&train);
+    let screen = Screen::new(model.clone(), &normalization, Arc::new(train), batch);
+    let base = model.seeded_params(0);
+    let candidate: Vec<f32> = base
+        .iter()
+        .enumerate()
+        .map(|(j, c)| c + 1e-4 * ((j % 5) as f32 - 2.0))
+        .collect();
+    for _ in 0..3 {
+        screen.judge(0, &base, &candidate);
+    }
+    let (start, mut judged) = (Instant::now(), 0u32);
+    while judged < 3 || start.elapsed().as_secs_f64() < seconds {
+        screen.judge(0, &base, &candidate);
+        judged += 1;
+    }
+    f64::from(judged) / start.elapsed().as_secs_f64()
 }
 
 /// Bytes of one sync frame carrying `model`'s parameters in f32.

@@ -21,6 +21,9 @@ fn bench_server_measures_updates_against_a_bare_echo() -> Result<()> {
         ],
     )?;
     assert_eq!(r["model"], "small");
+    // The screen's judgements alone, the served rate's ceiling, are measured first.
+    let alone = r["screen_alone_per_s"].as_f64().context("screen alone")?;
+    assert!(alone > 1.0, "{alone}");
     let rows = r["results"].as_array().context("results")?;
     assert_eq!(rows.len(), 2);
     for row in rows {
