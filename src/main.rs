@@ -9,8 +9,10 @@ mod demo;
 mod models;
 mod net;
 mod pack;
+mod relay;
 mod repro;
 mod sim;
+mod work;
 
 use std::path::{Path, PathBuf};
 
@@ -50,12 +52,12 @@ enum Command {
     Serve(Box<net::ServeArgs>),
     /// Join a run as a native worker: trains its shard and syncs every τ steps;
     /// reconnects if the server goes away; Ctrl-C syncs once more and leaves.
-    Work(net::WorkArgs),
+    Work(work::WorkArgs),
     /// Relay a run: a server for its own workers (same protocol, dashboard and
     /// guards) that exchanges its center with an upstream server as one worker
     /// would, every --tau-up updates. Relays nest; a relay keeps serving while its
     /// upstream is away and rejoins with its own center.
-    Relay(Box<net::RelayArgs>),
+    Relay(Box<relay::RelayArgs>),
     /// Train on one machine: the single-node baseline every distributed run is compared with.
     ///
     /// With no flags: the small CNN on the Fashion-MNIST that ships with tether,
@@ -272,8 +274,8 @@ fn main() -> Result<()> {
     {
         Command::Demo(args) => demo::run_demo(args),
         Command::Serve(args) => net::run_serve(*args),
-        Command::Work(args) => net::run_work(args),
-        Command::Relay(args) => net::run_relay(*args),
+        Command::Work(args) => work::run_work(args),
+        Command::Relay(args) => relay::run_relay(*args),
         Command::Train(args) => run_train(args),
         Command::Sim(SimCommand::Stability(args)) => sim::run(&args),
         Command::Bench(BenchCommand::Train(args)) => run_bench_train(args),

@@ -1,5 +1,5 @@
-//! `tether serve` and `tether work`: flags, their resolution into library configs,
-//! and Ctrl-C / SIGTERM handling.
+//! `tether serve`: its flags and their resolution into the server's config, and the
+//! Ctrl-C / SIGTERM handling and runtime that `relay`, `work` and the benches share.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -8,7 +8,6 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use clap::builder::TypedValueParser;
-use tether_relay::{RelayConfig, RelayData};
 use tether_server::checkpoint;
 use tether_server::config::{DEFAULT_BETA, has_elastic_force};
 use tether_server::tls;
@@ -16,10 +15,8 @@ use tether_server::{RunSettings, ServerConfig};
 use tether_shared::algorithms::Algorithm;
 use tether_shared::codec::Encoding;
 use tether_shared::protocol::StopReason;
-use tether_worker::client::{self, WorkConfig};
-use tokio::sync::watch;
 
-use crate::{BackendArg, ModelArg, write_report};
+use crate::{ModelArg, write_report};
 
 /// Parses `--algorithm`, listing the names on error.
 pub fn algorithm_parser() -> impl clap::builder::TypedValueParser<Value = Algorithm> {
@@ -356,7 +353,7 @@ impl ServeArgs {
 
 impl ServingFlags {
     /// Sets what these flags say in `config`.
-    fn apply(&self, config: &mut ServerConfig) {
+    pub(crate) fn apply(&self, config: &mut ServerConfig) {
         config.data = self.data.clone();
         config.admin_token = self.admin_token.clone();
         config.worker_token = self.worker_token.clone();
@@ -379,7 +376,7 @@ impl ServingFlags {
     }
 
     /// The certificate to serve, if TLS was asked for.
-    fn certificate(&self) -> Result<Option<tls::Certificate>> {
+    pub(crate) fn certificate(&self) -> Result<Option<tls::Certificate>> {
         if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
             return Ok(Some(tls::from_pem(cert, key)?));
         }
@@ -398,7 +395,7 @@ impl ServingFlags {
     }
 
     /// Binds the port: first, so a server that cannot listen leaves nothing behind.
-    async fn listen(&self) -> Result<tokio::net::TcpListener> {
+    pub(crate) async fn listen(&self) -> Result<tokio::net::TcpListener> {
         let addr = format!("{}:{}", self.host, self.port);
         tokio::net::TcpListener::bind(&addr)
             .await
@@ -407,7 +404,7 @@ impl ServingFlags {
 }
 
 /// How to reach a listener bound to `local` from this machine.
-fn shown_addr(local: SocketAddr) -> String {
+pub(crate) fn shown_addr(local: SocketAddr) -> String {
     if local.ip().is_unspecified() {
         format!("127.0.0.1:{}", local.port())
     } else {
@@ -530,228 +527,5 @@ pub fn run_serve(args: ServeArgs) -> Result<()> {
                 .map_or("none".into(), |p| p.display().to_string())
         );
         write_report(args.report.as_deref(), &summary)
-    })
-}
-
-#[derive(Args, Debug)]
-pub struct RelayArgs {
-    /// The upstream server (the root, or another relay): ws://host:port or
-    /// wss://host:port.
-    #[arg(long)]
-    pub upstream: String,
-    /// Trust the certificates in this PEM file for a wss:// upstream, besides the
-    /// system's roots.
-    #[arg(long)]
-    pub upstream_ca_cert: Option<PathBuf>,
-    /// The upstream's worker token.
-    #[arg(long, env = "TETHER_UPSTREAM_TOKEN")]
-    pub upstream_token: Option<String>,
-    /// Updates of this relay's own workers between exchanges with the upstream.
-    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=100_000))]
-    pub tau_up: u32,
-    /// Longest time between exchanges with the upstream, in seconds, even without
-    /// updates.
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
-    pub max_wait: u64,
-    /// Elastic rate α of this relay's own workers [default: β 0.9 over
-    /// --expected-workers, as `tether serve` sets it].
-    #[arg(long)]
-    pub alpha: Option<f32>,
-    /// Workers this relay expects: its shard of the upstream's data is cut into
-    /// this many slices.
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=4096))]
-    pub expected_workers: u32,
-    /// This relay's address as browsers reach it (http(s)://host:port), given to
-    /// the upstream so it can send volunteers here.
-    #[arg(long)]
-    pub public_url: Option<String>,
-    /// Seconds to keep trying the upstream before the first welcome (a relay can
-    /// serve nothing before it); once joined, a relay waits for its upstream forever.
-    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
-    pub connect_timeout: u64,
-    #[command(flatten)]
-    pub serving: ServingFlags,
-}
-
-pub fn run_relay(args: RelayArgs) -> Result<()> {
-    if let Some(a) = args.alpha
-        && !(a > 0.0 && a < 1.0)
-    {
-        bail!("--alpha must lie in (0, 1), got {a}");
-    }
-    let mut upstream = WorkConfig::new(args.upstream.clone());
-    upstream.ca_cert = args.upstream_ca_cert.clone();
-    upstream.token = args.upstream_token.clone();
-    upstream.connect_timeout = Duration::from_secs(args.connect_timeout);
-    upstream.give_up_after = Duration::MAX;
-    upstream.progress = false;
-    upstream.endpoint()?;
-    // The run's settings come from the upstream's welcome; these are placeholders
-    // the relay overwrites, and its own cut of the data.
-    let mut run = RunSettings::defaults(Algorithm::Eamsgd);
-    run.expected_workers = args.expected_workers;
-    let mut config = ServerConfig::new(run);
-    args.serving.apply(&mut config);
-    config.checkpoint_every = None;
-    let certificate = args.serving.certificate().context("setting up TLS")?;
-    config.tls = certificate.as_ref().map(|c| c.config.clone());
-    // An image folder is decoded once the upstream describes the network.
-    let (data_dir, data) = match args.serving.data.as_deref() {
-        Some(dir) if tether_dataset::format(dir) == tether_dataset::Format::Folder => (
-            dir.to_path_buf(),
-            RelayData::Folder {
-                dir: dir.to_path_buf(),
-                eval_limit: config.eval_limit,
-            },
-        ),
-        dir => {
-            let (data_dir, data) = tether_dataset::load(dir)?;
-            let data = tether_server::RunData::new(data, config.eval_limit);
-            (data_dir, RelayData::Loaded(data))
-        }
-    };
-    runtime()?.block_on(async move {
-        let listener = args.serving.listen().await?;
-        let local: SocketAddr = listener.local_addr()?;
-        let shown = shown_addr(local);
-        let (http, ws) = if certificate.is_some() {
-            ("https", "wss")
-        } else {
-            ("http", "ws")
-        };
-        println!("tether relay for {} (data: {})", args.upstream, data_dir.display());
-        println!("  dashboard: {http}://{shown}/   status: {http}://{shown}/api/status");
-        println!("  workers:   tether work --server {ws}://{shown}");
-        println!("  (serving starts once the upstream has welcomed this relay)");
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let interrupt = interrupted();
-        tokio::spawn(async move {
-            interrupt.await;
-            eprintln!("stopping: a last exchange with the upstream, then telling the workers");
-            let _ = stop_tx.send(true);
-        });
-        let summary = tether_relay::run(
-            listener,
-            RelayConfig {
-                server: config,
-                upstream,
-                tau_up: args.tau_up,
-                max_wait: Duration::from_secs(args.max_wait),
-                alpha: args.alpha,
-                public_url: args.public_url.clone(),
-                data,
-            },
-            stop_rx,
-        )
-        .await
-        .context("relay failed")?;
-        println!(
-            "relay done ({}): {} exchanges with the upstream, {} updates from its own workers, {} reconnects",
-            summary.upstream.stopped,
-            summary.upstream.syncs,
-            summary.syncs,
-            summary.upstream.reconnects
-        );
-        Ok(())
-    })
-}
-
-#[derive(Args, Debug)]
-pub struct WorkArgs {
-    /// The server: ws://host:port, or wss://host:port for TLS.
-    #[arg(long, default_value = "ws://127.0.0.1:8080")]
-    pub server: String,
-    /// Trust the certificates in this PEM file for wss:// (the server's
-    /// self-signed certificate, or a private CA), besides the system's roots.
-    #[arg(long)]
-    pub ca_cert: Option<PathBuf>,
-    /// Compute device.
-    #[arg(long, value_enum, default_value = "auto")]
-    pub backend: BackendArg,
-    /// CPU threads (default: one per core).
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
-    pub threads: Option<u32>,
-    /// The run's worker token.
-    #[arg(long, env = "TETHER_WORKER_TOKEN")]
-    pub token: Option<String>,
-    /// The run's data on this machine (IDX, CIFAR-10 or an image folder, which is
-    /// decoded for the network the server describes) [default: download this
-    /// worker's shard from the server, verified, and cached in the user's cache
-    /// directory ($TETHER_CACHE to move it)].
-    #[arg(long)]
-    pub data: Option<PathBuf>,
-    /// A downloaded shard larger than this many MiB stays in the cache on disk
-    /// and batches are read from it (only its labels are held in memory).
-    #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u64).range(1..))]
-    pub shard_memory: u64,
-    /// Payload encodings to offer the server, comma-separated (it picks one).
-    #[arg(long, value_delimiter = ',', default_value = "f32,f16,bf16,q8")]
-    pub encodings: Vec<Encoding>,
-    /// Wait for each sync's reply before training on (default: keep training
-    /// while a sync is in flight, where the algorithm allows it).
-    #[arg(long)]
-    pub no_overlap: bool,
-    /// Give up after this many seconds if the server was never reached.
-    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
-    pub connect_timeout: u64,
-    /// Stop after this many local steps (default: until the run ends or Ctrl-C).
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
-    pub steps: Option<u64>,
-    /// Give up after a server that was reached has been unreachable this many seconds.
-    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
-    pub give_up_after: u64,
-    /// Write what the worker did here as JSON.
-    #[arg(long)]
-    pub report: Option<PathBuf>,
-    /// The CPU convolution kernel: avx512, avx2, portable or gemm (default: the
-    /// fastest this CPU has that passes its check), to compare kernels or step
-    /// around one.
-    #[arg(long)]
-    pub conv: Option<String>,
-}
-
-pub fn run_work(args: WorkArgs) -> Result<()> {
-    if let Some(conv) = &args.conv {
-        tether_shared::model::ops::choose_cpu_conv(conv)
-            .map_err(anyhow::Error::msg)
-            .context("--conv")?;
-    }
-    let mut config = WorkConfig::new(args.server.clone());
-    config.ca_cert = args.ca_cert.clone();
-    config.encodings = args.encodings.clone();
-    if !config.encodings.contains(&Encoding::F32) {
-        config.encodings.push(Encoding::F32);
-    }
-    config.overlap = !args.no_overlap;
-    config.connect_timeout = Duration::from_secs(args.connect_timeout);
-    config.backend = args.backend.into();
-    config.threads = args.threads.map(|t| t as usize);
-    config.token = args.token.clone();
-    config.data = args.data.clone();
-    config.shard_memory = args.shard_memory << 20;
-    config.max_steps = args.steps;
-    config.give_up_after = Duration::from_secs(args.give_up_after);
-    config.endpoint()?;
-    runtime()?.block_on(async move {
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let interrupt = interrupted();
-        tokio::spawn(async move {
-            interrupt.await;
-            eprintln!("stopping: finishing the current steps, a last sync, then leaving");
-            let _ = stop_tx.send(true);
-        });
-        let report = client::run(config, stop_rx).await.context("worker failed")?;
-        println!(
-            "worker done ({}): {} steps, {} syncs ({}{}), {:.0} samples/s, training {:.1} % of wall time, last loss {:.4}",
-            report.stopped,
-            report.steps,
-            report.syncs,
-            report.encoding,
-            if report.overlap { ", overlapped" } else { "" },
-            report.samples_per_s,
-            report.compute_utilisation * 100.0,
-            report.last_loss
-        );
-        write_report(args.report.as_deref(), &report)
     })
 }
