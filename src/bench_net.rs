@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde::Serialize;
 use tether_lab::local::{Local, run_local};
@@ -34,6 +34,10 @@ pub struct BenchServerArgs {
     /// updates are all held, so each costs one forward pass over the batch.
     #[arg(long, default_value_t = 64)]
     pub screen_batch: usize,
+    /// Another `tether` binary (e.g. main's build) whose server is measured in the
+    /// same run, alternating with this one's: a before/after on one machine state.
+    #[arg(long)]
+    pub against: Option<PathBuf>,
     /// Write the results here as JSON.
     #[arg(long)]
     pub report: Option<PathBuf>,
@@ -43,6 +47,8 @@ pub struct BenchServerArgs {
 struct ServerRow {
     workers: u32,
     updates_per_s: f64,
+    /// The `--against` binary's server, measured just after.
+    against_per_s: Option<f64>,
     echo_per_s: f64,
     ratio_to_echo: f64,
     server_mb_per_s: f64,
@@ -53,21 +59,33 @@ pub fn run_bench_server(args: BenchServerArgs) -> Result<()> {
     let model = args.model;
     let dir = std::env::temp_dir().join(format!("tether-bench-server-{}", std::process::id()));
     let exe = std::env::current_exe()?;
-    let (mut child, addr) = server_bench::spawn_server(&exe, &model, args.screen_batch, &dir)?;
-    // The screen's own rate first, while the server idles: the served rate's ceiling.
+    // The screen's own rate first, before any server starts: the served rate's ceiling.
     let screen_alone = if args.screen_batch > 0 {
         let (_, data) = tether_dataset::load_for(None, Some(model.data_shape()))?;
         let rate = server_bench::screen_rate(&model, data.train, args.screen_batch, args.seconds);
         println!(
-            "loss screen alone (this process, no network): {rate:.0} judgements/s, {:.2} ms each",
+            "loss screen alone (no network, before any server starts): {rate:.0} judgements/s, {:.2} ms each",
             1e3 / rate
         );
         Some(rate)
     } else {
         None
     };
+    let (mut child, addr) = server_bench::spawn_server(&exe, &model, args.screen_batch, &dir)?;
+    let mut other = match &args.against {
+        Some(path) => Some(
+            server_bench::spawn_server(path, &model, args.screen_batch, &dir.join("against"))
+                .with_context(|| format!("--against {}", path.display()))?,
+        ),
+        None => None,
+    };
     let result = runtime()?.block_on(async {
         let echo = server_bench::echo_server().await?;
+        // Both servers through their start-up (the norm guard's first measure)
+        // before either is timed, so one's start does not slow the other's turn.
+        for a in std::iter::once(addr).chain(other.as_ref().map(|(_, a)| *a)) {
+            server_bench::sync_rate(a, 1, 0.0).await?;
+        }
         let frame_len = server_bench::sync_frame_len(&model);
         println!(
             "update: {} f32 ({:.2} MB per frame each way); server pid {}",
@@ -76,8 +94,8 @@ pub fn run_bench_server(args: BenchServerArgs) -> Result<()> {
             child.id()
         );
         println!(
-            "{:>8} {:>12} {:>12} {:>8} {:>12} {:>12}",
-            "workers", "updates/s", "echo/s", "ratio", "server MB/s", "server RSS"
+            "{:>8} {:>12} {:>12} {:>12} {:>8} {:>12} {:>12}",
+            "workers", "updates/s", "against/s", "echo/s", "ratio", "server MB/s", "server RSS"
         );
         let mut rows = Vec::new();
         for &c in &args.workers {
@@ -91,19 +109,27 @@ pub fn run_bench_server(args: BenchServerArgs) -> Result<()> {
             };
             let updates = server_bench::sync_rate(addr, c, args.seconds).await?;
             let rss = rss_probe.await?;
+            let against = match &other {
+                Some((_, other_addr)) => {
+                    Some(server_bench::sync_rate(*other_addr, c, args.seconds).await?)
+                }
+                None => None,
+            };
             let echo_rate = server_bench::echo_rate(echo, frame_len, c, args.seconds).await?;
             let row = ServerRow {
                 workers: c,
                 updates_per_s: updates,
+                against_per_s: against,
                 echo_per_s: echo_rate,
                 ratio_to_echo: updates / echo_rate,
                 server_mb_per_s: updates * 2.0 * frame_len as f64 / 1e6,
                 server_rss_mb: rss,
             };
             println!(
-                "{:>8} {:>12.0} {:>12.0} {:>7.0}% {:>12.0} {:>9.1} MB",
+                "{:>8} {:>12.0} {:>12} {:>12.0} {:>7.0}% {:>12.0} {:>9.1} MB",
                 c,
                 row.updates_per_s,
+                against.map_or("-".into(), |a| format!("{a:.0}")),
                 row.echo_per_s,
                 row.ratio_to_echo * 100.0,
                 row.server_mb_per_s,
@@ -118,8 +144,10 @@ pub fn run_bench_server(args: BenchServerArgs) -> Result<()> {
         });
         write_report(args.report.as_deref(), &report)
     });
-    let _ = child.kill();
-    let _ = child.wait();
+    for c in std::iter::once(&mut child).chain(other.as_mut().map(|(c, _)| c)) {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
