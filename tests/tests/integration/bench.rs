@@ -3,10 +3,12 @@
 //! `tether_lab::tree_bench` and `tether_lab::local` behind them).
 
 use anyhow::{Context, Result};
-use tether_tests::tether_report;
+use tether_tests::{tether_bin, tether_report};
 
 #[test]
 fn bench_server_measures_updates_against_a_bare_echo() -> Result<()> {
+    // The same binary as the one to compare with: its column must be filled too.
+    let bin = tether_bin()?;
     let r = tether_report(
         "bench-server",
         &[
@@ -18,6 +20,8 @@ fn bench_server_measures_updates_against_a_bare_echo() -> Result<()> {
             "0.5",
             "--model",
             "small",
+            "--against",
+            bin.to_str().context("a UTF-8 path")?,
         ],
     )?;
     assert_eq!(r["model"], "small");
@@ -29,7 +33,8 @@ fn bench_server_measures_updates_against_a_bare_echo() -> Result<()> {
     for row in rows {
         let updates = row["updates_per_s"].as_f64().context("updates")?;
         let echo = row["echo_per_s"].as_f64().context("echo")?;
-        assert!(updates > 1.0 && echo > 1.0, "{row}");
+        let against = row["against_per_s"].as_f64().context("against")?;
+        assert!(updates > 1.0 && against > 1.0 && echo > 1.0, "{row}");
         assert!((row["ratio_to_echo"].as_f64().context("ratio")? - updates / echo).abs() < 1e-9);
     }
     Ok(())
