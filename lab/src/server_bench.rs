@@ -46,8 +46,9 @@ fn unexpected(what: impl Into<String>) -> ServerBenchError {
 
 /// Judgements per second of the loss screen alone, no network: `model`'s centers
 /// scored on `batch` images drawn from `train`, each candidate a small step from
-/// the base as the bench's clients send, for `seconds` after a warm-up (the batch
-/// rotates as in a served run, so its base is scored anew every 32 judgements).
+/// the base as the bench's clients send, for `seconds` after a warm-up, by as many
+/// threads as the screen judges at once (the batch rotates as in a served run, so
+/// its base is scored anew every 32 judgements).
 pub fn screen_rate(model: &Model, train: ImageSet, batch: usize, seconds: f64) -> f64 {
     let normalization = Normalization::of(&train);
     let screen = Screen::new(model.clone(), &normalization, Arc::new(train), batch);
@@ -60,11 +61,22 @@ pub fn screen_rate(model: &Model, train: ImageSet, batch: usize, seconds: f64) -
     for _ in 0..3 {
         screen.judge(0, &base, &candidate);
     }
-    let (start, mut judged) = (Instant::now(), 0u32);
-    while judged < 3 || start.elapsed().as_secs_f64() < seconds {
-        screen.judge(0, &base, &candidate);
-        judged += 1;
-    }
+    let start = Instant::now();
+    let judged: u32 = std::thread::scope(|s| {
+        let threads: Vec<_> = (0..screen.at_once())
+            .map(|_| {
+                s.spawn(|| {
+                    let mut judged = 0u32;
+                    while judged < 3 || start.elapsed().as_secs_f64() < seconds {
+                        screen.judge(0, &base, &candidate);
+                        judged += 1;
+                    }
+                    judged
+                })
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap_or(0)).sum()
+    });
     f64::from(judged) / start.elapsed().as_secs_f64()
 }
 
