@@ -20,6 +20,7 @@
 //! slot of its own (half the cores, two to eight slots, the cores shared out).
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use burn::tensor::activation::log_softmax;
@@ -94,6 +95,8 @@ pub struct Screen {
     device: Device,
     book: Mutex<Book>,
     slots: Vec<Slot>,
+    /// Judgements computing now: one alone fans out over every core.
+    running: AtomicUsize,
 }
 
 /// Where one judgement runs: a net (`None` until first used) and a small thread
@@ -175,6 +178,7 @@ impl Screen {
                 recent: VecDeque::new(),
             }),
             slots,
+            running: AtomicUsize::new(0),
         }
     }
 
@@ -202,9 +206,12 @@ impl Screen {
         let (slot, mut guard) = self.slot(id);
         // Out of the guard for the slot's thread (a guard stays on its own thread).
         let mut net = guard.take();
-        let run = |f: &mut (dyn FnMut() -> Vec<f32> + Send)| match &slot.pool {
-            Some(pool) => pool.install(f),
-            None => f(),
+        // Alone (one worker waiting on its reply), a judgement has the cores to
+        // itself and takes them all; beside others, it keeps to its slot's threads.
+        let alone = self.running.fetch_add(1, Ordering::SeqCst) == 0;
+        let run = |f: &mut (dyn FnMut() -> Vec<f32> + Send)| match (&slot.pool, alone) {
+            (Some(pool), false) => pool.install(f),
+            _ => f(),
         };
         let before = before.unwrap_or_else(|| {
             let losses = Arc::new(run(&mut || self.losses(&mut net, &batch, base)));
@@ -215,6 +222,7 @@ impl Screen {
             losses
         });
         let after = Arc::new(run(&mut || self.losses(&mut net, &batch, candidate)));
+        self.running.fetch_sub(1, Ordering::SeqCst);
         *guard = net;
         drop(guard);
         let verdict = Verdict::paired(&before, &after, id);
@@ -333,7 +341,11 @@ mod tests {
         for (i, image) in pixels.chunks_mut(side * side).enumerate() {
             let band = usize::from(labels[i]) * 2;
             for (j, p) in image.iter_mut().enumerate() {
-                *p = if j / side == band || j / side == band + 1 { 250 } else { (j % 7) as u8 };
+                *p = if j / side == band || j / side == band + 1 {
+                    250
+                } else {
+                    (j % 7) as u8
+                };
             }
         }
         ImageSet {
@@ -350,7 +362,12 @@ mod tests {
     fn judgements_side_by_side_agree_with_one_at_a_time() {
         let train = images();
         let model = Model::small();
-        let screen = Screen::new(model.clone(), &Normalization::of(&train), Arc::new(train), 32);
+        let screen = Screen::new(
+            model.clone(),
+            &Normalization::of(&train),
+            Arc::new(train),
+            32,
+        );
         assert!(screen.at_once() >= 2);
         let base = model.seeded_params(0);
         let nudged = |k: f32| -> Vec<f32> {
@@ -364,17 +381,26 @@ mod tests {
             .map(nudged)
             .collect();
         // One at a time (the batch lasts 32 judgements: all of these see one batch).
-        let alone: Vec<Verdict> = candidates.iter().map(|c| screen.judge(0, &base, c)).collect();
+        let alone: Vec<Verdict> = candidates
+            .iter()
+            .map(|c| screen.judge(0, &base, c))
+            .collect();
         // The same candidates from several threads at once.
         let together: Vec<Verdict> = std::thread::scope(|s| {
             let threads: Vec<_> = candidates
                 .iter()
                 .map(|c| s.spawn(|| screen.judge(0, &base, c)))
                 .collect();
-            threads.into_iter().map(|t| t.join().expect("judged")).collect()
+            threads
+                .into_iter()
+                .map(|t| t.join().expect("judged"))
+                .collect()
         });
         for (a, t) in alone.iter().zip(&together) {
-            assert!((a.change - t.change).abs() <= 1e-6 * a.change.abs().max(1e-3), "{a:?} {t:?}");
+            assert!(
+                (a.change - t.change).abs() <= 1e-6 * a.change.abs().max(1e-3),
+                "{a:?} {t:?}"
+            );
             assert_eq!(a.passes(), t.passes());
         }
         // The unchanged center changes nothing; a wild one is held.
@@ -383,4 +409,3 @@ mod tests {
         assert!(!alone[4].passes(), "{:?}", alone[4]);
     }
 }
-
