@@ -749,7 +749,7 @@ function __wbg_get_imports() {
                     const a = state0.a;
                     state0.a = 0;
                     try {
-                        return __wasm_bindgen_func_elem_69341(a, state0.b, arg0, arg1);
+                        return __wasm_bindgen_func_elem_69350(a, state0.b, arg0, arg1);
                     } finally {
                         state0.a = a;
                     }
@@ -1078,32 +1078,32 @@ function __wbg_get_imports() {
         }, arguments); },
         __wbindgen_generic_0000000000000001: function(arg0, arg1) {
             // Cast intrinsic for `Closure(Closure { owned: true, function: Function { arguments: [Externref], shim_idx: 41134, ret: Result(Unit), inner_ret: Some(Result(Unit)) }, mutable: true }) -> Externref`.
-            const ret = makeMutClosure(arg0, arg1, __wasm_bindgen_func_elem_69371);
+            const ret = makeMutClosure(arg0, arg1, __wasm_bindgen_func_elem_69380);
             return ret;
         },
         __wbindgen_generic_0000000000000002: function(arg0, arg1) {
             // Cast intrinsic for `Closure(Closure { owned: true, function: Function { arguments: [NamedExternref("GPUDevice")], shim_idx: 23966, ret: Result(Unit), inner_ret: Some(Result(Unit)) }, mutable: true }) -> Externref`.
-            const ret = makeMutClosure(arg0, arg1, __wasm_bindgen_func_elem_41405);
+            const ret = makeMutClosure(arg0, arg1, __wasm_bindgen_func_elem_41414);
             return ret;
         },
         __wbindgen_generic_0000000000000003: function(arg0, arg1) {
             // Cast intrinsic for `Closure(Closure { owned: true, function: Function { arguments: [NamedExternref("GPUDeviceLostInfo")], shim_idx: 23969, ret: Unit, inner_ret: Some(Unit) }, mutable: true }) -> Externref`.
-            const ret = makeMutClosure(arg0, arg1, __wasm_bindgen_func_elem_41404);
+            const ret = makeMutClosure(arg0, arg1, __wasm_bindgen_func_elem_41413);
             return ret;
         },
         __wbindgen_generic_0000000000000004: function(arg0, arg1) {
             // Cast intrinsic for `Closure(Closure { owned: true, function: Function { arguments: [NamedExternref("GPUUncapturedErrorEvent")], shim_idx: 23969, ret: Unit, inner_ret: Some(Unit) }, mutable: true }) -> Externref`.
-            const ret = makeMutClosure(arg0, arg1, __wasm_bindgen_func_elem_41404_25);
+            const ret = makeMutClosure(arg0, arg1, __wasm_bindgen_func_elem_41413_25);
             return ret;
         },
         __wbindgen_generic_0000000000000005: function(arg0, arg1) {
             // Cast intrinsic for `Closure(Closure { owned: true, function: Function { arguments: [NamedExternref("any")], shim_idx: 23966, ret: Result(Unit), inner_ret: Some(Result(Unit)) }, mutable: true }) -> Externref`.
-            const ret = makeMutClosure(arg0, arg1, __wasm_bindgen_func_elem_41405_26);
+            const ret = makeMutClosure(arg0, arg1, __wasm_bindgen_func_elem_41414_26);
             return ret;
         },
         __wbindgen_generic_0000000000000006: function(arg0, arg1) {
             // Cast intrinsic for `Closure(Closure { owned: true, function: Function { arguments: [NamedExternref("undefined")], shim_idx: 23966, ret: Result(Unit), inner_ret: Some(Result(Unit)) }, mutable: true }) -> Externref`.
-            const ret = makeMutClosure(arg0, arg1, __wasm_bindgen_func_elem_41405_27);
+            const ret = makeMutClosure(arg0, arg1, __wasm_bindgen_func_elem_41414_27);
             return ret;
         },
         __wbindgen_generic_0000000000000007: function(arg0) {
@@ -1136,22 +1136,22 @@ function __wbg_get_imports() {
     };
 }
 
-function __wasm_bindgen_func_elem_41404(arg0, arg1, arg2) {
-    wasm.__wasm_bindgen_func_elem_41404(arg0, arg1, arg2);
+function __wasm_bindgen_func_elem_41413(arg0, arg1, arg2) {
+    wasm.__wasm_bindgen_func_elem_41413(arg0, arg1, arg2);
 }
 
-function __wasm_bindgen_func_elem_41404_25(arg0, arg1, arg2) {
-    wasm.__wasm_bindgen_func_elem_41404_25(arg0, arg1, arg2);
+function __wasm_bindgen_func_elem_41413_25(arg0, arg1, arg2) {
+    wasm.__wasm_bindgen_func_elem_41413_25(arg0, arg1, arg2);
 }
 
-function __wasm_bindgen_func_elem_69341(arg0, arg1, arg2, arg3) {
-    wasm.__wasm_bindgen_func_elem_69341(arg0, arg1, arg2, arg3);
+function __wasm_bindgen_func_elem_69350(arg0, arg1, arg2, arg3) {
+    wasm.__wasm_bindgen_func_elem_69350(arg0, arg1, arg2, arg3);
 }
 
-function __wasm_bindgen_func_elem_69371(arg0, arg1, arg2) {
+function __wasm_bindgen_func_elem_69380(arg0, arg1, arg2) {
     try {
         const retptr = wasm.__wbindgen_add_to_stack_pointer(-16) >>> 0;
-        wasm.__wasm_bindgen_func_elem_69371(retptr, arg0, arg1, arg2);
+        wasm.__wasm_bindgen_func_elem_69380(retptr, arg0, arg1, arg2);
         var r0 = getDataViewMemory0().getInt32(retptr + 4 * 0, true);
         var r1 = getDataViewMemory0().getInt32(retptr + 4 * 1, true);
         if (r1) {
@@ -1162,10 +1162,10 @@ function __wasm_bindgen_func_elem_69371(arg0, arg1, arg2) {
     }
 }
 
-function __wasm_bindgen_func_elem_41405(arg0, arg1, arg2) {
+function __wasm_bindgen_func_elem_41414(arg0, arg1, arg2) {
     try {
         const retptr = wasm.__wbindgen_add_to_stack_pointer(-16) >>> 0;
-        wasm.__wasm_bindgen_func_elem_41405(retptr, arg0, arg1, arg2);
+        wasm.__wasm_bindgen_func_elem_41414(retptr, arg0, arg1, arg2);
         var r0 = getDataViewMemory0().getInt32(retptr + 4 * 0, true);
         var r1 = getDataViewMemory0().getInt32(retptr + 4 * 1, true);
         if (r1) {
@@ -1176,10 +1176,10 @@ function __wasm_bindgen_func_elem_41405(arg0, arg1, arg2) {
     }
 }
 
-function __wasm_bindgen_func_elem_41405_26(arg0, arg1, arg2) {
+function __wasm_bindgen_func_elem_41414_26(arg0, arg1, arg2) {
     try {
         const retptr = wasm.__wbindgen_add_to_stack_pointer(-16) >>> 0;
-        wasm.__wasm_bindgen_func_elem_41405_26(retptr, arg0, arg1, arg2);
+        wasm.__wasm_bindgen_func_elem_41414_26(retptr, arg0, arg1, arg2);
         var r0 = getDataViewMemory0().getInt32(retptr + 4 * 0, true);
         var r1 = getDataViewMemory0().getInt32(retptr + 4 * 1, true);
         if (r1) {
@@ -1190,10 +1190,10 @@ function __wasm_bindgen_func_elem_41405_26(arg0, arg1, arg2) {
     }
 }
 
-function __wasm_bindgen_func_elem_41405_27(arg0, arg1, arg2) {
+function __wasm_bindgen_func_elem_41414_27(arg0, arg1, arg2) {
     try {
         const retptr = wasm.__wbindgen_add_to_stack_pointer(-16) >>> 0;
-        wasm.__wasm_bindgen_func_elem_41405_27(retptr, arg0, arg1, arg2);
+        wasm.__wasm_bindgen_func_elem_41414_27(retptr, arg0, arg1, arg2);
         var r0 = getDataViewMemory0().getInt32(retptr + 4 * 0, true);
         var r1 = getDataViewMemory0().getInt32(retptr + 4 * 1, true);
         if (r1) {

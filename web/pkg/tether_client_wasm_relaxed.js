@@ -749,7 +749,7 @@ function __wbg_get_imports() {
                     const a = state0.a;
                     state0.a = 0;
                     try {
-                        return __wasm_bindgen_func_elem_69346(a, state0.b, arg0, arg1);
+                        return __wasm_bindgen_func_elem_69353(a, state0.b, arg0, arg1);
                     } finally {
                         state0.a = a;
                     }
@@ -1078,32 +1078,32 @@ function __wbg_get_imports() {
         }, arguments); },
         __wbindgen_generic_0000000000000001: function(arg0, arg1) {
             // Cast intrinsic for `Closure(Closure { owned: true, function: Function { arguments: [Externref], shim_idx: 41134, ret: Result(Unit), inner_ret: Some(Result(Unit)) }, mutable: true }) -> Externref`.
-            const ret = makeMutClosure(arg0, arg1, __wasm_bindgen_func_elem_69376);
+            const ret = makeMutClosure(arg0, arg1, __wasm_bindgen_func_elem_69383);
             return ret;
         },
         __wbindgen_generic_0000000000000002: function(arg0, arg1) {
             // Cast intrinsic for `Closure(Closure { owned: true, function: Function { arguments: [NamedExternref("GPUDevice")], shim_idx: 23966, ret: Result(Unit), inner_ret: Some(Result(Unit)) }, mutable: true }) -> Externref`.
-            const ret = makeMutClosure(arg0, arg1, __wasm_bindgen_func_elem_41410);
+            const ret = makeMutClosure(arg0, arg1, __wasm_bindgen_func_elem_41417);
             return ret;
         },
         __wbindgen_generic_0000000000000003: function(arg0, arg1) {
             // Cast intrinsic for `Closure(Closure { owned: true, function: Function { arguments: [NamedExternref("GPUDeviceLostInfo")], shim_idx: 23969, ret: Unit, inner_ret: Some(Unit) }, mutable: true }) -> Externref`.
-            const ret = makeMutClosure(arg0, arg1, __wasm_bindgen_func_elem_41409);
+            const ret = makeMutClosure(arg0, arg1, __wasm_bindgen_func_elem_41416);
             return ret;
         },
         __wbindgen_generic_0000000000000004: function(arg0, arg1) {
             // Cast intrinsic for `Closure(Closure { owned: true, function: Function { arguments: [NamedExternref("GPUUncapturedErrorEvent")], shim_idx: 23969, ret: Unit, inner_ret: Some(Unit) }, mutable: true }) -> Externref`.
-            const ret = makeMutClosure(arg0, arg1, __wasm_bindgen_func_elem_41409_25);
+            const ret = makeMutClosure(arg0, arg1, __wasm_bindgen_func_elem_41416_25);
             return ret;
         },
         __wbindgen_generic_0000000000000005: function(arg0, arg1) {
             // Cast intrinsic for `Closure(Closure { owned: true, function: Function { arguments: [NamedExternref("any")], shim_idx: 23966, ret: Result(Unit), inner_ret: Some(Result(Unit)) }, mutable: true }) -> Externref`.
-            const ret = makeMutClosure(arg0, arg1, __wasm_bindgen_func_elem_41410_26);
+            const ret = makeMutClosure(arg0, arg1, __wasm_bindgen_func_elem_41417_26);
             return ret;
         },
         __wbindgen_generic_0000000000000006: function(arg0, arg1) {
             // Cast intrinsic for `Closure(Closure { owned: true, function: Function { arguments: [NamedExternref("undefined")], shim_idx: 23966, ret: Result(Unit), inner_ret: Some(Result(Unit)) }, mutable: true }) -> Externref`.
-            const ret = makeMutClosure(arg0, arg1, __wasm_bindgen_func_elem_41410_27);
+            const ret = makeMutClosure(arg0, arg1, __wasm_bindgen_func_elem_41417_27);
             return ret;
         },
         __wbindgen_generic_0000000000000007: function(arg0) {
@@ -1136,22 +1136,22 @@ function __wbg_get_imports() {
     };
 }
 
-function __wasm_bindgen_func_elem_41409(arg0, arg1, arg2) {
-    wasm.__wasm_bindgen_func_elem_41409(arg0, arg1, arg2);
+function __wasm_bindgen_func_elem_41416(arg0, arg1, arg2) {
+    wasm.__wasm_bindgen_func_elem_41416(arg0, arg1, arg2);
 }
 
-function __wasm_bindgen_func_elem_41409_25(arg0, arg1, arg2) {
-    wasm.__wasm_bindgen_func_elem_41409_25(arg0, arg1, arg2);
+function __wasm_bindgen_func_elem_41416_25(arg0, arg1, arg2) {
+    wasm.__wasm_bindgen_func_elem_41416_25(arg0, arg1, arg2);
 }
 
-function __wasm_bindgen_func_elem_69346(arg0, arg1, arg2, arg3) {
-    wasm.__wasm_bindgen_func_elem_69346(arg0, arg1, arg2, arg3);
+function __wasm_bindgen_func_elem_69353(arg0, arg1, arg2, arg3) {
+    wasm.__wasm_bindgen_func_elem_69353(arg0, arg1, arg2, arg3);
 }
 
-function __wasm_bindgen_func_elem_69376(arg0, arg1, arg2) {
+function __wasm_bindgen_func_elem_69383(arg0, arg1, arg2) {
     try {
         const retptr = wasm.__wbindgen_add_to_stack_pointer(-16) >>> 0;
-        wasm.__wasm_bindgen_func_elem_69376(retptr, arg0, arg1, arg2);
+        wasm.__wasm_bindgen_func_elem_69383(retptr, arg0, arg1, arg2);
         var r0 = getDataViewMemory0().getInt32(retptr + 4 * 0, true);
         var r1 = getDataViewMemory0().getInt32(retptr + 4 * 1, true);
         if (r1) {
@@ -1162,10 +1162,10 @@ function __wasm_bindgen_func_elem_69376(arg0, arg1, arg2) {
     }
 }
 
-function __wasm_bindgen_func_elem_41410(arg0, arg1, arg2) {
+function __wasm_bindgen_func_elem_41417(arg0, arg1, arg2) {
     try {
         const retptr = wasm.__wbindgen_add_to_stack_pointer(-16) >>> 0;
-        wasm.__wasm_bindgen_func_elem_41410(retptr, arg0, arg1, arg2);
+        wasm.__wasm_bindgen_func_elem_41417(retptr, arg0, arg1, arg2);
         var r0 = getDataViewMemory0().getInt32(retptr + 4 * 0, true);
         var r1 = getDataViewMemory0().getInt32(retptr + 4 * 1, true);
         if (r1) {
@@ -1176,10 +1176,10 @@ function __wasm_bindgen_func_elem_41410(arg0, arg1, arg2) {
     }
 }
 
-function __wasm_bindgen_func_elem_41410_26(arg0, arg1, arg2) {
+function __wasm_bindgen_func_elem_41417_26(arg0, arg1, arg2) {
     try {
         const retptr = wasm.__wbindgen_add_to_stack_pointer(-16) >>> 0;
-        wasm.__wasm_bindgen_func_elem_41410_26(retptr, arg0, arg1, arg2);
+        wasm.__wasm_bindgen_func_elem_41417_26(retptr, arg0, arg1, arg2);
         var r0 = getDataViewMemory0().getInt32(retptr + 4 * 0, true);
         var r1 = getDataViewMemory0().getInt32(retptr + 4 * 1, true);
         if (r1) {
@@ -1190,10 +1190,10 @@ function __wasm_bindgen_func_elem_41410_26(arg0, arg1, arg2) {
     }
 }
 
-function __wasm_bindgen_func_elem_41410_27(arg0, arg1, arg2) {
+function __wasm_bindgen_func_elem_41417_27(arg0, arg1, arg2) {
     try {
         const retptr = wasm.__wbindgen_add_to_stack_pointer(-16) >>> 0;
-        wasm.__wasm_bindgen_func_elem_41410_27(retptr, arg0, arg1, arg2);
+        wasm.__wasm_bindgen_func_elem_41417_27(retptr, arg0, arg1, arg2);
         var r0 = getDataViewMemory0().getInt32(retptr + 4 * 0, true);
         var r1 = getDataViewMemory0().getInt32(retptr + 4 * 1, true);
         if (r1) {
