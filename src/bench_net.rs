@@ -73,10 +73,17 @@ pub fn run_bench_server(args: BenchServerArgs) -> Result<()> {
     };
     let (mut child, addr) = server_bench::spawn_server(&exe, &model, args.screen_batch, &dir)?;
     let mut other = match &args.against {
-        Some(path) => Some(
-            server_bench::spawn_server(path, &model, args.screen_batch, &dir.join("against"))
-                .with_context(|| format!("--against {}", path.display()))?,
-        ),
+        Some(path) => {
+            match server_bench::spawn_server(path, &model, args.screen_batch, &dir.join("against"))
+            {
+                Ok(other) => Some(other),
+                Err(e) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(e).with_context(|| format!("--against {}", path.display()));
+                }
+            }
+        }
         None => None,
     };
     let result = runtime()?.block_on(async {
