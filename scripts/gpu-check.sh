@@ -51,7 +51,7 @@ pack() {
   for flavour in plain fusion; do
     local bytes
     bytes=$(travelling .gl .gpu/common ".gpu/$flavour")
-    printf '%-7s travels %6.1f MiB of %d MiB: ' "$flavour" "$(echo "$bytes / 1048576" | bc -l)" 64
+    printf '%-7s travels %6.1f MiB of %d MiB: ' "$flavour" "$(awk -v b="$bytes" 'BEGIN { print b / 1048576 }')" 64
     (cd .gpu && find common "$flavour" -type f -printf '%p (%s B) ') && ls .gl | tr '\n' ' ' && echo
     if [ "$bytes" -ge "$cap" ]; then
       echo "  over the cap" >&2
